@@ -1,0 +1,76 @@
+/* common.c: status and dtype tables, tensor checks, the thread count rule. */
+#include "cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+const char *
+tl_status_string(tl_status s)
+{
+    switch (s) {
+    case TL_OK: return "ok";
+    case TL_ERR_DTYPE: return "unsupported dtype";
+    case TL_ERR_SHAPE: return "shape mismatch";
+    case TL_ERR_DEVICE: return "wrong device";
+    case TL_ERR_LAYOUT: return "unsupported memory layout";
+    case TL_ERR_VALUE: return "invalid argument";
+    case TL_ERR_INDEX: return "index out of range";
+    case TL_ERR_NOMEM: return "out of memory";
+    case TL_ERR_CUDA: return "CUDA error";
+    case TL_ERR_CUBLAS: return "cuBLAS error";
+    case TL_ERR_UNSUPPORTED: return "not supported by this build";
+    }
+    return "unknown status";
+}
+
+size_t
+tl_dtype_size(tl_dtype d)
+{
+    static const size_t sizes[TL_NUM_DTYPES] = {4, 2, 2, 8, 8, 4, 1, 1};
+    return (unsigned)d < TL_NUM_DTYPES ? sizes[d] : 0;
+}
+
+const char *
+tl_dtype_name(tl_dtype d)
+{
+    static const char *names[TL_NUM_DTYPES] = {"float32", "float16", "bfloat16", "float64",
+                                               "int64",   "int32",   "int8",     "uint8"};
+    return (unsigned)d < TL_NUM_DTYPES ? names[d] : "unknown";
+}
+
+int64_t
+tl_numel(const tl_tensor *t)
+{
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+    return n;
+}
+
+tl_status
+tl_check_cpu(const tl_tensor *t, int ndim)
+{
+    if (t->device != TL_CPU) return TL_ERR_DEVICE;
+    if (t->ndim != ndim) return TL_ERR_SHAPE;
+    for (int i = 0; i < ndim; i++)
+        if (t->shape[i] < 0) return TL_ERR_SHAPE;
+    if (tl_numel(t) > 0 && t->data == NULL) return TL_ERR_VALUE;
+    return TL_OK;
+}
+
+int
+tl_cpu_default_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int
+tl_threads(int nthreads)
+{
+    int n = nthreads > 0 ? nthreads : tl_cpu_default_threads();
+    return n > 256 ? 256 : n;
+}

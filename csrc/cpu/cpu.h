@@ -1,0 +1,107 @@
+/* cpu.h: helpers shared by the CPU kernel files (internal; not part of the public header). */
+#ifndef TL_CPU_H
+#define TL_CPU_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "../tl.h"
+
+/* bfloat16 and IEEE half <-> float32, exact and portable (round to nearest even on the way down). */
+static inline float
+tl_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t
+tl_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float
+tl_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal half: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t
+tl_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);           /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* overflow (after rounding) */
+    if (a >= 0x38800000u) {                                            /* normal half */
+        uint32_t r = a - 0x38000000u;                                  /* rebias exponent 127 -> 15 */
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign;                        /* rounds to zero */
+    /* subnormal half: value = man * 2^-24 */
+    uint32_t e = a >> 23, man = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126u - e; /* man * 2^(e-150) = q * 2^-24  =>  q = man >> (126 - e) */
+    uint32_t q = man >> shift, rem = man & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return (uint16_t)(sign | q);
+}
+
+/* Load element i (in elements) of a float32/bfloat16/float16 buffer as float32. */
+static inline float
+tl_load_f(const void *p, int64_t i, tl_dtype dt)
+{
+    switch (dt) {
+    case TL_FLOAT32: return ((const float *)p)[i];
+    case TL_BFLOAT16: return tl_bf16_to_f32(((const uint16_t *)p)[i]);
+    case TL_FLOAT16: return tl_f16_to_f32(((const uint16_t *)p)[i]);
+    default: return 0.0f;
+    }
+}
+
+static inline void
+tl_store_f(void *p, int64_t i, tl_dtype dt, float v)
+{
+    switch (dt) {
+    case TL_FLOAT32: ((float *)p)[i] = v; break;
+    case TL_BFLOAT16: ((uint16_t *)p)[i] = tl_f32_to_bf16(v); break;
+    case TL_FLOAT16: ((uint16_t *)p)[i] = tl_f32_to_f16(v); break;
+    default: break;
+    }
+}
+
+static inline int
+tl_is_float_dtype(tl_dtype d)
+{
+    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
+}
+
+/* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
+tl_status tl_check_cpu(const tl_tensor *t, int ndim);
+int tl_threads(int nthreads);
+
+#endif /* TL_CPU_H */

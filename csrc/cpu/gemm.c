@@ -1,0 +1,438 @@
+/* gemm.c: C[M,N] = alpha * A[M,K] @ B[K,N] + beta * C[M,N] + bias[N], float32 accumulation.
+ *
+ * Blocked in the manner of Goto and BLIS, with the operands' roles chosen for a broadcast-A kernel:
+ *   for ic (MC rows of A):  for pc (KC of K):
+ *       pack A[ic:ic+MC, pc:pc+KC] into MR-row slivers            (shared by all threads, ~L3)
+ *       for each work item (an NC-column block of B, maybe a share of the A slivers), in parallel:
+ *           pack B[pc:pc+KC, jc:jc+NC] into NR-column slivers    (per thread, ~L2)
+ *           for each A sliver (MR x KC, stays in L1):  for each B sliver:  MR x NR micro-kernel
+ * Packing reads any strides and converts bfloat16/float16 to float32, so the micro-kernels see only
+ * contiguous float32. Partial sums live in C itself when C is float32; otherwise in the caller's
+ * float32 workspace, rounded to C's dtype once after the last K block. Each C element is summed in
+ * the same order whatever the thread count, so results do not depend on it.
+ * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
+ * scratch: MC x KC + threads x KC x NC floats (about 1.5 MB + 0.5 MB per thread). */
+#include <stdlib.h>
+
+#include "cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TL_X86 1
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define KC TL_GEMM_KC
+#define MC_MAX 960 /* a multiple of every MR below */
+#define NC_MAX 320 /* a multiple of every NR below */
+#define MR_MAX 12
+#define NR_MAX 32
+
+typedef void (*ukernel_fn)(int64_t kc, const float *ap, const float *bp, float *tile);
+
+typedef struct {
+    int mr, nr;
+    ukernel_fn kernel;
+    const char *name;
+} isa_desc;
+
+/* ---- micro-kernels: tile[MR][NR] = sum_k ap[k][0:MR] (outer) bp[k][0:NR] ------------------------ */
+
+static void
+ukernel_portable(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+{
+    enum { MR = 4, NR = 16 };
+    float acc[MR][NR] = {{0}};
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR)
+        for (int r = 0; r < MR; r++)
+            for (int j = 0; j < NR; j++) acc[r][j] += ap[r] * bp[j];
+    memcpy(tile, acc, sizeof acc);
+}
+
+#ifdef TL_X86
+__attribute__((target("avx2,fma"))) static void
+ukernel_avx2(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+{
+    enum { MR = 6, NR = 16 };
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR) {
+        __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8), a;
+#define ROW(r, x0, x1)                                                                                  \
+    a = _mm256_broadcast_ss(ap + r);                                                                    \
+    x0 = _mm256_fmadd_ps(a, b0, x0);                                                                    \
+    x1 = _mm256_fmadd_ps(a, b1, x1);
+        ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41)
+        ROW(5, c50, c51)
+#undef ROW
+    }
+    __m256 out[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+    for (int i = 0; i < 12; i++) _mm256_storeu_ps(tile + 8 * i, out[i]);
+}
+
+__attribute__((target("avx512f"))) static void
+ukernel_avx512(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+{
+    enum { MR = 12, NR = 32 };
+    __m512 z = _mm512_setzero_ps();
+    __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
+    __m512 c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
+    __m512 ca0 = z, ca1 = z, cb0 = z, cb1 = z;
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR) {
+        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16), a;
+        _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
+#define ROW(r, x0, x1)                                                                                  \
+    a = _mm512_set1_ps(ap[r]);                                                                          \
+    x0 = _mm512_fmadd_ps(a, b0, x0);                                                                    \
+    x1 = _mm512_fmadd_ps(a, b1, x1);
+        ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41)
+        ROW(5, c50, c51) ROW(6, c60, c61) ROW(7, c70, c71) ROW(8, c80, c81) ROW(9, c90, c91)
+        ROW(10, ca0, ca1) ROW(11, cb0, cb1)
+#undef ROW
+    }
+    __m512 out[24] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                      c60, c61, c70, c71, c80, c81, c90, c91, ca0, ca1, cb0, cb1};
+    for (int i = 0; i < 24; i++) _mm512_storeu_ps(tile + 16 * i, out[i]);
+}
+#endif
+
+static const isa_desc isa_portable = {4, 16, ukernel_portable, "portable"};
+#ifdef TL_X86
+static const isa_desc isa_avx2 = {6, 16, ukernel_avx2, "avx2"};
+static const isa_desc isa_avx512 = {12, 32, ukernel_avx512, "avx512"};
+#endif
+
+/* The choice depends only on the CPU, so it is computed afresh (cheaply) rather than cached. The
+ * environment variable TLTORCH_CPU_ISA=portable|avx2 caps it, for tests of every path. */
+static const isa_desc *
+select_isa(void)
+{
+    const char *cap = getenv("TLTORCH_CPU_ISA");
+#ifdef TL_X86
+    int want512 = !cap || !strcmp(cap, "avx512"), want2 = want512 || !strcmp(cap, "avx2");
+    __builtin_cpu_init();
+    if (want512 && __builtin_cpu_supports("avx512f")) return &isa_avx512;
+    if (want2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &isa_avx2;
+#else
+    (void)cap;
+#endif
+    return &isa_portable;
+}
+
+const char *
+tl_cpu_isa(void)
+{
+    return select_isa()->name;
+}
+
+/* ---- packing ------------------------------------------------------------------------------------ */
+
+/* dst[s][k][r] = src[(i0 + s*MR + r), k0 + k] for the rows [i0, i0+mc), zero past mc. */
+static void
+pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
+       int64_t s_end, float *dst)
+{
+    const int64_t sa0 = a->strides[0], sa1 = a->strides[1];
+    const size_t es = tl_dtype_size(a->dtype);
+    for (int64_t s = s_begin; s < s_end; s++) {
+        float *d = dst + s * mr * kc;
+        for (int r = 0; r < mr; r++) {
+            int64_t i = s * mr + r;
+            if (i >= mc) {
+                for (int64_t k = 0; k < kc; k++) d[k * mr + r] = 0.0f;
+                continue;
+            }
+            const char *row = (const char *)a->data + ((i0 + i) * sa0 + k0 * sa1) * (int64_t)es;
+            switch (a->dtype) {
+            case TL_FLOAT32:
+                for (int64_t k = 0; k < kc; k++) d[k * mr + r] = ((const float *)row)[k * sa1];
+                break;
+            case TL_BFLOAT16:
+                for (int64_t k = 0; k < kc; k++)
+                    d[k * mr + r] = tl_bf16_to_f32(((const uint16_t *)row)[k * sa1]);
+                break;
+            default:
+                for (int64_t k = 0; k < kc; k++)
+                    d[k * mr + r] = tl_f16_to_f32(((const uint16_t *)row)[k * sa1]);
+                break;
+            }
+        }
+    }
+}
+
+/* dst[s][k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc. Reads run
+ * along whichever of B's dims has the smaller stride. */
+static void
+pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst)
+{
+    const int64_t sb0 = b->strides[0], sb1 = b->strides[1];
+    const size_t es = tl_dtype_size(b->dtype);
+    const int64_t nsl = (nc + nr - 1) / nr;
+    const char *base = (const char *)b->data + (k0 * sb0 + j0 * sb1) * (int64_t)es;
+    for (int64_t s = 0; s < nsl; s++) {
+        float *d = dst + s * nr * kc;
+        int64_t jn = nc - s * nr < nr ? nc - s * nr : nr;
+        if (jn < nr)
+            for (int64_t k = 0; k < kc; k++)
+                for (int j = (int)jn; j < nr; j++) d[k * nr + j] = 0.0f;
+        if (sb1 <= sb0 || kc == 1) { /* rows of B are the contiguous direction */
+            for (int64_t k = 0; k < kc; k++) {
+                const char *src = base + (k * sb0 + s * nr * sb1) * (int64_t)es;
+                float *dk = d + k * nr;
+                if (b->dtype == TL_FLOAT32 && sb1 == 1) {
+                    memcpy(dk, src, (size_t)jn * sizeof(float));
+                } else {
+                    for (int64_t j = 0; j < jn; j++) dk[j] = tl_load_f(src, j * sb1, b->dtype);
+                }
+            }
+        } else { /* columns of B are contiguous (B is a transposed row-major matrix, e.g. W^T) */
+            for (int64_t j = 0; j < jn; j++) {
+                const char *src = base + ((s * nr + j) * sb1) * (int64_t)es;
+                switch (b->dtype) {
+                case TL_FLOAT32:
+                    for (int64_t k = 0; k < kc; k++) d[k * nr + j] = ((const float *)src)[k * sb0];
+                    break;
+                case TL_BFLOAT16:
+                    for (int64_t k = 0; k < kc; k++)
+                        d[k * nr + j] = tl_bf16_to_f32(((const uint16_t *)src)[k * sb0]);
+                    break;
+                default:
+                    for (int64_t k = 0; k < kc; k++)
+                        d[k * nr + j] = tl_f16_to_f32(((const uint16_t *)src)[k * sb0]);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/* ---- writing a tile back ------------------------------------------------------------------------ */
+
+typedef struct {
+    const tl_tensor *a, *b, *bias;
+    tl_tensor *c;
+    float *ws; /* float32 partials (ld = N) when C is not float32 and K spans several blocks */
+    float alpha, beta;
+    int64_t M, N, K;
+} gemm_job;
+
+/* C[i0:i0+mn, j0:j0+nn] (+)= alpha * tile, adding beta*C + bias on the first K block and rounding to
+ * C's dtype on the last one. */
+static void
+store_tile(const gemm_job *g, const float *tile, int nr, int64_t i0, int64_t j0, int mn, int nn,
+           int first, int last)
+{
+    const tl_tensor *c = g->c;
+    const int64_t sc0 = c->strides[0], sc1 = c->strides[1];
+    const int c_f32 = c->dtype == TL_FLOAT32;
+    float bias[NR_MAX];
+    for (int j = 0; j < nn; j++)
+        bias[j] = (first && g->bias) ? tl_load_f(g->bias->data, (j0 + j) * g->bias->strides[0],
+                                                 g->bias->dtype)
+                                     : 0.0f;
+    for (int r = 0; r < mn; r++) {
+        const float *t = tile + r * nr;
+        const int64_t crow = (i0 + r) * sc0 + j0 * sc1;
+        if (c_f32 && sc1 == 1) { /* the common case, kept simple enough to vectorise */
+            float *cp = (float *)c->data + crow;
+            if (!first)
+                for (int j = 0; j < nn; j++) cp[j] += g->alpha * t[j];
+            else if (g->beta != 0.0f)
+                for (int j = 0; j < nn; j++) cp[j] = g->alpha * t[j] + g->beta * cp[j] + bias[j];
+            else
+                for (int j = 0; j < nn; j++) cp[j] = g->alpha * t[j] + bias[j];
+            continue;
+        }
+        float *wp = g->ws ? g->ws + (i0 + r) * g->N + j0 : NULL;
+        for (int j = 0; j < nn; j++) {
+            float v = g->alpha * t[j];
+            if (first) {
+                v += bias[j];
+                if (g->beta != 0.0f) v += g->beta * tl_load_f(c->data, crow + j * sc1, c->dtype);
+            } else {
+                v += c_f32 ? ((float *)c->data)[crow + j * sc1] : wp[j];
+            }
+            if (last || c_f32)
+                tl_store_f(c->data, crow + j * sc1, c->dtype, v);
+            else
+                wp[j] = v;
+        }
+    }
+}
+
+/* K == 0: C = beta * C + bias. */
+static void
+gemm_k0(const gemm_job *g)
+{
+    const tl_tensor *c = g->c;
+    for (int64_t i = 0; i < g->M; i++)
+        for (int64_t j = 0; j < g->N; j++) {
+            int64_t off = i * c->strides[0] + j * c->strides[1];
+            float v = g->bias ? tl_load_f(g->bias->data, j * g->bias->strides[0], g->bias->dtype) : 0.0f;
+            if (g->beta != 0.0f) v += g->beta * tl_load_f(c->data, off, c->dtype);
+            tl_store_f(c->data, off, c->dtype, v);
+        }
+}
+
+/* ---- the driver --------------------------------------------------------------------------------- */
+
+static void *
+scratch_alloc(size_t nfloats)
+{
+    size_t bytes = (nfloats * sizeof(float) + 63) / 64 * 64;
+    return aligned_alloc(64, bytes ? bytes : 64);
+}
+
+static tl_status
+check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, const tl_tensor *c,
+           const tl_tensor *ws)
+{
+    tl_status st;
+    if ((st = tl_check_cpu(a, 2)) || (st = tl_check_cpu(b, 2)) || (st = tl_check_cpu(c, 2))) return st;
+    if (!tl_is_float_dtype(a->dtype) || b->dtype != a->dtype) return TL_ERR_DTYPE;
+    if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype) return TL_ERR_DTYPE;
+    if (a->shape[1] != b->shape[0] || c->shape[0] != a->shape[0] || c->shape[1] != b->shape[1])
+        return TL_ERR_SHAPE;
+    if (bias) {
+        if ((st = tl_check_cpu(bias, 1))) return st;
+        if (bias->dtype != TL_FLOAT32 && bias->dtype != c->dtype) return TL_ERR_DTYPE;
+        if (bias->shape[0] != c->shape[1]) return TL_ERR_SHAPE;
+    }
+    if (c->dtype != TL_FLOAT32 && a->shape[1] > KC && tl_numel(c) > 0) {
+        if (!ws) return TL_ERR_VALUE;
+        if ((st = tl_check_cpu(ws, 1))) return st;
+        if (ws->dtype != TL_FLOAT32 || ws->strides[0] != 1 || ws->shape[0] < tl_numel(c))
+            return TL_ERR_VALUE;
+    }
+    return TL_OK;
+}
+
+tl_status
+tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
+            float beta, tl_tensor *ws, int nthreads)
+{
+    tl_status st = check_args(a, b, bias, c, ws);
+    if (st) return st;
+    const int64_t M = a->shape[0], K = a->shape[1], N = b->shape[1];
+    gemm_job g = {a, b, bias, c, NULL, alpha, beta, M, N, K};
+    if (M == 0 || N == 0) return TL_OK;
+    if (K == 0) {
+        gemm_k0(&g);
+        return TL_OK;
+    }
+    if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data;
+
+    const isa_desc *isa = select_isa();
+    const int mr = isa->mr, nr = isa->nr;
+    int nt = tl_threads(nthreads);
+    /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */
+    if ((double)M * N * K < 1e6) nt = 1;
+
+    /* Column blocks: at most NC_MAX wide, as many as a multiple of the thread count when N allows, all
+     * of about equal width. When there are fewer column blocks than threads, the A slivers of each
+     * block are shared out too. */
+    int64_t nblk = (N + NC_MAX - 1) / NC_MAX;
+    if (nblk < nt) nblk = (N + nr - 1) / nr < nt ? (N + nr - 1) / nr : nt;
+    else if (nblk % nt) nblk += nt - nblk % nt;
+    int64_t nc = (N + nblk - 1) / nblk;
+    nc = (nc + nr - 1) / nr * nr;
+    nblk = (N + nc - 1) / nc;
+    const int64_t msplit = nblk >= nt ? 1 : (nt + nblk - 1) / nblk;
+    const int64_t mc_max = M < MC_MAX ? (M + mr - 1) / mr * mr : MC_MAX;
+    const int64_t kc_max = K < KC ? K : KC;
+
+    float *apack = scratch_alloc((size_t)(mc_max * kc_max));
+    float *bpack = scratch_alloc((size_t)nt * (size_t)(kc_max * nc));
+    if (!apack || !bpack) {
+        free(apack);
+        free(bpack);
+        return TL_ERR_NOMEM;
+    }
+
+    for (int64_t ic = 0; ic < M; ic += MC_MAX) {
+        const int64_t mc = M - ic < MC_MAX ? M - ic : MC_MAX;
+        const int64_t nsl_a = (mc + mr - 1) / mr;
+        for (int64_t pc = 0; pc < K; pc += KC) {
+            const int64_t kc = K - pc < KC ? K - pc : KC;
+            const int first = pc == 0, last = pc + kc == K;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+            {
+#ifdef _OPENMP
+                const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+                const int tid = 0, nth = 1;
+#endif
+                /* Pack A: contiguous shares of the slivers. */
+                int64_t s0 = nsl_a * tid / nth, s1 = nsl_a * (tid + 1) / nth;
+                pack_a(a, ic, mc, pc, kc, mr, s0, s1, apack);
+#pragma omp barrier
+                float *bp = bpack + (size_t)tid * (size_t)(kc_max * nc);
+                float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t w = 0; w < nblk * msplit; w++) {
+                    const int64_t jb = w / msplit, part = w % msplit;
+                    const int64_t j0 = jb * nc, ncw = N - j0 < nc ? N - j0 : nc;
+                    const int64_t is0 = nsl_a * part / msplit, is1 = nsl_a * (part + 1) / msplit;
+                    if (is0 == is1) continue;
+                    pack_b(b, pc, kc, j0, ncw, nr, bp);
+                    const int64_t nsl_b = (ncw + nr - 1) / nr;
+                    for (int64_t is = is0; is < is1; is++) {
+                        const float *ap = apack + is * mr * kc;
+                        const int mn = (int)(mc - is * mr < mr ? mc - is * mr : mr);
+                        for (int64_t js = 0; js < nsl_b; js++) {
+                            const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
+                            isa->kernel(kc, ap, bp + js * nr * kc, tile);
+                            store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(apack);
+    free(bpack);
+    return TL_OK;
+}
+
+/* ---- column sums (the bias gradient) ------------------------------------------------------------ */
+
+tl_status
+tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthreads)
+{
+    tl_status st;
+    if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(out, 1))) return st;
+    if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
+    if (out->dtype != TL_FLOAT32 && out->dtype != x->dtype) return TL_ERR_DTYPE;
+    const int64_t M = x->shape[0], N = x->shape[1];
+    if (out->shape[0] != N) return TL_ERR_SHAPE;
+    const int64_t s0 = x->strides[0], s1 = x->strides[1];
+    int nt = tl_threads(nthreads);
+    if (M * N < 65536) nt = 1;
+    /* Columns are shared out in blocks of 256; each sums its rows in order, so the result does not
+     * depend on the thread count. */
+    const int64_t nb = (N + 255) / 256;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t blk = 0; blk < nb; blk++) {
+        float acc[256];
+        const int64_t j0 = blk * 256, jn = N - j0 < 256 ? N - j0 : 256;
+        for (int64_t j = 0; j < jn; j++) acc[j] = 0.0f;
+        for (int64_t i = 0; i < M; i++) {
+            const int64_t row = i * s0 + j0 * s1;
+            if (x->dtype == TL_FLOAT32 && s1 == 1) {
+                const float *p = (const float *)x->data + row;
+                for (int64_t j = 0; j < jn; j++) acc[j] += p[j];
+            } else {
+                for (int64_t j = 0; j < jn; j++) acc[j] += tl_load_f(x->data, row + j * s1, x->dtype);
+            }
+        }
+        for (int64_t j = 0; j < jn; j++) {
+            int64_t o = (j0 + j) * out->strides[0];
+            float v = acc[j];
+            if (beta != 0.0f) v += beta * tl_load_f(out->data, o, out->dtype);
+            tl_store_f(out->data, o, out->dtype, v);
+        }
+    }
+    return TL_OK;
+}

@@ -1,0 +1,352 @@
+/* bridge.c: DLPack import for the extension modules.
+ *
+ * Three ways in, fastest first:
+ *  1. The producer's type publishes `__dlpack_c_exchange_api__` (torch >= 2.9): one C call fills a
+ *     borrowed DLTensor, no capsule and no Python call per tensor. The table is cached per type.
+ *  2. `obj.__dlpack__(max_version=(1, m))` returns a "dltensor_versioned" capsule.
+ *  3. Older producers: `obj.__dlpack__()` returns a legacy "dltensor" capsule.
+ * A raw capsule may also be passed directly. A consumed capsule is renamed "used_..." so that its
+ * own destructor leaves the tensor alone, and we call the deleter exactly once in tl_arg_release. */
+#include "bridge.h"
+
+#include <string.h>
+
+int
+tl_bridge_init(tl_bridge *b)
+{
+    memset(b, 0, sizeof *b);
+    b->max_version = Py_BuildValue("(ii)", DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION);
+    b->str_dlpack = PyUnicode_InternFromString("__dlpack__");
+    b->str_exchange = PyUnicode_InternFromString("__dlpack_c_exchange_api__");
+    b->kw_max_version = Py_BuildValue("(s)", "max_version");
+    if (!b->max_version || !b->str_dlpack || !b->str_exchange || !b->kw_max_version) return -1;
+    return 0;
+}
+
+void
+tl_bridge_clear(tl_bridge *b)
+{
+    for (int i = 0; i < b->n; i++) Py_CLEAR(b->type[i]);
+    b->n = 0;
+    Py_CLEAR(b->max_version);
+    Py_CLEAR(b->str_dlpack);
+    Py_CLEAR(b->str_exchange);
+    Py_CLEAR(b->kw_max_version);
+}
+
+int
+tl_bridge_traverse(tl_bridge *b, visitproc visit, void *arg)
+{
+    for (int i = 0; i < b->n; i++) Py_VISIT(b->type[i]);
+    return 0;
+}
+
+/* The exchange table of obj's type, or NULL (no exception) when it has none. -1 on error. */
+static int
+exchange_api(tl_bridge *b, PyObject *obj, const DLPackExchangeAPI **out)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    *out = NULL;
+    for (int i = 0; i < b->n; i++)
+        if (b->type[i] == tp) {
+            *out = b->api[i];
+            return 0;
+        }
+    const DLPackExchangeAPI *api = NULL;
+    PyObject *cap = PyObject_GetAttr((PyObject *)tp, b->str_exchange);
+    if (!cap) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+    } else {
+        if (PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
+            api = (const DLPackExchangeAPI *)PyCapsule_GetPointer(cap, "dlpack_exchange_api");
+            /* A table of another major version is not ours to read; fall back to __dlpack__. */
+            if (api && (api->header.version.major != DLPACK_MAJOR_VERSION ||
+                        !api->managed_tensor_from_py_object_no_sync))
+                api = NULL;
+        }
+        Py_DECREF(cap);
+    }
+    if (b->n < TL_BRIDGE_CACHE) { /* the table lives as long as the process, per the spec */
+        Py_INCREF(tp);
+        b->type[b->n] = tp;
+        b->api[b->n] = api;
+        b->n++;
+    }
+    *out = api;
+    return 0;
+}
+
+static const char *
+device_name(int dev)
+{
+    switch (dev) {
+    case kDLCPU: return "cpu";
+    case kDLCUDA: return "cuda";
+    case kDLCUDAHost: return "cuda_host";
+    case kDLCUDAManaged: return "cuda_managed";
+    case kDLROCM: return "rocm";
+    case kDLMetal: return "mps";
+    case kDLOneAPI: return "xpu";
+    default: return "another device";
+    }
+}
+
+/* Fill out->t from a DLTensor; -1 with an exception for what tl_tensor cannot describe. */
+static int
+from_dltensor(const DLTensor *dl, tl_arg *out)
+{
+    tl_tensor *t = &out->t;
+    const DLDataType d = dl->dtype;
+    if (d.lanes != 1) goto bad_dtype;
+    if (d.code == kDLFloat && d.bits == 32) t->dtype = TL_FLOAT32;
+    else if (d.code == kDLFloat && d.bits == 16) t->dtype = TL_FLOAT16;
+    else if (d.code == kDLBfloat && d.bits == 16) t->dtype = TL_BFLOAT16;
+    else if (d.code == kDLFloat && d.bits == 64) t->dtype = TL_FLOAT64;
+    else if (d.code == kDLInt && d.bits == 64) t->dtype = TL_INT64;
+    else if (d.code == kDLInt && d.bits == 32) t->dtype = TL_INT32;
+    else if (d.code == kDLInt && d.bits == 8) t->dtype = TL_INT8;
+    else if (d.code == kDLUInt && d.bits == 8) t->dtype = TL_UINT8;
+    else goto bad_dtype;
+
+    switch ((int)dl->device.device_type) {
+    case kDLCPU:
+    case kDLCUDAHost: t->device = TL_CPU; t->device_id = 0; break;
+    case kDLCUDA: t->device = TL_CUDA; t->device_id = dl->device.device_id; break;
+    default:
+        PyErr_Format(PyExc_ValueError,
+                     "argument '%s' is on %s; tltorch runs on the CPU and on CUDA GPUs", out->name,
+                     device_name((int)dl->device.device_type));
+        return -1;
+    }
+    if (dl->ndim < 0 || dl->ndim > TL_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' has %d dimensions; at most %d are supported",
+                     out->name, (int)dl->ndim, TL_MAX_NDIM);
+        return -1;
+    }
+    t->ndim = dl->ndim;
+    int64_t compact = 1;
+    for (int i = dl->ndim - 1; i >= 0; i--) {
+        t->shape[i] = dl->shape[i];
+        if (t->shape[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' has a negative size", out->name);
+            return -1;
+        }
+        t->strides[i] = dl->strides ? dl->strides[i] : compact;
+        compact *= t->shape[i];
+    }
+    t->data = dl->data ? (char *)dl->data + dl->byte_offset : NULL;
+    return 0;
+bad_dtype:
+    PyErr_Format(PyExc_TypeError, "argument '%s' has a DLPack dtype (code %d, %d bits, %d lanes) "
+                 "that tltorch does not take", out->name, (int)d.code, (int)d.bits, (int)d.lanes);
+    return -1;
+}
+
+/* Take ownership of a capsule's managed tensor: rename it, remember the deleter. */
+static int
+from_capsule(PyObject *cap, tl_arg *out)
+{
+    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (!m || PyCapsule_SetName(cap, "used_dltensor_versioned") < 0) return -1;
+        out->managed = m;
+        out->via = TL_VIA_VERSIONED;
+        if (m->version.major != DLPACK_MAJOR_VERSION) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' is a DLPack %u.%u tensor; tltorch reads 1.x",
+                         out->name, m->version.major, m->version.minor);
+            return -1;
+        }
+        out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+        return from_dltensor(&m->dl_tensor, out);
+    }
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+        DLManagedTensor *m = PyCapsule_GetPointer(cap, "dltensor");
+        if (!m || PyCapsule_SetName(cap, "used_dltensor") < 0) return -1;
+        out->managed = m;
+        out->via = TL_VIA_LEGACY;
+        return from_dltensor(&m->dl_tensor, out);
+    }
+    const char *nm = PyCapsule_GetName(cap);
+    if (!nm) PyErr_Clear();
+    if (nm && (!strcmp(nm, "used_dltensor") || !strcmp(nm, "used_dltensor_versioned")))
+        PyErr_Format(PyExc_ValueError, "argument '%s' is a DLPack capsule that was already consumed",
+                     out->name);
+    else
+        PyErr_Format(PyExc_TypeError, "argument '%s' is a capsule named '%s', not a DLPack tensor",
+                     out->name, nm ? nm : "?");
+    return -1;
+}
+
+int
+tl_arg_import(tl_bridge *b, PyObject *obj, tl_arg *out)
+{
+    const DLPackExchangeAPI *api = NULL;
+    PyObject *cap = NULL;
+    int rc = -1;
+
+    if (PyCapsule_CheckExact(obj)) return from_capsule(obj, out);
+    if (exchange_api(b, obj, &api) < 0) return -1;
+    if (api) {
+        out->api = api;
+        if (api->dltensor_from_py_object_no_sync) {
+            DLTensor dl;
+            if (api->dltensor_from_py_object_no_sync(obj, &dl) != 0) goto producer_failed;
+            out->via = TL_VIA_EXCHANGE;
+            return from_dltensor(&dl, out);
+        }
+        DLManagedTensorVersioned *m = NULL;
+        if (api->managed_tensor_from_py_object_no_sync(obj, &m) != 0 || !m) goto producer_failed;
+        out->managed = m;
+        out->via = TL_VIA_EXCHANGE_MANAGED;
+        out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+        return from_dltensor(&m->dl_tensor, out);
+    }
+
+    PyObject *meth = PyObject_GetAttr(obj, b->str_dlpack);
+    if (!meth) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "argument '%s' must be a tensor or array that supports DLPack (torch.Tensor, "
+                     "numpy.ndarray, ...), not %.200s", out->name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *args[2] = {NULL, b->max_version};
+    cap = PyObject_Vectorcall(meth, args + 1, 0 | PY_VECTORCALL_ARGUMENTS_OFFSET, b->kw_max_version);
+    if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) { /* a producer older than DLPack 1.0 */
+        PyErr_Clear();
+        cap = PyObject_CallNoArgs(meth);
+    }
+    Py_DECREF(meth);
+    if (!cap) goto producer_failed;
+    if (!PyCapsule_CheckExact(cap)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__ returned %.200s, not a capsule",
+                     out->name, Py_TYPE(cap)->tp_name);
+        goto done;
+    }
+    rc = from_capsule(cap, out);
+done:
+    Py_XDECREF(cap);
+    return rc;
+producer_failed: {
+    /* Keep the producer's reason (e.g. "requires grad") but say which argument it was about. */
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyErr_NormalizeException(&et, &ev, &etb);
+    PyErr_Format(PyExc_TypeError, "argument '%s' could not be read through DLPack: %S", out->name,
+                 ev ? ev : Py_None);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(etb);
+    return -1;
+}
+}
+
+void
+tl_arg_release(tl_arg *a)
+{
+    void *m = a->managed;
+    a->managed = NULL;
+    if (!m) return;
+    if (a->via == TL_VIA_LEGACY) {
+        DLManagedTensor *lm = m;
+        if (lm->deleter) lm->deleter(lm);
+    } else {
+        DLManagedTensorVersioned *vm = m;
+        if (vm->deleter) vm->deleter(vm);
+    }
+}
+
+/* ---- checks ------------------------------------------------------------------------------------ */
+
+int
+tl_need_ndim(const tl_arg *a, int ndim)
+{
+    if (a->t.ndim == ndim) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be %d-D, got a %d-D tensor", a->name, ndim,
+                 a->t.ndim);
+    return -1;
+}
+
+int
+tl_need_float(const tl_arg *a)
+{
+    tl_dtype d = a->t.dtype;
+    if (d == TL_FLOAT32 || d == TL_FLOAT16 || d == TL_BFLOAT16) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32, bfloat16 or float16",
+                 a->name, tl_dtype_name(d));
+    return -1;
+}
+
+int
+tl_need_dtype_of(const tl_arg *a, const tl_arg *ref)
+{
+    if (a->t.dtype == ref->t.dtype) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected %s, the dtype of '%s'", a->name,
+                 tl_dtype_name(a->t.dtype), tl_dtype_name(ref->t.dtype), ref->name);
+    return -1;
+}
+
+int
+tl_need_dtype_f32_or(const tl_arg *a, const tl_arg *ref)
+{
+    if (a->t.dtype == TL_FLOAT32 || a->t.dtype == ref->t.dtype) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 or %s (the dtype of '%s')",
+                 a->name, tl_dtype_name(a->t.dtype), tl_dtype_name(ref->t.dtype), ref->name);
+    return -1;
+}
+
+int
+tl_need_size(const tl_arg *a, int dim, int64_t size, const char *what)
+{
+    if (a->t.shape[dim] == size) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' has size %lld in dim %d; expected %lld (%s)", a->name,
+                 (long long)a->t.shape[dim], dim, (long long)size, what);
+    return -1;
+}
+
+int
+tl_need_writable(const tl_arg *a)
+{
+    if (a->readonly) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is read-only", a->name);
+        return -1;
+    }
+    for (int i = 0; i < a->t.ndim; i++)
+        if (a->t.shape[i] > 1 && a->t.strides[i] == 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "argument '%s' is an output but has overlapping elements (stride 0 in dim %d)",
+                         a->name, i);
+            return -1;
+        }
+    return 0;
+}
+
+int
+tl_need_same_device(const tl_arg *a, const tl_arg *ref)
+{
+    if (a->t.device == ref->t.device && a->t.device_id == ref->t.device_id) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' is on %s:%d but '%s' is on %s:%d", a->name,
+                 a->t.device == TL_CUDA ? "cuda" : "cpu", a->t.device_id, ref->name,
+                 ref->t.device == TL_CUDA ? "cuda" : "cpu", ref->t.device_id);
+    return -1;
+}
+
+PyObject *
+tl_raise_status(tl_status st, const char *op)
+{
+    PyObject *type = PyExc_RuntimeError;
+    switch (st) {
+    case TL_ERR_DTYPE: type = PyExc_TypeError; break;
+    case TL_ERR_SHAPE:
+    case TL_ERR_DEVICE:
+    case TL_ERR_LAYOUT:
+    case TL_ERR_VALUE:
+    case TL_ERR_INDEX: type = PyExc_ValueError; break;
+    case TL_ERR_NOMEM: type = PyExc_MemoryError; break;
+    default: break;
+    }
+    PyErr_Format(type, "%s: %s", op, tl_status_string(st));
+    return NULL;
+}

@@ -1,0 +1,58 @@
+/* bridge.h: turning Python objects into tl_tensor views through DLPack, and tl_status into exceptions.
+ * Shared by the two extension modules (tltorch._C and tltorch._cuda); each keeps its own bridge state. */
+#ifndef TL_BRIDGE_H
+#define TL_BRIDGE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "../dlpack.h"
+#include "../tl.h"
+
+#define TL_BRIDGE_CACHE 16
+
+/* Per-module state: which Python types publish the DLPack C exchange table. */
+typedef struct {
+    PyTypeObject *type[TL_BRIDGE_CACHE]; /* strong references */
+    const DLPackExchangeAPI *api[TL_BRIDGE_CACHE];
+    int n;
+    PyObject *max_version; /* the tuple (1, DLPACK_MINOR_VERSION) */
+    PyObject *str_dlpack, *str_exchange, *kw_max_version;
+} tl_bridge;
+
+/* How an argument reached us; what must be released after the kernel. */
+typedef enum { TL_VIA_NONE = 0, TL_VIA_EXCHANGE, TL_VIA_EXCHANGE_MANAGED, TL_VIA_VERSIONED, TL_VIA_LEGACY } tl_via;
+
+typedef struct {
+    tl_tensor t;
+    const char *name; /* the argument's name, for messages */
+    tl_via via;
+    int readonly;
+    const DLPackExchangeAPI *api; /* the producer's exchange table, if it has one */
+    void *managed;                /* DLManagedTensor(Versioned)* we must hand back */
+} tl_arg;
+
+int tl_bridge_init(tl_bridge *b);
+void tl_bridge_clear(tl_bridge *b);
+int tl_bridge_traverse(tl_bridge *b, visitproc visit, void *arg);
+
+/* Import `obj` as argument `name`. Returns 0, or -1 with an exception naming the argument. `out`
+ * must be zero-initialised (TL_ARG_INIT) so that tl_arg_release is safe whatever happened. */
+#define TL_ARG_INIT(nm) {.name = (nm)}
+int tl_arg_import(tl_bridge *b, PyObject *obj, tl_arg *out);
+/* Hand a managed tensor back to its producer (its deleter runs exactly once). Needs the GIL. */
+void tl_arg_release(tl_arg *a);
+
+/* Checks that raise TypeError/ValueError naming the argument; each returns 0 or -1. */
+int tl_need_ndim(const tl_arg *a, int ndim);
+int tl_need_float(const tl_arg *a);                      /* float32, float16 or bfloat16 */
+int tl_need_dtype_of(const tl_arg *a, const tl_arg *ref); /* same dtype as ref */
+int tl_need_dtype_f32_or(const tl_arg *a, const tl_arg *ref);
+int tl_need_size(const tl_arg *a, int dim, int64_t size, const char *what);
+int tl_need_writable(const tl_arg *a);                   /* not read-only, no overlapping elements */
+int tl_need_same_device(const tl_arg *a, const tl_arg *ref);
+
+/* Raise the exception that fits `st`, naming the operation. Returns NULL for `return` chaining. */
+PyObject *tl_raise_status(tl_status st, const char *op);
+
+#endif /* TL_BRIDGE_H */

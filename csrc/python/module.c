@@ -1,0 +1,254 @@
+/* module.c: tltorch._C, the CPython binding of the CPU kernels.
+ *
+ * Each function takes its tensors as DLPack-capable objects (outputs included, allocated by the caller),
+ * checks them with messages that name the argument, releases the GIL around the kernel, and turns a
+ * tl_status into an exception. Positional arguments only: tltorch/_ops.py is the one caller and gives
+ * them names. */
+#include "bridge.h"
+
+typedef struct {
+    tl_bridge bridge;
+} module_state;
+
+static tl_bridge *
+bridge_of(PyObject *mod)
+{
+    return &((module_state *)PyModule_GetState(mod))->bridge;
+}
+
+static int
+need_cpu(const tl_arg *a)
+{
+    if (a->t.device == TL_CPU) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' is on cuda:%d; tltorch._C runs on the CPU (CUDA "
+                 "tensors go to tltorch._cuda)", a->name, a->t.device_id);
+    return -1;
+}
+
+static int
+nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *sig)
+{
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments, got %zd", sig, want, nargs);
+    return -1;
+}
+
+/* Parse a float scalar or an int thread count; -1 with an exception naming it. */
+static int
+get_float(PyObject *o, const char *name, float *out)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a real number, not %.200s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+static int
+get_int(PyObject *o, const char *name, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = v > 1024 ? 1024 : (int)v;
+    return 0;
+}
+
+/* gemm(a, b, c, bias, ws, alpha, beta, nthreads): c = alpha * a @ b + beta * c + bias, in place. */
+static PyObject *
+py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg a = TL_ARG_INIT("a"), b = TL_ARG_INIT("b"), c = TL_ARG_INIT("c"), bias = TL_ARG_INIT("bias"),
+           ws = TL_ARG_INIT("ws");
+    PyObject *ret = NULL;
+    float alpha, beta;
+    int nthreads;
+    tl_status st;
+
+    if (nargs_is(nargs, 8, "gemm(a, b, c, bias, ws, alpha, beta, nthreads)") < 0) return NULL;
+    if (get_float(args[5], "alpha", &alpha) < 0 || get_float(args[6], "beta", &beta) < 0 ||
+        get_int(args[7], "nthreads", &nthreads) < 0)
+        return NULL;
+    if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
+        tl_arg_import(br, args[2], &c) < 0)
+        goto fail;
+    if (args[3] != Py_None && tl_arg_import(br, args[3], &bias) < 0) goto fail;
+    if (args[4] != Py_None && tl_arg_import(br, args[4], &ws) < 0) goto fail;
+
+    if (need_cpu(&a) || need_cpu(&b) || need_cpu(&c)) goto fail;
+    if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2)) goto fail;
+    if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
+    if (tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") || tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") ||
+        tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") || tl_need_writable(&c))
+        goto fail;
+    if (bias.via) {
+        if (need_cpu(&bias) || tl_need_ndim(&bias, 1) || tl_need_dtype_f32_or(&bias, &c) ||
+            tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]"))
+            goto fail;
+    }
+    if (ws.via) {
+        if (need_cpu(&ws) || tl_need_ndim(&ws, 1) || tl_need_writable(&ws)) goto fail;
+        if (ws.t.dtype != TL_FLOAT32 || ws.t.strides[0] != 1 || ws.t.shape[0] < tl_numel(&c.t)) {
+            PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at "
+                         "least %lld elements", (long long)tl_numel(&c.t));
+            goto fail;
+        }
+    } else if (c.t.dtype != TL_FLOAT32 && a.t.shape[1] > TL_GEMM_KC && tl_numel(&c.t) > 0) {
+        PyErr_Format(PyExc_ValueError, "argument 'ws' is required (a float32 vector of %lld elements) "
+                     "when c is %s and K > %d", (long long)tl_numel(&c.t), tl_dtype_name(c.t.dtype),
+                     TL_GEMM_KC);
+        goto fail;
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_gemm_cpu(&a.t, &b.t, bias.via ? &bias.t : NULL, &c.t, alpha, beta, ws.via ? &ws.t : NULL,
+                     nthreads);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        tl_raise_status(st, "tltorch._C.gemm");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&a);
+    tl_arg_release(&b);
+    tl_arg_release(&c);
+    tl_arg_release(&bias);
+    tl_arg_release(&ws);
+    return ret;
+}
+
+/* colsum(x, out, beta, nthreads): out = beta * out + x.sum(0), in place. */
+static PyObject *
+py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), out = TL_ARG_INIT("out");
+    PyObject *ret = NULL;
+    float beta;
+    int nthreads;
+    tl_status st;
+
+    if (nargs_is(nargs, 4, "colsum(x, out, beta, nthreads)") < 0) return NULL;
+    if (get_float(args[2], "beta", &beta) < 0 || get_int(args[3], "nthreads", &nthreads) < 0) return NULL;
+    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
+    if (need_cpu(&x) || need_cpu(&out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
+        tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
+        tl_need_size(&out, 0, x.t.shape[1], "x.shape[1]") || tl_need_writable(&out))
+        goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_colsum_cpu(&x.t, &out.t, beta, nthreads);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        tl_raise_status(st, "tltorch._C.colsum");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&x);
+    tl_arg_release(&out);
+    return ret;
+}
+
+/* describe(obj): what the bridge sees, for tests and debugging. */
+static PyObject *
+py_describe(PyObject *mod, PyObject *obj)
+{
+    static const char *via_names[] = {"none", "exchange", "exchange_managed", "versioned", "legacy"};
+    tl_arg a = TL_ARG_INIT("obj");
+    PyObject *shape = NULL, *strides = NULL, *ret = NULL;
+    if (tl_arg_import(bridge_of(mod), obj, &a) < 0) goto fail;
+    if (!(shape = PyTuple_New(a.t.ndim)) || !(strides = PyTuple_New(a.t.ndim))) goto fail;
+    for (int i = 0; i < a.t.ndim; i++) {
+        PyObject *s = PyLong_FromLongLong(a.t.shape[i]), *st = PyLong_FromLongLong(a.t.strides[i]);
+        if (!s || !st) {
+            Py_XDECREF(s);
+            Py_XDECREF(st);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(shape, i, s);
+        PyTuple_SET_ITEM(strides, i, st);
+    }
+    ret = Py_BuildValue("{s:O,s:O,s:s,s:s,s:i,s:O,s:s,s:K}", "shape", shape, "strides", strides, "dtype",
+                        tl_dtype_name(a.t.dtype), "device", a.t.device == TL_CUDA ? "cuda" : "cpu",
+                        "device_id", a.t.device_id, "readonly", a.readonly ? Py_True : Py_False, "via",
+                        via_names[a.via], "data", (unsigned long long)(uintptr_t)a.t.data);
+fail:
+    Py_XDECREF(shape);
+    Py_XDECREF(strides);
+    tl_arg_release(&a);
+    return ret;
+}
+
+static PyObject *
+py_cpu_isa(PyObject *mod, PyObject *unused)
+{
+    return PyUnicode_FromString(tl_cpu_isa());
+}
+
+static PyObject *
+py_default_threads(PyObject *mod, PyObject *unused)
+{
+    return PyLong_FromLong(tl_cpu_default_threads());
+}
+
+static PyMethodDef methods[] = {
+    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
+     "gemm(a, b, c, bias, ws, alpha, beta, nthreads): c = alpha*a@b + beta*c + bias, in place."},
+    {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
+     "colsum(x, out, beta, nthreads): out = beta*out + x.sum(0), in place."},
+    {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
+    {"default_threads", py_default_threads, METH_NOARGS, "Threads used when nthreads <= 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *mod)
+{
+    if (tl_bridge_init(bridge_of(mod)) < 0) return -1;
+    if (PyModule_AddIntConstant(mod, "GEMM_KC", TL_GEMM_KC) < 0) return -1;
+    return 0;
+}
+
+static int
+module_traverse(PyObject *mod, visitproc visit, void *arg)
+{
+    return tl_bridge_traverse(bridge_of(mod), visit, arg);
+}
+
+static int
+module_clear(PyObject *mod)
+{
+    tl_bridge_clear(bridge_of(mod));
+    return 0;
+}
+
+static void
+module_free(void *mod)
+{
+    module_clear((PyObject *)mod);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "tltorch._C", "tltorch's C kernels (CPU).", sizeof(module_state), methods,
+    slots, module_traverse, module_clear, module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__C(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}

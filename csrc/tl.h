@@ -1,0 +1,106 @@
+/* tl.h: the tltorch C core's one public header.
+ *
+ * A tl_tensor is a borrowed, strided view of memory somebody else owns (torch's allocator, NumPy):
+ * the core never allocates tensor-sized memory. Kernels validate what memory safety depends on and
+ * return a tl_status; nothing here prints, exits or aborts. Every exported symbol starts with tl_. */
+#ifndef TL_H
+#define TL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TL_MAX_NDIM 8
+
+typedef enum {
+    TL_FLOAT32 = 0,
+    TL_FLOAT16,
+    TL_BFLOAT16,
+    TL_FLOAT64,
+    TL_INT64,
+    TL_INT32,
+    TL_INT8,
+    TL_UINT8,
+    TL_NUM_DTYPES
+} tl_dtype;
+
+typedef enum { TL_CPU = 1, TL_CUDA = 2 } tl_device;
+
+typedef struct {
+    void *data; /* address of element [0, ..., 0]; may be NULL when the tensor is empty */
+    tl_dtype dtype;
+    tl_device device;
+    int device_id;
+    int ndim;
+    int64_t shape[TL_MAX_NDIM];
+    int64_t strides[TL_MAX_NDIM]; /* in elements, any sign-free layout, 0 for broadcast dims */
+} tl_tensor;
+
+typedef enum {
+    TL_OK = 0,
+    TL_ERR_DTYPE,       /* a dtype the kernel does not take */
+    TL_ERR_SHAPE,       /* shapes that do not agree */
+    TL_ERR_DEVICE,      /* a tensor on a device the kernel does not run on */
+    TL_ERR_LAYOUT,      /* strides the kernel cannot read (CUDA: no unit stride) */
+    TL_ERR_VALUE,       /* a bad scalar argument or a missing workspace */
+    TL_ERR_INDEX,       /* an index (class target) out of range */
+    TL_ERR_NOMEM,       /* the core's small scratch could not be allocated */
+    TL_ERR_CUDA,        /* the CUDA runtime reported an error */
+    TL_ERR_CUBLAS,      /* cuBLAS reported an error */
+    TL_ERR_UNSUPPORTED  /* not built into this library */
+} tl_status;
+
+const char *tl_status_string(tl_status s);
+size_t tl_dtype_size(tl_dtype d);
+const char *tl_dtype_name(tl_dtype d);
+int64_t tl_numel(const tl_tensor *t);
+
+/* ---- CPU ---------------------------------------------------------------------------------------- */
+
+/* The instruction set the CPU kernels dispatch to on this machine: "avx512", "avx2" or "portable". */
+const char *tl_cpu_isa(void);
+/* Threads a kernel uses when asked for nthreads <= 0 (OpenMP's default, OMP_NUM_THREADS). */
+int tl_cpu_default_threads(void);
+
+/* GEMM with bias, float32 accumulation:
+ *     C[M,N] = alpha * A[M,K] @ B[K,N] + beta * C[M,N] + bias[N]
+ * a, b: 2-D, any strides, float32/bfloat16/float16, same dtype. c: 2-D, any strides, float32 or a's
+ * dtype. bias: NULL or 1-D of N, float32 or c's dtype. beta == 0 never reads C (it may hold NaN).
+ * ws: when c is not float32 and K > TL_GEMM_KC, a float32 contiguous scratch of >= M*N elements that
+ * carries the partial sums between K blocks (so that rounding to c's dtype happens once); else NULL. */
+#define TL_GEMM_KC 384
+tl_status tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c,
+                      float alpha, float beta, tl_tensor *ws, int nthreads);
+
+/* Column sums: out[N] = beta * out[N] + sum_m x[m, n], float32 accumulation.
+ * x: 2-D float32/bfloat16/float16, any strides. out: 1-D of N, float32 or x's dtype. */
+tl_status tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthreads);
+
+/* ---- CUDA (tltorch._cuda) ---------------------------------------------------------------------- */
+
+/* Opaque per-device state: the cuBLAS handle. Created lazily by tl_cuda_context_get. */
+typedef struct tl_cuda_context tl_cuda_context;
+
+tl_status tl_cuda_context_create(int device_id, tl_cuda_context **out);
+void tl_cuda_context_destroy(tl_cuda_context *ctx);
+/* Number of CUDA devices the driver reports (0 with no driver or no GPU), and a device's name. */
+int tl_cuda_device_count(void);
+tl_status tl_cuda_device_name(int device_id, char *buf, size_t len);
+/* The last CUDA/cuBLAS error this thread saw, as text, for messages. */
+const char *tl_cuda_last_error(void);
+
+/* Same contract as tl_gemm_cpu, on `stream` (a cudaStream_t). a and b each need a unit stride in one
+ * of their two dims, c a unit stride in dim 1; ws: NULL or a device scratch of ws_bytes for cuBLAS.
+ * allow_tf32 lets float32 products use TF32 tensor cores. ws (float32 partials) is not needed. */
+tl_status tl_gemm_cuda(tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b,
+                       const tl_tensor *bias, tl_tensor *c, float alpha, float beta,
+                       void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32, void *stream);
+tl_status tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* TL_H */

@@ -1,0 +1,171 @@
+"""Build tltorch's C extensions.
+
+tltorch._C      the CPU kernels (csrc/cpu) and the DLPack binding; always built. C11, -O3, OpenMP.
+                SIMD paths are chosen at run time, so one build runs on any x86-64 (and elsewhere the
+                portable path builds).
+tltorch._cuda   the CUDA kernels (csrc/cuda) and their binding; built when nvcc is found (PATH or
+                CUDA_HOME) together with cuBLAS's headers (the toolkit's, or the nvidia-cublas wheel's).
+
+Environment switches:
+  TLTORCH_CUDA=0        never build _cuda;  TLTORCH_CUDA=1  a failure to build it is an error
+  TLTORCH_CUDA_ARCHS    e.g. "90" or "80;90" (default: 75;80;86;89;90, plus PTX for the newest)
+  TLTORCH_SANITIZE=1    build _C with AddressSanitizer and UndefinedBehaviorSanitizer
+  TLTORCH_NATIVE=1      also let the compiler tune the portable code for this CPU (-march=native)
+"""
+import glob
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def env_flag(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    return v.lower() not in ("0", "false", "no", "off")
+
+
+def log(msg):
+    print(f"tltorch setup: {msg}", file=sys.stderr)
+
+
+def find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.realpath(nvcc)
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda/bin/nvcc"
+    return None
+
+
+def find_cublas(cuda_home):
+    """(include_dir, lib_dir, lib_name) for cuBLAS: the toolkit's own, else an nvidia-cublas wheel's."""
+    cands = [(os.path.join(cuda_home, "include"), os.path.join(cuda_home, "lib64"))]
+    roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
+    for r in roots:
+        for sub in ("nvidia/cu13", "nvidia/cublas"):
+            cands.append((os.path.join(r, sub, "include"), os.path.join(r, sub, "lib")))
+    for inc, lib in cands:
+        if not os.path.exists(os.path.join(inc, "cublas_v2.h")):
+            continue
+        if os.path.exists(os.path.join(lib, "libcublas.so")):
+            return inc, lib, "cublas"
+        sonames = sorted(glob.glob(os.path.join(lib, "libcublas.so.*")))
+        if sonames:
+            return inc, lib, ":" + os.path.basename(sonames[0])
+    return None
+
+
+def cuda_archs():
+    spec = os.environ.get("TLTORCH_CUDA_ARCHS", "75;80;86;89;90")
+    archs = [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+SANITIZE = env_flag("TLTORCH_SANITIZE")
+C_FLAGS = ["-std=c11", "-O3", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wextra",
+           "-Wno-unused-parameter", "-Wno-missing-field-initializers", "-Wno-cast-function-type"]
+LINK_FLAGS = ["-fopenmp"]
+if SANITIZE:
+    C_FLAGS = [f for f in C_FLAGS if f != "-O3"] + ["-O1", "-g", "-fsanitize=address,undefined",
+                                                    "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    LINK_FLAGS += ["-fsanitize=address,undefined"]
+if env_flag("TLTORCH_NATIVE"):
+    C_FLAGS.append("-march=native")
+
+CPU_SOURCES = sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc/python/module.c"]
+
+
+class BuildExt(build_ext):
+    """Compiles the .cu files of tltorch._cuda with nvcc; leaves the rest to setuptools."""
+
+    def build_extension(self, ext):
+        if ext.name != "tltorch._cuda":
+            return super().build_extension(ext)
+        try:
+            self._build_cuda(ext)
+        except Exception as e:  # noqa: BLE001 - any failure means "no CUDA build" unless it was required
+            if env_flag("TLTORCH_CUDA"):
+                raise
+            log(f"skipping tltorch._cuda: {e}")
+
+    def _build_cuda(self, ext):
+        nvcc = ext._tl_nvcc
+        objs = []
+        tmp = os.path.join(self.build_temp, "cuda")
+        os.makedirs(tmp, exist_ok=True)
+        for src in ext._tl_cu_sources:
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "-Xcompiler", "-fvisibility=hidden", "--expt-relaxed-constexpr",
+                   "-Icsrc", f"-I{ext._tl_cublas_inc}", *cuda_archs()]
+            log(" ".join(cmd))
+            subprocess.check_call(cmd)
+            objs.append(obj)
+        ext.extra_objects = objs + ext.extra_objects
+        super().build_extension(ext)
+
+
+def extensions():
+    exts = [Extension("tltorch._C", sources=CPU_SOURCES, include_dirs=["csrc"],
+                      extra_compile_args=C_FLAGS, extra_link_args=LINK_FLAGS)]
+    want = env_flag("TLTORCH_CUDA")
+    if want is False:
+        log("TLTORCH_CUDA=0: not building tltorch._cuda")
+        return exts
+    nvcc = find_nvcc()
+    if not nvcc:
+        if want:
+            raise RuntimeError("TLTORCH_CUDA=1 but nvcc was not found (PATH, CUDA_HOME)")
+        log("nvcc not found: building the CPU extension only")
+        return exts
+    cuda_home = os.path.dirname(os.path.dirname(nvcc))
+    cublas = find_cublas(cuda_home)
+    if not cublas:
+        msg = ("nvcc found but not cuBLAS (cublas_v2.h and libcublas): install the CUDA toolkit's "
+               "cuBLAS or `pip install nvidia-cublas`")
+        if want:
+            raise RuntimeError(msg)
+        log(msg + "; building the CPU extension only")
+        return exts
+    inc, libdir, libname = cublas
+    log(f"building tltorch._cuda with {nvcc} and cuBLAS from {libdir}")
+    cuda_lib = os.path.join(cuda_home, "lib64")
+    if not os.path.isdir(cuda_lib):
+        cuda_lib = os.path.join(cuda_home, "lib")
+    ext = Extension(
+        "tltorch._cuda",
+        sources=["csrc/python/bridge.c", "csrc/python/cuda_module.c"],
+        include_dirs=["csrc", os.path.join(cuda_home, "include"), inc],
+        library_dirs=[cuda_lib, libdir],
+        libraries=["cudart_static", libname, "dl", "rt", "pthread"],
+        # An nvidia-cublas wheel installed beside tltorch is found without LD_LIBRARY_PATH.
+        runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib"],
+        extra_compile_args=[f for f in C_FLAGS if not f.startswith("-fsanitize")],
+        extra_link_args=["-fopenmp"],
+        language="c",
+    )
+    ext._tl_nvcc = nvcc
+    ext._tl_cublas_inc = inc
+    ext._tl_cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    exts.append(ext)
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

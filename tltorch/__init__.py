@@ -1,0 +1,40 @@
+"""tltorch: transfer learning for PyTorch, with hand-written C and CUDA kernels.
+
+`import tltorch` needs no GPU and no CUDA driver: the CUDA kernels (tltorch._cuda) load on first use.
+"""
+import torch  # noqa: F401  (torch's OpenMP runtime is loaded before ours, so they are one)
+
+from . import _C, _ops, functional
+
+__version__ = "0.1.0"
+
+__all__ = ["backend_info", "functional", "__version__"]
+
+
+def backend_info() -> dict:
+    """What this installation of tltorch can run on.
+
+    version, cuda_built (tltorch._cuda imports), cuda_available (built and a GPU is visible),
+    device_name (the current CUDA device, or None), cpu_isa (the SIMD path of the CPU kernels:
+    avx512, avx2 or portable), num_threads (the CPU threads kernels use: torch.get_num_threads()).
+    """
+    built = _ops.cuda_built()
+    available = False
+    name = None
+    if built:
+        try:
+            cuda = _ops.cuda_module()
+            available = cuda.device_count() > 0
+            if available:
+                idx = torch.cuda.current_device() if torch.cuda.is_available() else 0
+                name = cuda.device_name(idx)
+        except RuntimeError:
+            available = False
+    return {
+        "version": __version__,
+        "cuda_built": built,
+        "cuda_available": available,
+        "device_name": name,
+        "cpu_isa": _C.cpu_isa(),
+        "num_threads": torch.get_num_threads(),
+    }
