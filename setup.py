@@ -95,6 +95,12 @@ CPU_SOURCES = sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc
 class BuildExt(build_ext):
     """Compiles the .cu files of tltorch._cuda with nvcc; leaves the rest to setuptools."""
 
+    def build_extensions(self):
+        self._tl_skipped = set()
+        super().build_extensions()
+        # An optional extension that failed is left out of what gets copied and installed.
+        self.extensions = [e for e in self.extensions if e.name not in self._tl_skipped]
+
     def build_extension(self, ext):
         if ext.name != "tltorch._cuda":
             return super().build_extension(ext)
@@ -104,6 +110,7 @@ class BuildExt(build_ext):
             if env_flag("TLTORCH_CUDA"):
                 raise
             log(f"skipping tltorch._cuda: {e}")
+            self._tl_skipped.add(ext.name)
 
     def _build_cuda(self, ext):
         nvcc = ext._tl_nvcc

@@ -11,7 +11,7 @@
  * float32 workspace, rounded to C's dtype once after the last K block. Each C element is summed in
  * the same order whatever the thread count, so results do not depend on it.
  * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
- * scratch: MC x KC + threads x KC x NC floats (about 1.5 MB + 0.5 MB per thread). */
+ * scratch: MC x KC + threads x KC x NC floats (at most 6 MB + 0.5 MB per thread). */
 #include <stdlib.h>
 
 #include "cpu.h"
@@ -25,7 +25,7 @@
 #endif
 
 #define KC TL_GEMM_KC
-#define MC_MAX 960 /* a multiple of every MR below */
+#define MC_MAX 4032 /* a multiple of every MR below; A's block (6 MB) sits in L3 */
 #define NC_MAX 320 /* a multiple of every NR below */
 #define MR_MAX 12
 #define NR_MAX 32
@@ -92,9 +92,12 @@ ukernel_avx512(int64_t kc, const float *restrict ap, const float *restrict bp, f
         ROW(10, ca0, ca1) ROW(11, cb0, cb1)
 #undef ROW
     }
-    __m512 out[24] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
-                      c60, c61, c70, c71, c80, c81, c90, c91, ca0, ca1, cb0, cb1};
-    for (int i = 0; i < 24; i++) _mm512_storeu_ps(tile + 16 * i, out[i]);
+#define PUT(i, x) _mm512_storeu_ps(tile + 16 * (i), x);
+    PUT(0, c00) PUT(1, c01) PUT(2, c10) PUT(3, c11) PUT(4, c20) PUT(5, c21) PUT(6, c30) PUT(7, c31)
+    PUT(8, c40) PUT(9, c41) PUT(10, c50) PUT(11, c51) PUT(12, c60) PUT(13, c61) PUT(14, c70)
+    PUT(15, c71) PUT(16, c80) PUT(17, c81) PUT(18, c90) PUT(19, c91) PUT(20, ca0) PUT(21, ca1)
+    PUT(22, cb0) PUT(23, cb1)
+#undef PUT
 }
 #endif
 
@@ -129,81 +132,75 @@ tl_cpu_isa(void)
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
-/* dst[s][k][r] = src[(i0 + s*MR + r), k0 + k] for the rows [i0, i0+mc), zero past mc. */
+/* dst[s][k][r] = src[(i0 + s*MR + r), k0 + k] for the rows [i0, i0+mc), zero past mc. The loop runs
+ * over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x faster than
+ * row by row, whose writes stride by MR). */
 static void
 pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
        int64_t s_end, float *dst)
 {
     const int64_t sa0 = a->strides[0], sa1 = a->strides[1];
-    const size_t es = tl_dtype_size(a->dtype);
+    const int64_t es = (int64_t)tl_dtype_size(a->dtype);
     for (int64_t s = s_begin; s < s_end; s++) {
         float *d = dst + s * mr * kc;
-        for (int r = 0; r < mr; r++) {
-            int64_t i = s * mr + r;
-            if (i >= mc) {
-                for (int64_t k = 0; k < kc; k++) d[k * mr + r] = 0.0f;
-                continue;
-            }
-            const char *row = (const char *)a->data + ((i0 + i) * sa0 + k0 * sa1) * (int64_t)es;
+        const int rn = (int)(mc - s * mr < mr ? mc - s * mr : mr);
+        const char *rows[MR_MAX];
+        for (int r = 0; r < rn; r++) rows[r] = (const char *)a->data + ((i0 + s * mr + r) * sa0 + k0 * sa1) * es;
+        for (int64_t k = 0; k < kc; k++) {
+            float *dk = d + k * mr;
+            const int64_t off = k * sa1;
             switch (a->dtype) {
             case TL_FLOAT32:
-                for (int64_t k = 0; k < kc; k++) d[k * mr + r] = ((const float *)row)[k * sa1];
+                for (int r = 0; r < rn; r++) dk[r] = ((const float *)rows[r])[off];
                 break;
             case TL_BFLOAT16:
-                for (int64_t k = 0; k < kc; k++)
-                    d[k * mr + r] = tl_bf16_to_f32(((const uint16_t *)row)[k * sa1]);
+                for (int r = 0; r < rn; r++) dk[r] = tl_bf16_to_f32(((const uint16_t *)rows[r])[off]);
                 break;
             default:
-                for (int64_t k = 0; k < kc; k++)
-                    d[k * mr + r] = tl_f16_to_f32(((const uint16_t *)row)[k * sa1]);
+                for (int r = 0; r < rn; r++) dk[r] = tl_f16_to_f32(((const uint16_t *)rows[r])[off]);
                 break;
             }
+            for (int r = rn; r < mr; r++) dk[r] = 0.0f;
         }
     }
 }
 
-/* dst[s][k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc. Reads run
- * along whichever of B's dims has the smaller stride. */
+/* dst[s][k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc; k outside,
+ * the sliver's columns inside, as in pack_a. */
 static void
 pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst)
 {
     const int64_t sb0 = b->strides[0], sb1 = b->strides[1];
-    const size_t es = tl_dtype_size(b->dtype);
+    const int64_t es = (int64_t)tl_dtype_size(b->dtype);
     const int64_t nsl = (nc + nr - 1) / nr;
-    const char *base = (const char *)b->data + (k0 * sb0 + j0 * sb1) * (int64_t)es;
     for (int64_t s = 0; s < nsl; s++) {
         float *d = dst + s * nr * kc;
-        int64_t jn = nc - s * nr < nr ? nc - s * nr : nr;
-        if (jn < nr)
-            for (int64_t k = 0; k < kc; k++)
-                for (int j = (int)jn; j < nr; j++) d[k * nr + j] = 0.0f;
-        if (sb1 <= sb0 || kc == 1) { /* rows of B are the contiguous direction */
+        const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
+        const char *col0 = (const char *)b->data + (k0 * sb0 + (j0 + s * nr) * sb1) * es;
+        if (b->dtype == TL_FLOAT32 && sb1 == 1) { /* rows of B are contiguous: copy them */
             for (int64_t k = 0; k < kc; k++) {
-                const char *src = base + (k * sb0 + s * nr * sb1) * (int64_t)es;
-                float *dk = d + k * nr;
-                if (b->dtype == TL_FLOAT32 && sb1 == 1) {
-                    memcpy(dk, src, (size_t)jn * sizeof(float));
-                } else {
-                    for (int64_t j = 0; j < jn; j++) dk[j] = tl_load_f(src, j * sb1, b->dtype);
-                }
+                memcpy(d + k * nr, col0 + k * sb0 * es, (size_t)jn * sizeof(float));
+                for (int j = jn; j < nr; j++) d[k * nr + j] = 0.0f;
             }
-        } else { /* columns of B are contiguous (B is a transposed row-major matrix, e.g. W^T) */
-            for (int64_t j = 0; j < jn; j++) {
-                const char *src = base + ((s * nr + j) * sb1) * (int64_t)es;
-                switch (b->dtype) {
-                case TL_FLOAT32:
-                    for (int64_t k = 0; k < kc; k++) d[k * nr + j] = ((const float *)src)[k * sb0];
-                    break;
-                case TL_BFLOAT16:
-                    for (int64_t k = 0; k < kc; k++)
-                        d[k * nr + j] = tl_bf16_to_f32(((const uint16_t *)src)[k * sb0]);
-                    break;
-                default:
-                    for (int64_t k = 0; k < kc; k++)
-                        d[k * nr + j] = tl_f16_to_f32(((const uint16_t *)src)[k * sb0]);
-                    break;
-                }
+            continue;
+        }
+        const char *cols[NR_MAX];
+        for (int j = 0; j < jn; j++) cols[j] = col0 + j * sb1 * es;
+        for (int64_t k = 0; k < kc; k++) {
+            float *dk = d + k * nr;
+            const int64_t off = k * sb0;
+            switch (b->dtype) {
+            case TL_FLOAT32:
+                for (int j = 0; j < jn; j++) dk[j] = ((const float *)cols[j])[off];
+                break;
+            case TL_BFLOAT16:
+                for (int j = 0; j < jn; j++) dk[j] = tl_bf16_to_f32(((const uint16_t *)cols[j])[off]);
+                break;
+            default:
+                for (int j = 0; j < jn; j++) dk[j] = tl_f16_to_f32(((const uint16_t *)cols[j])[off]);
+                break;
             }
+            for (int j = jn; j < nr; j++) dk[j] = 0.0f;
         }
     }
 }
@@ -259,6 +256,19 @@ store_tile(const gemm_job *g, const float *tile, int nr, int64_t i0, int64_t j0,
             else
                 wp[j] = v;
         }
+    }
+}
+
+/* Ask for the C tile's lines while the micro-kernel computes, so its update does not wait on memory. */
+static inline void
+prefetch_tile(const tl_tensor *c, int64_t i0, int64_t j0, int mn, int nn)
+{
+    const int64_t es = (int64_t)tl_dtype_size(c->dtype);
+    if (c->strides[1] != 1) return;
+    for (int r = 0; r < mn; r++) {
+        const char *p = (const char *)c->data + ((i0 + r) * c->strides[0] + j0) * es;
+        __builtin_prefetch(p, 1, 3);
+        if (nn * es > 64) __builtin_prefetch(p + 64, 1, 3);
     }
 }
 
@@ -340,7 +350,9 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     nc = (nc + nr - 1) / nr * nr;
     nblk = (N + nc - 1) / nc;
     const int64_t msplit = nblk >= nt ? 1 : (nt + nblk - 1) / nblk;
-    const int64_t mc_max = M < MC_MAX ? (M + mr - 1) / mr * mr : MC_MAX;
+    /* Row blocks of equal height, so that B is packed as few times as possible. */
+    const int64_t nblk_m = (M + MC_MAX - 1) / MC_MAX;
+    const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
     const int64_t kc_max = K < KC ? K : KC;
 
     float *apack = scratch_alloc((size_t)(mc_max * kc_max));
@@ -351,8 +363,8 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
         return TL_ERR_NOMEM;
     }
 
-    for (int64_t ic = 0; ic < M; ic += MC_MAX) {
-        const int64_t mc = M - ic < MC_MAX ? M - ic : MC_MAX;
+    for (int64_t ic = 0; ic < M; ic += mc_max) {
+        const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
         const int64_t nsl_a = (mc + mr - 1) / mr;
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = K - pc < KC ? K - pc : KC;
@@ -383,6 +395,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
                         const int mn = (int)(mc - is * mr < mr ? mc - is * mr : mr);
                         for (int64_t js = 0; js < nsl_b; js++) {
                             const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
+                            prefetch_tile(c, ic + is * mr, j0 + js * nr, mn, nn);
                             isa->kernel(kc, ap, bp + js * nr * kc, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
                         }
