@@ -45,6 +45,7 @@ def cuda_built() -> bool:
 # ---- primitives -------------------------------------------------------------------------------------
 
 _CUBLAS_WS_BYTES = 4 << 20
+_GEMM_KC = _C.GEMM_KC
 
 
 def _cublas_ready(t: Tensor) -> Tensor:
@@ -59,17 +60,23 @@ def _cublas_ready(t: Tensor) -> Tensor:
 
 
 def gemm(a: Tensor, b: Tensor, c: Tensor, bias: Optional[Tensor] = None, alpha: float = 1.0,
-         beta: float = 0.0) -> None:
-    """c = alpha * a @ b + beta * c + bias, in place; float32 accumulation."""
+         beta: float = 0.0, trans: int = 0) -> None:
+    """c = alpha * op(a) @ op(b) + beta * c + bias, in place; float32 accumulation.
+
+    op transposes a when trans & 1 and b when trans & 2 (no copy)."""
     if c.is_cuda:
+        if trans & 1:
+            a = a.t()
+        if trans & 2:
+            b = b.t()
         ws = torch.empty(_CUBLAS_WS_BYTES, dtype=torch.uint8, device=c.device)
         cuda_module().gemm(_cublas_ready(a), _cublas_ready(b), c, bias, ws, alpha, beta,
                            bool(torch.backends.cuda.matmul.allow_tf32))
         return
     ws = None
-    if c.dtype != torch.float32 and a.shape[1] > _C.GEMM_KC and c.numel():
+    if c.dtype is not torch.float32 and a.shape[0 if trans & 1 else 1] > _GEMM_KC and c.numel():
         ws = torch.empty(c.numel(), dtype=torch.float32)
-    _C.gemm(a, b, c, bias, ws, alpha, beta, torch.get_num_threads())
+    _C.gemm(a, b, c, bias, ws, alpha, beta, torch.get_num_threads(), trans)
 
 
 def colsum(x: Tensor, out: Tensor, beta: float = 0.0) -> None:
@@ -80,42 +87,84 @@ def colsum(x: Tensor, out: Tensor, beta: float = 0.0) -> None:
         _C.colsum(x, out, beta, torch.get_num_threads())
 
 
-# ---- tltorch::linear --------------------------------------------------------------------------------
+# ---- linear -----------------------------------------------------------------------------------------
+# One implementation, reached two ways: eagerly through a thin autograd.Function (a few microseconds),
+# and, while torch.compile traces or on meta tensors, through the torch.library op tltorch::linear,
+# whose fake kernel and autograd formula make it an ordinary op to the compiler.
 
-@torch.library.custom_op("tltorch::linear", mutates_args=())
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if x.dim() == 2:
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        gemm(x, weight, y, bias, trans=2)
+        return y
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    gemm(x2, weight.t(), y, bias)
+    gemm(x2, weight, y, bias, trans=2)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-@linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("tltorch::linear_backward", mutates_args=())
-def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
-                    need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    g2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    empty = grad.new_empty(0)
-    dx = dw = db = empty
+def _linear_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
+                          need_bias: bool):
+    g2 = grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    dx = dw = db = None
     if need_x:
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         gemm(g2, weight, dx)
-        dx = dx.view(x.shape)
+        if x.dim() != 2:
+            dx = dx.view(x.shape)
     if need_weight:
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        gemm(g2.t(), x2, dw)
+        gemm(g2, x2, dw, trans=1)
     if need_bias:
         db = torch.empty(weight.shape[0], dtype=grad.dtype, device=grad.device)
         colsum(g2, db)
     return dx, dw, db
 
 
-@linear_backward.register_fake
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear_impl(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad
+        return _linear_backward_impl(grad, x, weight, nx, nw, nb and ctx.has_bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return torch.ops.tltorch.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _Linear.apply(x, weight, bias)
+    return _linear_impl(x, weight, bias)
+
+
+@torch.library.custom_op("tltorch::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _linear_impl(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("tltorch::linear_backward", mutates_args=())
+def _linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
+                        need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _linear_backward_impl(grad, x, weight, need_x, need_weight, need_bias)
+    empty = grad.new_empty(0)  # a custom op returns tensors: "not needed" is an empty one
+    return (empty if dx is None else dx, empty if dw is None else dw, empty if db is None else db)
+
+
+@_linear_backward_op.register_fake
 def _(grad, x, weight, need_x, need_weight, need_bias):
     e = grad.new_empty(0)
     return (x.new_empty(x.shape) if need_x else e,
@@ -132,8 +181,9 @@ def _linear_setup(ctx, inputs, output):
 def _linear_grad(ctx, grad):
     x, weight = ctx.saved_tensors
     nx, nw, nb = ctx.needs_input_grad
-    dx, dw, db = torch.ops.tltorch.linear_backward(grad, x, weight, nx, nw, nb and ctx.has_bias)
-    return (dx if nx else None, dw if nw else None, db if (nb and ctx.has_bias) else None)
+    nb = nb and ctx.has_bias
+    dx, dw, db = torch.ops.tltorch.linear_backward(grad, x, weight, nx, nw, nb)
+    return (dx if nx else None, dw if nw else None, db if nb else None)
 
 
-linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+_linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)

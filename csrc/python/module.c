@@ -60,7 +60,18 @@ get_int(PyObject *o, const char *name, int *out)
     return 0;
 }
 
-/* gemm(a, b, c, bias, ws, alpha, beta, nthreads): c = alpha * a @ b + beta * c + bias, in place. */
+static void
+transpose2d(tl_tensor *t)
+{
+    int64_t s = t->shape[0], st = t->strides[0];
+    t->shape[0] = t->shape[1];
+    t->strides[0] = t->strides[1];
+    t->shape[1] = s;
+    t->strides[1] = st;
+}
+
+/* gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans]): c = alpha * op(a) @ op(b) + beta * c + bias, in
+ * place; op transposes a when trans & 1, b when trans & 2 (a view: no copy, no torch call). */
 static PyObject *
 py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -69,12 +80,13 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
            ws = TL_ARG_INIT("ws");
     PyObject *ret = NULL;
     float alpha, beta;
-    int nthreads;
+    int nthreads, trans = 0;
     tl_status st;
 
-    if (nargs_is(nargs, 8, "gemm(a, b, c, bias, ws, alpha, beta, nthreads)") < 0) return NULL;
+    if (nargs != 8 && nargs_is(nargs, 9, "gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans])") < 0)
+        return NULL;
     if (get_float(args[5], "alpha", &alpha) < 0 || get_float(args[6], "beta", &beta) < 0 ||
-        get_int(args[7], "nthreads", &nthreads) < 0)
+        get_int(args[7], "nthreads", &nthreads) < 0 || (nargs == 9 && get_int(args[8], "trans", &trans) < 0))
         return NULL;
     if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
         tl_arg_import(br, args[2], &c) < 0)
@@ -84,6 +96,8 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
     if (need_cpu(&a) || need_cpu(&b) || need_cpu(&c)) goto fail;
     if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2)) goto fail;
+    if (trans & 1) transpose2d(&a.t);
+    if (trans & 2) transpose2d(&b.t);
     if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
     if (tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") || tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") ||
         tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") || tl_need_writable(&c))
@@ -201,7 +215,8 @@ py_default_threads(PyObject *mod, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
-     "gemm(a, b, c, bias, ws, alpha, beta, nthreads): c = alpha*a@b + beta*c + bias, in place."},
+     "gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans]): c = alpha*op(a)@op(b) + beta*c + bias, "
+     "in place; trans bit 0 transposes a, bit 1 b."},
     {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
      "colsum(x, out, beta, nthreads): out = beta*out + x.sum(0), in place."},
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
