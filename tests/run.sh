@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up and run tltorch's tests on a fresh machine (this is what CI runs).
+#  1. install torch 2.13.0 (CPU build), the test tools, and tltorch itself in develop mode; where nvcc
+#     exists, also cuBLAS's headers (nvidia-cublas) and require the CUDA extension to compile;
+#  2. run the whole suite (CUDA tests skip without a GPU);
+#  3. rebuild the C core with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch copy and run
+#     the core's tests against that build.
+# Set TLTORCH_SKIP_SANITIZE=1 to skip step 3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest setuptools wheel
+
+if [ -z "${TLTORCH_CUDA:-}" ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+  export TLTORCH_CUDA=1
+fi
+if [ "${TLTORCH_CUDA:-0}" = "1" ]; then
+  $PY -m pip install -q --disable-pip-version-check nvidia-cublas==13.10.0.20
+  export TLTORCH_EXPECT_CUDA_BUILT=1   # test_core checks that the CUDA extension really was built
+fi
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+
+$PY -m tltorch info
+$PY -m pytest tests -q -ra
+
+if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
+  echo "== the C core under AddressSanitizer + UndefinedBehaviorSanitizer =="
+  scratch=$(mktemp -d)
+  trap 'rm -rf "$scratch"' EXIT
+  cp -r csrc tltorch tests setup.py pyproject.toml README.md "$scratch"/
+  rm -f "$scratch"/tltorch/*.so
+  (cd "$scratch" && TLTORCH_SANITIZE=1 TLTORCH_CUDA=0 $PY setup.py -q build_ext --inplace >/dev/null)
+  preload="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+  (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$scratch" $PY -c \
+     "import tltorch._C as c, sys; sys.exit(0 if c.__file__.startswith('$scratch') else 'not the sanitized build: ' + c.__file__)")
+  (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
+     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
+     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py)
+fi
