@@ -30,19 +30,21 @@
 #define MR_MAX 12
 #define NR_MAX 32
 
-typedef void (*ukernel_fn)(int64_t kc, const float *ap, const float *bp, float *tile);
+typedef void (*ukernel_fn)(int64_t kc, const void *ap, const void *bp, float *tile);
 
 typedef struct {
     int mr, nr;
     ukernel_fn kernel;
     const char *name;
+    int bf16_pairs; /* operands packed as bfloat16 pairs along k (for dot-product instructions) */
 } isa_desc;
 
 /* ---- micro-kernels: tile[MR][NR] = sum_k ap[k][0:MR] (outer) bp[k][0:NR] ------------------------ */
 
 static void
-ukernel_portable(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+ukernel_portable(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
 {
+    const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 4, NR = 16 };
     float acc[MR][NR] = {{0}};
     for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR)
@@ -53,8 +55,9 @@ ukernel_portable(int64_t kc, const float *restrict ap, const float *restrict bp,
 
 #ifdef TL_X86
 __attribute__((target("avx2,fma"))) static void
-ukernel_avx2(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
 {
+    const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 6, NR = 16 };
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -73,8 +76,9 @@ ukernel_avx2(int64_t kc, const float *restrict ap, const float *restrict bp, flo
 }
 
 __attribute__((target("avx512f"))) static void
-ukernel_avx512(int64_t kc, const float *restrict ap, const float *restrict bp, float *restrict tile)
+ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
 {
+    const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 12, NR = 32 };
     __m512 z = _mm512_setzero_ps();
     __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
@@ -99,27 +103,63 @@ ukernel_avx512(int64_t kc, const float *restrict ap, const float *restrict bp, f
     PUT(22, cb0) PUT(23, cb1)
 #undef PUT
 }
+
+/* bfloat16 operands packed in pairs along k: ap[k/2][r] and bp[k/2][j] are 32-bit (k, k+1) pairs, and
+ * vdpbf16ps adds a[k]*b[k] + a[k+1]*b[k+1] to each float32 lane, exactly (bf16 products fit in float32). */
+__attribute__((target("avx512f,avx512bf16"))) static void
+ukernel_avx512_bf16(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
+{
+    enum { MR = 12, NR = 32 };
+    const uint32_t *restrict ap = ap_, *restrict bp = bp_;
+    __m512 z = _mm512_setzero_ps();
+    __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
+    __m512 c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
+    __m512 ca0 = z, ca1 = z, cb0 = z, cb1 = z;
+    for (int64_t k = 0; k < (kc + 1) / 2; k++, ap += MR, bp += NR) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp), b1 = (__m512bh)_mm512_loadu_si512(bp + 16), a;
+        _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
+#define ROW(r, x0, x1)                                                                                  \
+    a = (__m512bh)_mm512_set1_epi32((int)ap[r]);                                                        \
+    x0 = _mm512_dpbf16_ps(x0, a, b0);                                                                   \
+    x1 = _mm512_dpbf16_ps(x1, a, b1);
+        ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41)
+        ROW(5, c50, c51) ROW(6, c60, c61) ROW(7, c70, c71) ROW(8, c80, c81) ROW(9, c90, c91)
+        ROW(10, ca0, ca1) ROW(11, cb0, cb1)
+#undef ROW
+    }
+#define PUT(i, x) _mm512_storeu_ps(tile + 16 * (i), x);
+    PUT(0, c00) PUT(1, c01) PUT(2, c10) PUT(3, c11) PUT(4, c20) PUT(5, c21) PUT(6, c30) PUT(7, c31)
+    PUT(8, c40) PUT(9, c41) PUT(10, c50) PUT(11, c51) PUT(12, c60) PUT(13, c61) PUT(14, c70)
+    PUT(15, c71) PUT(16, c80) PUT(17, c81) PUT(18, c90) PUT(19, c91) PUT(20, ca0) PUT(21, ca1)
+    PUT(22, cb0) PUT(23, cb1)
+#undef PUT
+}
 #endif
 
-static const isa_desc isa_portable = {4, 16, ukernel_portable, "portable"};
+static const isa_desc isa_portable = {4, 16, ukernel_portable, "portable", 0};
 #ifdef TL_X86
-static const isa_desc isa_avx2 = {6, 16, ukernel_avx2, "avx2"};
-static const isa_desc isa_avx512 = {12, 32, ukernel_avx512, "avx512"};
+static const isa_desc isa_avx2 = {6, 16, ukernel_avx2, "avx2", 0};
+static const isa_desc isa_avx512 = {12, 32, ukernel_avx512, "avx512", 0};
+static const isa_desc isa_avx512_bf16 = {12, 32, ukernel_avx512_bf16, "avx512_bf16", 1};
 #endif
 
 /* The choice depends only on the CPU, so it is computed afresh (cheaply) rather than cached. The
  * environment variable TLTORCH_CPU_ISA=portable|avx2 caps it, for tests of every path. */
 static const isa_desc *
-select_isa(void)
+select_isa(tl_dtype dtype)
 {
     const char *cap = getenv("TLTORCH_CPU_ISA");
 #ifdef TL_X86
     int want512 = !cap || !strcmp(cap, "avx512"), want2 = want512 || !strcmp(cap, "avx2");
     __builtin_cpu_init();
+    /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
+     * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
+    if (want512 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &isa_avx512_bf16;
     if (want512 && __builtin_cpu_supports("avx512f")) return &isa_avx512;
     if (want2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &isa_avx2;
 #else
     (void)cap;
+    (void)dtype;
 #endif
     return &isa_portable;
 }
@@ -127,7 +167,7 @@ select_isa(void)
 const char *
 tl_cpu_isa(void)
 {
-    return select_isa()->name;
+    return select_isa(TL_FLOAT32)->name;
 }
 
 /* ---- packing ------------------------------------------------------------------------------------ */
@@ -201,6 +241,54 @@ pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int n
                 break;
             }
             for (int j = jn; j < nr; j++) dk[j] = 0.0f;
+        }
+    }
+}
+
+/* The same blocks for the bfloat16 dot-product kernel: 32-bit (k, k+1) pairs, a zero after an odd K.
+ * dst[s][k/2][r] = (A[i, k], A[i, k+1]) and dst[s][k/2][j] = (B[k, j], B[k+1, j]). */
+static void
+pack_a_pairs(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
+             int64_t s_end, uint16_t *dst)
+{
+    const int64_t sa0 = a->strides[0], sa1 = a->strides[1], kp = (kc + 1) / 2;
+    for (int64_t s = s_begin; s < s_end; s++) {
+        uint16_t *d = dst + s * mr * 2 * kp;
+        const int rn = (int)(mc - s * mr < mr ? mc - s * mr : mr);
+        const uint16_t *rows[MR_MAX];
+        for (int r = 0; r < rn; r++) rows[r] = (const uint16_t *)a->data + (i0 + s * mr + r) * sa0 + k0 * sa1;
+        for (int64_t k = 0; k < kp; k++) {
+            uint16_t *dk = d + k * mr * 2;
+            const int64_t o0 = 2 * k * sa1, o1 = o0 + sa1;
+            const int odd = 2 * k + 1 < kc;
+            for (int r = 0; r < rn; r++) {
+                dk[2 * r] = rows[r][o0];
+                dk[2 * r + 1] = odd ? rows[r][o1] : 0;
+            }
+            for (int r = rn; r < mr; r++) dk[2 * r] = dk[2 * r + 1] = 0;
+        }
+    }
+}
+
+static void
+pack_b_pairs(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, uint16_t *dst)
+{
+    const int64_t sb0 = b->strides[0], sb1 = b->strides[1], kp = (kc + 1) / 2;
+    const int64_t nsl = (nc + nr - 1) / nr;
+    for (int64_t s = 0; s < nsl; s++) {
+        uint16_t *d = dst + s * nr * 2 * kp;
+        const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
+        const uint16_t *cols[NR_MAX];
+        for (int j = 0; j < jn; j++) cols[j] = (const uint16_t *)b->data + k0 * sb0 + (j0 + s * nr + j) * sb1;
+        for (int64_t k = 0; k < kp; k++) {
+            uint16_t *dk = d + k * nr * 2;
+            const int64_t o0 = 2 * k * sb0, o1 = o0 + sb0;
+            const int odd = 2 * k + 1 < kc;
+            for (int j = 0; j < jn; j++) {
+                dk[2 * j] = cols[j][o0];
+                dk[2 * j + 1] = odd ? cols[j][o1] : 0;
+            }
+            for (int j = jn; j < nr; j++) dk[2 * j] = dk[2 * j + 1] = 0;
         }
     }
 }
@@ -334,7 +422,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data;
 
-    const isa_desc *isa = select_isa();
+    const isa_desc *isa = select_isa(a->dtype);
     const int mr = isa->mr, nr = isa->nr;
     int nt = tl_threads(nthreads);
     /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */
@@ -369,6 +457,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = K - pc < KC ? K - pc : KC;
             const int first = pc == 0, last = pc + kc == K;
+            const int64_t kstep = isa->bf16_pairs ? (kc + 1) / 2 : kc; /* floats per sliver row */
 #pragma omp parallel num_threads(nt) if (nt > 1)
             {
 #ifdef _OPENMP
@@ -378,7 +467,10 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
 #endif
                 /* Pack A: contiguous shares of the slivers. */
                 int64_t s0 = nsl_a * tid / nth, s1 = nsl_a * (tid + 1) / nth;
-                pack_a(a, ic, mc, pc, kc, mr, s0, s1, apack);
+                if (isa->bf16_pairs)
+                    pack_a_pairs(a, ic, mc, pc, kc, mr, s0, s1, (uint16_t *)apack);
+                else
+                    pack_a(a, ic, mc, pc, kc, mr, s0, s1, apack);
 #pragma omp barrier
                 float *bp = bpack + (size_t)tid * (size_t)(kc_max * nc);
                 float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
@@ -388,15 +480,19 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
                     const int64_t j0 = jb * nc, ncw = N - j0 < nc ? N - j0 : nc;
                     const int64_t is0 = nsl_a * part / msplit, is1 = nsl_a * (part + 1) / msplit;
                     if (is0 == is1) continue;
-                    pack_b(b, pc, kc, j0, ncw, nr, bp);
+                    if (isa->bf16_pairs)
+                        pack_b_pairs(b, pc, kc, j0, ncw, nr, (uint16_t *)bp);
+                    else
+                        pack_b(b, pc, kc, j0, ncw, nr, bp);
                     const int64_t nsl_b = (ncw + nr - 1) / nr;
                     for (int64_t is = is0; is < is1; is++) {
-                        const float *ap = apack + is * mr * kc;
+                        /* a sliver is mr x kc floats, or mr x kc_even bf16 = mr x kc_even/2 floats */
+                        const float *ap = apack + is * mr * kstep;
                         const int mn = (int)(mc - is * mr < mr ? mc - is * mr : mr);
                         for (int64_t js = 0; js < nsl_b; js++) {
                             const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
                             prefetch_tile(c, ic + is * mr, j0 + js * nr, mn, nn);
-                            isa->kernel(kc, ap, bp + js * nr * kc, tile);
+                            isa->kernel(kc, ap, bp + js * nr * kstep, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
                         }
                     }
