@@ -50,6 +50,23 @@ def find_nvcc():
     return None
 
 
+def cuda_root(nvcc):
+    """The toolkit's root: nvcc's grandparent, unless nvcc is a wrapper script elsewhere (such as a
+    /usr/local/bin/nvcc that execs the real one); then the TOP that nvcc reports in a dry run."""
+    home = os.path.dirname(os.path.dirname(nvcc))
+    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return home
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-c", "tl.cu", "-o", os.devnull], capture_output=True,
+                             text=True, timeout=120)
+        for line in (run.stderr + run.stdout).splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line[len("#$ TOP="):].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return home
+
+
 def find_cublas(cuda_home):
     """(include_dir, lib_dir, lib_name) for cuBLAS: the toolkit's own, else an nvidia-cublas wheel's."""
     cands = [(os.path.join(cuda_home, "include"), os.path.join(cuda_home, "lib64"))]
@@ -142,7 +159,7 @@ def extensions():
             raise RuntimeError("TLTORCH_CUDA=1 but nvcc was not found (PATH, CUDA_HOME)")
         log("nvcc not found: building the CPU extension only")
         return exts
-    cuda_home = os.path.dirname(os.path.dirname(nvcc))
+    cuda_home = cuda_root(nvcc)
     cublas = find_cublas(cuda_home)
     if not cublas:
         msg = ("nvcc found but not cuBLAS (cublas_v2.h and libcublas): install the CUDA toolkit's "
@@ -158,12 +175,15 @@ def extensions():
         cuda_lib = os.path.join(cuda_home, "lib")
     ext = Extension(
         "tltorch._cuda",
-        sources=["csrc/python/bridge.c", "csrc/python/cuda_module.c"],
+        # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses.
+        sources=["csrc/cpu/common.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
         include_dirs=["csrc", os.path.join(cuda_home, "include"), inc],
         library_dirs=[cuda_lib, libdir],
-        libraries=["cudart_static", libname, "dl", "rt", "pthread"],
-        # An nvidia-cublas wheel installed beside tltorch is found without LD_LIBRARY_PATH.
-        runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib"],
+        # stdc++: nvcc's host code needs the C++ runtime (static-local guards, the EH personality).
+        libraries=["cudart_static", libname, "stdc++", "dl", "rt", "pthread"],
+        # An nvidia-cublas wheel installed beside tltorch is found without LD_LIBRARY_PATH; the cuBLAS
+        # found at build time comes last (an in-place build, or the same environment).
+        runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib", libdir],
         extra_compile_args=[f for f in C_FLAGS if not f.startswith("-fsanitize")],
         extra_link_args=["-fopenmp"],
         language="c",

@@ -313,6 +313,7 @@ tl_need_writable(const tl_arg *a)
         PyErr_Format(PyExc_ValueError, "argument '%s' is read-only", a->name);
         return -1;
     }
+    if (tl_numel(&a->t) == 0) return 0; /* nothing will be written */
     for (int i = 0; i < a->t.ndim; i++)
         if (a->t.shape[i] > 1 && a->t.strides[i] == 0) {
             PyErr_Format(PyExc_ValueError,

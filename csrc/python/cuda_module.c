@@ -1,0 +1,349 @@
+/* cuda_module.c: tltorch._cuda, the CPython binding of the CUDA kernels.
+ *
+ * Like tltorch._C: tensors arrive as DLPack-capable objects (outputs and the cuBLAS workspace
+ * included, allocated by the caller with torch), are checked with messages that name the argument,
+ * and the kernel runs with the GIL released on the stream the output's producer says is current
+ * (torch's current stream, asked through the DLPack exchange table). The per-device cuBLAS contexts
+ * are created on first use, never at import, so the module imports on a machine without a GPU or a
+ * driver (device_count() is then 0). Positional arguments only: tltorch/_ops.py is the one caller. */
+#include "bridge.h" /* first: Python.h sets the feature macros */
+
+#include <limits.h>
+
+typedef struct {
+    tl_bridge bridge;
+    tl_cuda_context **ctx; /* [nctx], one per device, each NULL until a call needs it */
+    int nctx;
+} module_state;
+
+static module_state *
+state_of(PyObject *mod)
+{
+    return (module_state *)PyModule_GetState(mod);
+}
+
+static tl_bridge *
+bridge_of(PyObject *mod)
+{
+    return &state_of(mod)->bridge;
+}
+
+/* The parsing helpers below are tltorch._C's (module.c), kept in step by hand. */
+static int
+nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *sig)
+{
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments, got %zd", sig, want, nargs);
+    return -1;
+}
+
+static int
+get_float(PyObject *o, const char *name, float *out)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a real number, not %.200s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+static int
+need_cuda(const tl_arg *a)
+{
+    if (a->t.device == TL_CUDA) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' is on the CPU; tltorch._cuda runs on CUDA GPUs (CPU "
+                 "tensors go to tltorch._C)", a->name);
+    return -1;
+}
+
+/* Raise for `st`; CUDA and cuBLAS failures carry the runtime's own words, layout errors say what
+ * the kernel can read. */
+static void
+raise_status(tl_status st, const char *op, const char *layout_hint)
+{
+    if (st == TL_ERR_CUDA || st == TL_ERR_CUBLAS)
+        PyErr_Format(PyExc_RuntimeError, "%s: %s: %s", op, tl_status_string(st), tl_cuda_last_error());
+    else if (st == TL_ERR_LAYOUT && layout_hint)
+        PyErr_Format(PyExc_ValueError, "%s: %s (%s)", op, tl_status_string(st), layout_hint);
+    else
+        tl_raise_status(st, op);
+}
+
+/* The device's context, created on first use. The GIL is released while CUDA initialises (that can
+ * take seconds), so another thread may have got there first: its context wins. */
+static int
+context_for(PyObject *mod, int dev, tl_cuda_context **out)
+{
+    module_state *ms = state_of(mod);
+    if (!ms->ctx) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = tl_cuda_device_count();
+        Py_END_ALLOW_THREADS
+        if (!ms->ctx) {
+            if (n <= 0) {
+                PyErr_Format(PyExc_RuntimeError, "tltorch._cuda: no CUDA device is visible (%s)",
+                             tl_cuda_last_error());
+                return -1;
+            }
+            tl_cuda_context **arr = PyMem_Calloc((size_t)n, sizeof *arr);
+            if (!arr) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            ms->ctx = arr;
+            ms->nctx = n;
+        }
+    }
+    if (dev < 0 || dev >= ms->nctx) {
+        PyErr_Format(PyExc_ValueError, "tltorch._cuda: CUDA device %d does not exist (%d visible)", dev,
+                     ms->nctx);
+        return -1;
+    }
+    if (!ms->ctx[dev]) {
+        tl_cuda_context *ctx = NULL;
+        tl_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tl_cuda_context_create(dev, &ctx);
+        Py_END_ALLOW_THREADS
+        if (st) {
+            if (st == TL_ERR_DEVICE) st = TL_ERR_CUDA; /* the message is in tl_cuda_last_error */
+            raise_status(st, "tltorch._cuda: creating the cuBLAS context", NULL);
+            return -1;
+        }
+        if (ms->ctx[dev])
+            tl_cuda_context_destroy(ctx);
+        else
+            ms->ctx[dev] = ctx;
+    }
+    *out = ms->ctx[dev];
+    return 0;
+}
+
+/* The stream to run on: the producer's current stream for the tensor's device (torch's
+ * torch.cuda.current_stream()), or the legacy default stream (NULL) when the producer has no
+ * exchange table to ask. */
+static int
+work_stream(const tl_arg *ref, void **stream)
+{
+    *stream = NULL;
+    if (!ref->api || !ref->api->current_work_stream) return 0;
+    if (ref->api->current_work_stream(kDLCUDA, ref->t.device_id, stream) != 0) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_RuntimeError, "the current CUDA stream of argument '%s' could not be read",
+                         ref->name);
+        return -1;
+    }
+    return 0;
+}
+
+/* A CUDA tensor on the device of ref. */
+static int
+need_cuda_on(const tl_arg *a, const tl_arg *ref)
+{
+    return need_cuda(a) || tl_need_same_device(a, ref) ? -1 : 0;
+}
+
+/* gemm(a, b, c, bias, ws, alpha, beta, allow_tf32): c = alpha * a @ b + beta * c + bias, in place. */
+static PyObject *
+py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg a = TL_ARG_INIT("a"), b = TL_ARG_INIT("b"), c = TL_ARG_INIT("c"), bias = TL_ARG_INIT("bias"),
+           ws = TL_ARG_INIT("ws");
+    PyObject *ret = NULL;
+    tl_cuda_context *ctx = NULL;
+    void *stream = NULL, *ws_data = NULL;
+    size_t ws_bytes = 0;
+    float alpha, beta;
+    int tf32;
+    tl_status st;
+
+    if (nargs_is(nargs, 8, "gemm(a, b, c, bias, ws, alpha, beta, allow_tf32)") < 0) return NULL;
+    if (get_float(args[5], "alpha", &alpha) < 0 || get_float(args[6], "beta", &beta) < 0) return NULL;
+    if ((tf32 = PyObject_IsTrue(args[7])) < 0) return NULL;
+    if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
+        tl_arg_import(br, args[2], &c) < 0)
+        goto fail;
+    if (args[3] != Py_None && tl_arg_import(br, args[3], &bias) < 0) goto fail;
+    if (args[4] != Py_None && tl_arg_import(br, args[4], &ws) < 0) goto fail;
+
+    if (need_cuda(&c) || need_cuda_on(&a, &c) || need_cuda_on(&b, &c)) goto fail;
+    if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2)) goto fail;
+    if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
+    if (tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") || tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") ||
+        tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") || tl_need_writable(&c))
+        goto fail;
+    if (bias.via) {
+        if (need_cuda_on(&bias, &c) || tl_need_ndim(&bias, 1) || tl_need_dtype_f32_or(&bias, &c) ||
+            tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]"))
+            goto fail;
+    }
+    if (ws.via) {
+        if (need_cuda(&ws) || tl_need_same_device(&ws, &c) || tl_need_ndim(&ws, 1) || tl_need_writable(&ws))
+            goto fail;
+        if (ws.t.dtype != TL_UINT8 || (ws.t.shape[0] > 1 && ws.t.strides[0] != 1)) {
+            PyErr_SetString(PyExc_ValueError, "argument 'ws' (the cuBLAS workspace) must be a contiguous "
+                            "uint8 vector");
+            goto fail;
+        }
+        if (ws.t.shape[0] > 0) {
+            if ((uintptr_t)ws.t.data % 256 != 0) {
+                PyErr_SetString(PyExc_ValueError, "argument 'ws' (the cuBLAS workspace) must start on a "
+                                "256-byte boundary");
+                goto fail;
+            }
+            ws_data = ws.t.data;
+            ws_bytes = (size_t)ws.t.shape[0];
+        }
+    }
+    if (context_for(mod, c.t.device_id, &ctx) < 0 || work_stream(&c, &stream) < 0) goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_gemm_cuda(ctx, &a.t, &b.t, bias.via ? &bias.t : NULL, &c.t, alpha, beta, ws_data, ws_bytes,
+                      tf32, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.gemm", "a and b each need a unit stride in one dim and a "
+                     "leading dimension covering the other; c a unit stride in dim 1 and rows at least "
+                     "c.shape[1] apart");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&a);
+    tl_arg_release(&b);
+    tl_arg_release(&c);
+    tl_arg_release(&bias);
+    tl_arg_release(&ws);
+    return ret;
+}
+
+/* colsum(x, out, beta): out = beta * out + x.sum(0), in place. */
+static PyObject *
+py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), out = TL_ARG_INIT("out");
+    PyObject *ret = NULL;
+    void *stream = NULL;
+    float beta;
+    tl_status st;
+
+    if (nargs_is(nargs, 3, "colsum(x, out, beta)") < 0) return NULL;
+    if (get_float(args[2], "beta", &beta) < 0) return NULL;
+    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
+    if (need_cuda(&out) || need_cuda_on(&x, &out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
+        tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
+        tl_need_size(&out, 0, x.t.shape[1], "x.shape[1]") || tl_need_writable(&out))
+        goto fail;
+    if (work_stream(&out, &stream) < 0) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_colsum_cuda(&x.t, &out.t, beta, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.colsum", NULL);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&x);
+    tl_arg_release(&out);
+    return ret;
+}
+
+static PyObject *
+py_device_count(PyObject *mod, PyObject *unused)
+{
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = tl_cuda_device_count();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n);
+}
+
+static PyObject *
+py_device_name(PyObject *mod, PyObject *arg)
+{
+    char name[256];
+    tl_status st;
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'index' must be an int, not %.200s", Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    if (v < 0 || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument 'index' must be a CUDA device index, got %ld", v);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_cuda_device_name((int)v, name, sizeof name);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        PyErr_Format(st == TL_ERR_DEVICE ? PyExc_ValueError : PyExc_RuntimeError,
+                     "tltorch._cuda.device_name(%ld): %s", v, tl_cuda_last_error());
+        return NULL;
+    }
+    return PyUnicode_FromString(name);
+}
+
+static PyMethodDef methods[] = {
+    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
+     "gemm(a, b, c, bias, ws, alpha, beta, allow_tf32): c = alpha*a@b + beta*c + bias, in place, with "
+     "cuBLAS on the current stream; ws: a uint8 CUDA tensor for cuBLAS's workspace, or None."},
+    {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
+     "colsum(x, out, beta): out = beta*out + x.sum(0), in place, on the current stream."},
+    {"device_count", py_device_count, METH_NOARGS, "CUDA devices visible (0 with no driver or GPU)."},
+    {"device_name", py_device_name, METH_O, "device_name(index): the CUDA device's name."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *mod)
+{
+    return tl_bridge_init(bridge_of(mod));
+}
+
+static int
+module_traverse(PyObject *mod, visitproc visit, void *arg)
+{
+    return tl_bridge_traverse(bridge_of(mod), visit, arg);
+}
+
+static int
+module_clear(PyObject *mod)
+{
+    tl_bridge_clear(bridge_of(mod));
+    return 0;
+}
+
+static void
+module_free(void *mod)
+{
+    module_state *ms = state_of((PyObject *)mod);
+    if (!ms) return;
+    module_clear((PyObject *)mod);
+    for (int i = 0; i < ms->nctx; i++) tl_cuda_context_destroy(ms->ctx[i]);
+    PyMem_Free(ms->ctx);
+    ms->ctx = NULL;
+    ms->nctx = 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "tltorch._cuda", "tltorch's CUDA kernels.", sizeof(module_state), methods,
+    slots, module_traverse, module_clear, module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__cuda(void)
+{
+    return PyModuleDef_Init(&moduledef);
+}
