@@ -97,7 +97,7 @@ def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         gemm(x, weight, y, bias, trans=2)
         return y
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # not -1: in_features may be 0
     y = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     gemm(x2, weight, y, bias, trans=2)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -105,8 +105,8 @@ def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def _linear_backward_impl(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
                           need_bias: bool):
-    g2 = grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    g2 = grad if grad.dim() == 2 else grad.reshape(grad.shape[:-1].numel(), grad.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(x.shape[:-1].numel(), x.shape[-1])
     dx = dw = db = None
     if need_x:
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
@@ -160,16 +160,16 @@ def _(x, weight, bias):
 def _linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool, need_weight: bool,
                         need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _linear_backward_impl(grad, x, weight, need_x, need_weight, need_bias)
-    empty = grad.new_empty(0)  # a custom op returns tensors: "not needed" is an empty one
-    return (empty if dx is None else dx, empty if dw is None else dw, empty if db is None else db)
+    # A custom op returns tensors: "not needed" is an empty one, a distinct one for each output
+    # (outputs of a custom op may not alias each other).
+    return tuple(grad.new_empty(0) if t is None else t for t in (dx, dw, db))
 
 
 @_linear_backward_op.register_fake
 def _(grad, x, weight, need_x, need_weight, need_bias):
-    e = grad.new_empty(0)
-    return (x.new_empty(x.shape) if need_x else e,
-            weight.new_empty(weight.shape) if need_weight else e,
-            grad.new_empty(weight.shape[0]) if need_bias else e)
+    return (x.new_empty(x.shape) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else grad.new_empty(0),
+            grad.new_empty(weight.shape[0]) if need_bias else grad.new_empty(0))
 
 
 def _linear_setup(ctx, inputs, output):

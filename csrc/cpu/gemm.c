@@ -105,7 +105,8 @@ ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, float *restrict til
 }
 
 /* bfloat16 operands packed in pairs along k: ap[k/2][r] and bp[k/2][j] are 32-bit (k, k+1) pairs, and
- * vdpbf16ps adds a[k]*b[k] + a[k+1]*b[k+1] to each float32 lane, exactly (bf16 products fit in float32). */
+ * vdpbf16ps adds a[k]*b[k] + a[k+1]*b[k+1] to each float32 lane (bf16 products fit in float32). The
+ * instruction reads bfloat16 subnormals (|x| < 1.2e-38) as zero, as torch's own bf16 CPU GEMM does. */
 __attribute__((target("avx512f,avx512bf16"))) static void
 ukernel_avx512_bf16(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
 {

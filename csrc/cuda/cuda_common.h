@@ -1,5 +1,6 @@
 /* cuda_common.h: what the CUDA kernel files share (internal; not part of the public header): the
- * context's layout, error recording, the current-device guard and float32 <-> storage conversions. */
+ * cuBLAS entry points (opened at run time), the context's layout, error recording, the current-device
+ * guard and float32 <-> storage conversions. */
 #ifndef TL_CUDA_COMMON_H
 #define TL_CUDA_COMMON_H
 
@@ -12,16 +13,51 @@
 
 #include "../tl.h"
 
+/* cuBLAS is not linked: tl_cublas_load opens libcublas.so.<CUBLAS_VER_MAJOR> with dlopen on the first
+ * context creation (common.cu says where it looks), so that tltorch._cuda imports where there is no
+ * cuBLAS at all. cublas_v2.h still declares the prototypes; the table holds exactly the functions the
+ * kernels call, each typed as its prototype and named as its exported symbol (the _v2 names that
+ * cublas_v2.h's macros map cublasCreate & co. to). Calling a cuBLAS function directly instead compiles
+ * and links, but leaves an undefined symbol that makes `import tltorch._cuda` fail: add it here. */
+#define TL_CUBLAS_FUNCTIONS(X)                                                                          \
+    X(cublasCreate_v2, &::cublasCreate_v2)                                                               \
+    X(cublasDestroy_v2, &::cublasDestroy_v2)                                                             \
+    X(cublasSetStream_v2, &::cublasSetStream_v2)                                                         \
+    X(cublasSetWorkspace_v2, &::cublasSetWorkspace_v2)                                                   \
+    X(cublasSetMathMode, &::cublasSetMathMode)                                                           \
+    X(cublasGemmEx, static_cast<tl_cublasGemmEx_fn>(&::cublasGemmEx))                                    \
+    X(cublasGemmEx_64, &::cublasGemmEx_64)                                                               \
+    X(cublasGetStatusName, &::cublasGetStatusName)
+
+/* C++ also sees an inline overload of cublasGemmEx (a cudaDataType compute type, for old code): this
+ * picks the exported one, and fails to compile if the header's prototype ever stops matching. */
+typedef cublasStatus_t(CUBLASWINAPI *tl_cublasGemmEx_fn)(
+    cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void *, const void *,
+    cudaDataType, int, const void *, cudaDataType, int, const void *, void *, cudaDataType, int,
+    cublasComputeType_t, cublasGemmAlgo_t);
+
+typedef struct {
+#define TL_CUBLAS_FIELD(name, prototype) decltype(prototype) name;
+    TL_CUBLAS_FUNCTIONS(TL_CUBLAS_FIELD)
+#undef TL_CUBLAS_FIELD
+} tl_cublas_api;
+
+/* cuBLAS's entry points, loading the library on the first call (thread-safe; a failed load is tried
+ * again on the next call). NULL when it cannot be loaded, with the reason, and how to install cuBLAS,
+ * in this thread's tl_cuda_last_error(). */
+const tl_cublas_api *tl_cublas_load(void);
+
 struct tl_cuda_context {
     int device_id;
-    cublasHandle_t blas;  /* created on device_id */
-    pthread_mutex_t lock; /* a call sets the handle's stream and workspace, then runs: one at a time */
+    const tl_cublas_api *cublas; /* the loaded library's entry points */
+    cublasHandle_t blas;         /* created on device_id */
+    pthread_mutex_t lock;        /* a call sets the handle's stream and workspace, then runs: one at a time */
 };
 
 /* TL_OK when the call succeeded; otherwise the failure becomes this thread's tl_cuda_last_error()
  * ("what: name (code N)") and the status is TL_ERR_CUDA / TL_ERR_CUBLAS. */
 tl_status tl_cuda_check(cudaError_t err, const char *what);
-tl_status tl_cublas_check(cublasStatus_t st, const char *what);
+tl_status tl_cublas_check(const tl_cublas_api *cublas, cublasStatus_t st, const char *what);
 /* Record a failure that is ours, not the runtime's (e.g. "device 3 does not exist"). */
 void tl_cuda_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -9,7 +9,8 @@
  * With a bias, fill_kernel first writes C = beta*C + bias (one read and one write of C, N reads of
  * bias) and cuBLAS then accumulates onto it with beta = 1; without one cuBLAS applies beta itself.
  * colsum_kernel reads x once and writes out once; one block sums a strip of 32 columns.
- * Nothing here allocates: cuBLAS's scratch is the caller's workspace (or the handle's default). */
+ * Nothing here allocates: cuBLAS's scratch is the caller's workspace (or the handle's default). cuBLAS
+ * is called through the context's table of entry points (cuda_common.h), never directly. */
 #include <limits.h>
 #include <stdint.h>
 
@@ -196,16 +197,16 @@ check_gemm(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, c
 
 /* cuBLAS's 32-bit entry point for the sizes it takes (the common, long-tested path), else _64. */
 static cublasStatus_t
-gemm_ex(cublasHandle_t h, cublasOperation_t opa, cublasOperation_t opb, int64_t m, int64_t n, int64_t k,
-        const float *alpha, const void *A, cudaDataType_t at, int64_t lda, const void *B,
-        cudaDataType_t bt, int64_t ldb, const float *beta, void *C, cudaDataType_t ct, int64_t ldc,
-        cublasComputeType_t compute)
+gemm_ex(const tl_cublas_api *cublas, cublasHandle_t h, cublasOperation_t opa, cublasOperation_t opb,
+        int64_t m, int64_t n, int64_t k, const float *alpha, const void *A, cudaDataType_t at, int64_t lda,
+        const void *B, cudaDataType_t bt, int64_t ldb, const float *beta, void *C, cudaDataType_t ct,
+        int64_t ldc, cublasComputeType_t compute)
 {
     if (m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX && ldc <= INT_MAX)
-        return cublasGemmEx(h, opa, opb, (int)m, (int)n, (int)k, alpha, A, at, (int)lda, B, bt, (int)ldb,
-                            beta, C, ct, (int)ldc, compute, CUBLAS_GEMM_DEFAULT);
-    return cublasGemmEx_64(h, opa, opb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc, compute,
-                           CUBLAS_GEMM_DEFAULT);
+        return cublas->cublasGemmEx(h, opa, opb, (int)m, (int)n, (int)k, alpha, A, at, (int)lda, B, bt,
+                                    (int)ldb, beta, C, ct, (int)ldc, compute, CUBLAS_GEMM_DEFAULT);
+    return cublas->cublasGemmEx_64(h, opa, opb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct, ldc,
+                                   compute, CUBLAS_GEMM_DEFAULT);
 }
 
 tl_status
@@ -243,16 +244,19 @@ tl_gemm_cuda(tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, const
         const cublasComputeType_t compute = allow_tf32 && a->dtype == TL_FLOAT32
                                                 ? CUBLAS_COMPUTE_32F_FAST_TF32
                                                 : CUBLAS_COMPUTE_32F;
+        const tl_cublas_api *cublas = ctx->cublas;
         cublasHandle_t h = ctx->blas;
         pthread_mutex_lock(&ctx->lock);
         /* cublasSetStream resets the workspace to the handle's default pool: stream first. */
-        st = tl_cublas_check(cublasSetStream(h, s), "cublasSetStream");
+        st = tl_cublas_check(cublas, cublas->cublasSetStream_v2(h, s), "cublasSetStream");
         if (!st && cublas_ws)
-            st = tl_cublas_check(cublasSetWorkspace(h, cublas_ws, cublas_ws_bytes), "cublasSetWorkspace");
+            st = tl_cublas_check(cublas, cublas->cublasSetWorkspace_v2(h, cublas_ws, cublas_ws_bytes),
+                                 "cublasSetWorkspace");
         /* C^T[N,M] = B^T[N,K] @ A^T[K,M]: B is cuBLAS's first operand, A its second. */
         if (!st)
-            st = tl_cublas_check(gemm_ex(h, opb, opa, N, M, K, &alpha, b->data, cuda_dtype(b->dtype), ldb,
-                                         a->data, cuda_dtype(a->dtype), lda, &beta_gemm, c->data,
+            st = tl_cublas_check(cublas,
+                                 gemm_ex(cublas, h, opb, opa, N, M, K, &alpha, b->data, cuda_dtype(b->dtype),
+                                         ldb, a->data, cuda_dtype(a->dtype), lda, &beta_gemm, c->data,
                                          cuda_dtype(c->dtype), ldc, compute),
                                  "cublasGemmEx");
         pthread_mutex_unlock(&ctx->lock);

@@ -234,8 +234,17 @@ producer_failed: {
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
     PyErr_NormalizeException(&et, &ev, &etb);
+    /* The producer's first line only: torch appends a C++ backtrace to some messages. */
+    PyObject *msg = ev ? PyObject_Str(ev) : NULL, *first = NULL;
+    if (msg) {
+        Py_ssize_t nl = PyUnicode_FindChar(msg, '\n', 0, PyUnicode_GET_LENGTH(msg), 1);
+        first = nl >= 0 ? PyUnicode_Substring(msg, 0, nl) : Py_NewRef(msg);
+    }
+    PyErr_Clear();
     PyErr_Format(PyExc_TypeError, "argument '%s' could not be read through DLPack: %S", out->name,
-                 ev ? ev : Py_None);
+                 first ? first : Py_None);
+    Py_XDECREF(msg);
+    Py_XDECREF(first);
     Py_XDECREF(et);
     Py_XDECREF(ev);
     Py_XDECREF(etb);

@@ -5,7 +5,10 @@
  * and the kernel runs with the GIL released on the stream the output's producer says is current
  * (torch's current stream, asked through the DLPack exchange table). The per-device cuBLAS contexts
  * are created on first use, never at import, so the module imports on a machine without a GPU or a
- * driver (device_count() is then 0). Positional arguments only: tltorch/_ops.py is the one caller. */
+ * driver (device_count() is then 0). cuBLAS itself is not linked: the first context opens the library
+ * (csrc/cuda/common.cu), so the module also imports where cuBLAS is missing, and a GEMM there raises a
+ * RuntimeError that says how to install it. Positional arguments only: tltorch/_ops.py is the one
+ * caller. */
 #include "bridge.h" /* first: Python.h sets the feature macros */
 
 #include <limits.h>

@@ -1,0 +1,128 @@
+"""Shared helpers for tltorch's tests: tolerances, seeded inputs in every layout, reference checks.
+
+Test files import the helpers with `from conftest import ...` (pytest puts tests/ on sys.path).
+
+Convention: inputs are drawn in float32 from a per-test seeded generator, rounded to the dtype under
+test, and the reference is computed in float64 from the *rounded* values, so a test measures only the
+kernel's own error (accumulation and the final rounding), never the rounding of its inputs.
+"""
+import zlib
+
+import pytest
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# Largest allowed max|out - ref| / max|ref|, per output dtype. float32 results are limited by float32
+# accumulation; bfloat16/float16 results by the one final rounding (unit roundoff 2^-8 and 2^-11).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# Unit roundoff (half an ulp at 1.0) of each dtype.
+UNIT = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# How far a CUDA result may be from its CPU twin's, relative to max|ref|: in float32 both accumulate in
+# float32 (in different orders); in bfloat16/float16 each is about one rounding from the float32 sum,
+# so the two are at most ~2 ulps = 4 unit roundoffs apart.
+TWIN = {torch.float32: 5e-6, torch.bfloat16: 4 * UNIT[torch.bfloat16],
+        torch.float16: 4 * UNIT[torch.float16]}
+
+# 2-D layouts every kernel must read: contiguous, transposed, strided in either dim, offset slices.
+LAYOUTS = ("contig", "t", "stride2", "offset", "tstride")
+
+
+def dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the test's id: fixed for a case, different between cases."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def randn(shape, dtype, gen, scale=1.0):
+    """Random normal values drawn in float32 and rounded to `dtype` (contiguous)."""
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def make2d(rows, cols, layout, dtype, gen, scale=1.0):
+    """A (rows, cols) tensor of `dtype` stored in `layout` (a view of a bigger buffer when strided)."""
+    if layout == "contig":
+        t = randn((rows, cols), dtype, gen, scale)
+    elif layout == "t":
+        t = randn((cols, rows), dtype, gen, scale).t()
+    elif layout == "stride2":
+        t = randn((rows, 2 * cols), dtype, gen, scale)[:, ::2]
+    elif layout == "offset":
+        t = randn((rows + 3, cols + 5), dtype, gen, scale)[3:, 5:]
+    elif layout == "tstride":
+        t = randn((2 * cols + 1, rows), dtype, gen, scale)[1::2].t()
+    else:
+        raise AssertionError(layout)
+    assert t.shape == (rows, cols)
+    if layout != "contig" and rows > 1 and cols > 1:
+        assert not t.is_contiguous()
+    return t
+
+
+def empty2d(rows, cols, layout, dtype, fill=float("nan")):
+    """An output buffer of (rows, cols) in `layout`, filled with `fill` (NaN: must be written)."""
+    if layout == "contig":
+        t = torch.empty(rows, cols, dtype=dtype)
+    elif layout == "t":
+        t = torch.empty(cols, rows, dtype=dtype).t()
+    elif layout == "stride2":
+        t = torch.empty(rows, 2 * cols, dtype=dtype)[:, ::2]
+    elif layout == "offset":
+        t = torch.empty(rows + 2, cols + 3, dtype=dtype)[2:, 3:]
+    else:
+        raise AssertionError(layout)
+    t.fill_(fill)
+    return t
+
+
+def rel_err(out, ref):
+    """max|out - ref| / max|ref| in float64 (0 for empty tensors; inf if out has NaN/inf)."""
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if ref.numel() == 0:
+        return 0.0
+    if not torch.isfinite(out).all():
+        return float("inf")
+    scale = ref.abs().max().item()
+    diff = (out - ref).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(out, ref, dtype, torch_out=None, what=""):
+    """`out` (of output dtype `dtype`) is within TOL[dtype] of the float64 `ref`. When `torch_out`,
+    torch's own result on the same rounded inputs, is given and `dtype` is bfloat16/float16, the
+    kernel's error may also be at most about twice torch's plus one rounding: no worse than the
+    framework it replaces. (In float32 torch sums pairwise and the kernels in order, so there TOL,
+    a bound on float32 accumulation, is the measure.)"""
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.3g} ({dtype_id(dtype)})"
+    if torch_out is not None and dtype in LOW_PRECISION:
+        terr = rel_err(torch_out, ref)
+        bound = 2 * terr + UNIT[dtype]
+        assert err <= bound, f"{what}: relative error {err:.3g} vs torch's {terr:.3g} ({dtype_id(dtype)})"
+    return err
+
+
+def assert_rounded_once(out, ref, dtype, what=""):
+    """Elementwise: |out - ref| <= UNIT*|ref| + small, i.e. the float32 sum was rounded to `dtype` once
+    (rounding partial sums between K blocks would break this for the smaller elements)."""
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    slack = 1e-5 * ref64.abs().max().item()
+    bad = (out64 - ref64).abs() > UNIT[dtype] * ref64.abs() + slack
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements are off by more than "
+                           f"one rounding to {dtype_id(dtype)}")
+
+
+def names_arg(excinfo, name):
+    """The exception message names argument `name` the way tltorch._C does: argument 'name'."""
+    msg = str(excinfo.value)
+    assert f"'{name}'" in msg, f"message does not name '{name}': {msg}"

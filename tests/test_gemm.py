@@ -1,0 +1,368 @@
+"""tltorch._C.gemm and tltorch._C.colsum (csrc/cpu/gemm.c) against float64 references."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (DTYPES, LAYOUTS, LOW_PRECISION, TOL, assert_close, assert_rounded_once,
+                      dtype_id, empty2d, make2d, names_arg, randn)
+from tltorch import _C
+
+KC = _C.GEMM_KC
+NAN = float("nan")
+
+
+def ws_for(c, K):
+    """The float32 workspace _C.gemm needs for a non-float32 c when K spans several blocks, else None."""
+    if c.dtype != torch.float32 and K > KC and c.numel():
+        return torch.empty(c.numel(), dtype=torch.float32).fill_(NAN)  # contents must not matter
+    return None
+
+
+def ref_gemm(a, b, c0, bias, alpha, beta):
+    r = alpha * (a.double() @ b.double())
+    if beta != 0:
+        r = r + beta * c0.double()
+    if bias is not None:
+        r = r + bias.double()
+    return r
+
+
+# (M, K, N): odd sizes, each of M/K/N empty, K just past one block, several K blocks (K > GEMM_KC),
+# and several M and N cache blocks (MC = 960 rows, NC = 320 columns).
+SHAPES = [
+    (1, 1, 1), (1, 7, 33), (7, 33, 1), (33, 7, 7), (13, 1, 17), (5, 0, 9), (0, 7, 5), (6, 5, 0),
+    (17, KC + 1, 23), (37, 1000, 41), (1001, 33, 333),
+]
+LAYOUT_PAIRS = [("contig", "contig"), ("t", "contig"), ("contig", "t"), ("t", "t"),
+                ("stride2", "offset"), ("offset", "tstride")]
+
+
+def shape_id(s):
+    return "x".join(map(str, s))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("la,lb", LAYOUT_PAIRS, ids=lambda v: v)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gemm_matches_reference(shape, la, lb, dtype, gen):
+    M, K, N = shape
+    a = make2d(M, K, la, dtype, gen)
+    b = make2d(K, N, lb, dtype, gen)
+    c = empty2d(M, N, "contig", dtype)  # beta = 0: the NaN in c must never be read
+    _C.gemm(a, b, c, None, ws_for(c, K), 1.0, 0.0, 1)
+    ref = ref_gemm(a, b, None, None, 1.0, 0.0)
+    assert_close(c, ref, dtype, torch_out=a @ b, what=f"gemm {shape} {la}/{lb}")
+    if dtype in LOW_PRECISION and K > KC:
+        assert_rounded_once(c, ref, dtype, what="gemm with ws")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("c_layout", ["contig", "t", "stride2", "offset"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, -1.0), (-2.0, 0.25), (0.0, 1.5), (3.0, 0.0)])
+@pytest.mark.parametrize("shape", [(7, 33, 19), (9, 0, 5), (11, 2 * KC + 5, 35)], ids=shape_id)
+def test_gemm_alpha_beta_c_layouts(shape, alpha, beta, c_layout, dtype, gen):
+    M, K, N = shape
+    a = make2d(M, K, "contig", dtype, gen)
+    b = make2d(K, N, "t", dtype, gen)
+    c = empty2d(M, N, c_layout, dtype)
+    if beta != 0:
+        c.copy_(randn((M, N), dtype, gen))
+    c0 = c.clone()
+    _C.gemm(a, b, c, None, ws_for(c, K), alpha, beta, 1)
+    ref = ref_gemm(a, b, c0, None, alpha, beta)
+    assert_close(c, ref, dtype, what=f"alpha={alpha} beta={beta} c {c_layout}")
+    if dtype in LOW_PRECISION and K > KC and alpha != 0:
+        assert_rounded_once(c, ref, dtype, what="alpha/beta with ws")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("K", [0, 5, KC, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_beta0_never_reads_c(K, with_bias, dtype, gen):
+    M, N = 9, 21
+    a = make2d(M, K, "contig", dtype, gen)
+    b = make2d(K, N, "contig", dtype, gen)
+    bias = randn((N,), dtype, gen) if with_bias else None
+    for layout in ("contig", "stride2"):
+        c = empty2d(M, N, layout, dtype, fill=NAN)
+        _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, 1)
+        assert not torch.isnan(c).any(), "beta = 0 read the NaN in c"
+        assert_close(c, ref_gemm(a, b, None, bias, 1.0, 0.0), dtype, what=f"beta=0 K={K}")
+    if K == 0:  # C = bias (or 0) exactly
+        expect = bias.expand(M, N) if with_bias else torch.zeros(M, N, dtype=dtype)
+        assert torch.equal(c, expect)
+
+
+@pytest.mark.parametrize("c_dtype", LOW_PRECISION, ids=dtype_id)
+@pytest.mark.parametrize("K", [1, 33, 1000])
+def test_gemm_float32_bias_with_low_precision_c(K, c_dtype, gen):
+    """A float32 bias is added before the one rounding to c's dtype, not rounded first."""
+    M, N = 40, 70
+    a = randn((M, K), c_dtype, gen, scale=0.05)  # small products: the bias dominates the sum
+    b = randn((K, N), c_dtype, gen)
+    bias = torch.randn(N, generator=gen) * 3 + 0.1  # float32 values that c_dtype cannot represent
+    assert not torch.equal(bias.to(c_dtype).float(), bias)
+    c = empty2d(M, N, "contig", c_dtype)
+    _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, 1)
+    ref = ref_gemm(a, b, None, bias, 1.0, 0.0)
+    assert_close(c, ref, c_dtype)
+    assert_rounded_once(c, ref, c_dtype, what="float32 bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bias_kind", ["contig", "strided", "float32"])
+def test_gemm_bias_layouts(bias_kind, dtype, gen):
+    M, K, N = 13, 29, 37
+    a = make2d(M, K, "offset", dtype, gen)
+    b = make2d(K, N, "stride2", dtype, gen)
+    if bias_kind == "contig":
+        bias = randn((N,), dtype, gen)
+    elif bias_kind == "strided":
+        bias = randn((3 * N,), dtype, gen)[1::3]
+    else:
+        bias = torch.randn(N, generator=gen)
+    c = empty2d(M, N, "t", dtype)
+    c0 = randn((M, N), dtype, gen)
+    c.copy_(c0)
+    _C.gemm(a, b, c, bias, None, 0.75, -0.5, 1)
+    assert_close(c, ref_gemm(a, b, c0, bias, 0.75, -0.5), dtype, what=f"bias {bias_kind}")
+
+
+@pytest.mark.parametrize("in_dtype", LOW_PRECISION, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(7, 33, 19), (21, 1000, 45), (1, 1, 1)], ids=shape_id)
+def test_gemm_float32_c_with_low_precision_inputs(shape, in_dtype, gen):
+    """Low-precision inputs, float32 c: products are exact in float32, so float32 accuracy holds
+    and no workspace is needed at any K."""
+    M, K, N = shape
+    a = make2d(M, K, "t", in_dtype, gen)
+    b = make2d(K, N, "contig", in_dtype, gen)
+    bias = torch.randn(N, generator=gen)
+    c0 = torch.randn(M, N, generator=gen)
+    c = c0.clone()
+    _C.gemm(a, b, c, bias, None, 1.25, 0.5, 1)
+    assert_close(c, ref_gemm(a, b, c0, bias, 1.25, 0.5), torch.float32, what="float32 c")
+
+
+@pytest.mark.parametrize("c_dtype", LOW_PRECISION, ids=dtype_id)
+def test_gemm_workspace_requirement(c_dtype, gen):
+    M, N = 5, 6
+    for K in (KC, KC + 1):  # the boundary: K == GEMM_KC is one block and needs no workspace
+        a = randn((M, K), c_dtype, gen)
+        b = randn((K, N), c_dtype, gen)
+        c = torch.zeros(M, N, dtype=c_dtype)
+        if K == KC:
+            _C.gemm(a, b, c, None, None, 1.0, 0.0, 1)
+            assert_close(c, ref_gemm(a, b, None, None, 1.0, 0.0), c_dtype)
+            continue
+        with pytest.raises(ValueError) as ei:
+            _C.gemm(a, b, c, None, None, 1.0, 0.0, 1)
+        names_arg(ei, "ws")
+        assert torch.equal(c, torch.zeros_like(c)), "a rejected call wrote c"
+        for bad_ws in (torch.empty(M * N - 1), torch.empty(M * N, dtype=c_dtype),
+                       torch.empty(2 * M * N)[::2], torch.empty(M, N)):
+            with pytest.raises(ValueError) as ei:
+                _C.gemm(a, b, c, None, bad_ws, 1.0, 0.0, 1)
+            names_arg(ei, "ws")
+        ws = torch.full((M * N + 7,), NAN)  # bigger than needed is fine
+        _C.gemm(a, b, c, None, ws, 1.0, 0.0, 1)
+        ref = ref_gemm(a, b, None, None, 1.0, 0.0)
+        assert_close(c, ref, c_dtype)
+        assert_rounded_once(c, ref, c_dtype)
+    # An empty c needs no workspace whatever K is.
+    a = randn((0, 1000), c_dtype, gen)
+    _C.gemm(a, randn((1000, N), c_dtype, gen), torch.empty(0, N, dtype=c_dtype), None, None, 1.0, 0.0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contig", "t", "offset"])
+@pytest.mark.parametrize("trans", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", [(7, 33, 19), (1, 1, 5), (12, 1000, 35), (0, 5, 3), (4, 0, 6)],
+                         ids=shape_id)
+def test_gemm_trans_flags(shape, trans, layout, dtype, gen):
+    """The optional 9th argument: bit 0 reads a as a.T, bit 1 b as b.T (views, no copies)."""
+    M, K, N = shape
+    a_st = make2d(K, M, layout, dtype, gen) if trans & 1 else make2d(M, K, layout, dtype, gen)
+    b_st = make2d(N, K, layout, dtype, gen) if trans & 2 else make2d(K, N, layout, dtype, gen)
+    a = a_st.t() if trans & 1 else a_st
+    b = b_st.t() if trans & 2 else b_st
+    bias = randn((N,), dtype, gen)
+    c = empty2d(M, N, "contig", dtype)
+    _C.gemm(a_st, b_st, c, bias, ws_for(c, K), 1.0, 0.0, 1, trans)
+    ref = ref_gemm(a, b, None, bias, 1.0, 0.0)
+    assert_close(c, ref, dtype, what=f"trans={trans}")
+    # The same product with the transposes done by torch views gives the same bits.
+    c2 = empty2d(M, N, "contig", dtype)
+    _C.gemm(a, b, c2, bias, ws_for(c2, K), 1.0, 0.0, 1)
+    assert torch.equal(c, c2)
+
+
+@pytest.mark.parametrize("c_dtype", LOW_PRECISION, ids=dtype_id)
+def test_gemm_trans_workspace_requirement(c_dtype, gen):
+    """With trans & 1, K is a's dim 0: the workspace rule must follow the transposed shape."""
+    M, K, N = 3, KC + 2, 4
+    a_st = randn((K, M), c_dtype, gen)
+    b = randn((K, N), c_dtype, gen)
+    c = torch.zeros(M, N, dtype=c_dtype)
+    with pytest.raises(ValueError) as ei:
+        _C.gemm(a_st, b, c, None, None, 1.0, 0.0, 1, 1)
+    names_arg(ei, "ws")
+    _C.gemm(a_st, b, c, None, torch.empty(M * N), 1.0, 0.0, 1, 1)
+    assert_rounded_once(c, ref_gemm(a_st.t(), b, None, None, 1.0, 0.0), c_dtype)
+    # K small, M large: no workspace even though a's dim 1 is > GEMM_KC.
+    a_st = randn((5, KC + 2), c_dtype, gen)
+    c = torch.zeros(KC + 2, N, dtype=c_dtype)
+    _C.gemm(a_st, randn((5, N), c_dtype, gen), c, None, None, 1.0, 0.0, 1, 1)
+
+
+# (M, K, N) big enough to run on several threads (M*N*K >= 1e6): several column blocks; fewer column
+# blocks than threads (the A slivers are shared out); several K blocks; N a few blocks wide.
+THREAD_SHAPES = [(300, 500, 200), (2000, 100, 20), (150, 1000, 700)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=shape_id)
+def test_gemm_thread_count_does_not_change_bits(shape, dtype, gen):
+    M, K, N = shape
+    a = make2d(M, K, "contig", dtype, gen)
+    b = make2d(K, N, "t", dtype, gen)
+    bias = randn((N,), dtype, gen)
+    outs = []
+    for nthreads in (1, 2, 3, 0):
+        c = torch.full((M, N), NAN, dtype=dtype)
+        _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, nthreads)
+        outs.append(c)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "results depend on the thread count"
+    assert_close(outs[0], ref_gemm(a, b, None, bias, 1.0, 0.0), dtype, torch_out=a @ b + bias)
+
+
+def test_gemm_large_all_blocks(gen):
+    """One big product spanning several M, N and K cache blocks, on the default thread count."""
+    M, K, N = 1000, 1000, 400
+    a = make2d(M, K, "t", torch.float32, gen)
+    b = make2d(K, N, "contig", torch.float32, gen)
+    c = torch.full((M, N), NAN)
+    _C.gemm(a, b, c, None, None, 1.0, 0.0, 0)
+    assert_close(c, ref_gemm(a, b, None, None, 1.0, 0.0), torch.float32, torch_out=a @ b)
+
+
+# ---- every SIMD path ---------------------------------------------------------------------------------
+
+# Runs in a subprocess with TLTORCH_CPU_ISA set; prints a JSON report. Sizes straddle the tile sizes
+# of every path (MR = 4/6/12, NR = 16/32) and the cache blocks.
+ISA_SCRIPT = r"""
+import json, sys, torch
+from tltorch import _C
+KC = _C.GEMM_KC
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+def mk(r, c, dt, t):
+    x = torch.randn(*((c, r) if t else (r, c)), generator=g).to(dt)
+    return x.t() if t else x
+cases = []
+shapes = [(1, 1, 1), (5, 7, 15), (7, 3, 17), (13, 33, 33), (25, 1, 31), (12, 2, 32), (4, 9, 16),
+          (6, 5, 48), (9, KC + 3, 40), (970, 50, 330)]
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for (M, K, N) in shapes:
+        for ta, tb in ((False, False), (True, True), (False, True)):
+            a, b = mk(M, K, dt, ta), mk(K, N, dt, tb)
+            bias = torch.randn(N, generator=g).to(dt)
+            c0 = torch.randn(M, N, generator=g).to(dt)
+            c = c0.clone()
+            ws = torch.empty(M * N) if (dt != torch.float32 and K > KC) else None
+            _C.gemm(a, b, c, bias, ws, 0.5, 2.0, 1)
+            ref = 0.5 * (a.double() @ b.double()) + 2.0 * c0.double() + bias.double()
+            err = ((c.double() - ref).abs().max() / ref.abs().max()).item()
+            if not torch.isfinite(c).all():
+                err = float("inf")
+            cases.append([str(dt), [M, K, N], ta, tb, err])
+# bitwise independence of the thread count on this path too
+a, b = mk(300, 400, torch.float32, False), mk(400, 200, torch.float32, True)
+c1, c2 = torch.empty(300, 200), torch.empty(300, 200)
+_C.gemm(a, b, c1, None, None, 1.0, 0.0, 1)
+_C.gemm(a, b, c2, None, None, 1.0, 0.0, 2)
+print(json.dumps({"isa": _C.cpu_isa(), "cases": cases, "threads_equal": bool(torch.equal(c1, c2))}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_gemm_each_simd_path(isa):
+    native = _C.cpu_isa()
+    if isa == "avx2" and native == "portable":
+        pytest.skip("this CPU has no AVX2/FMA")
+    env = dict(os.environ, TLTORCH_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    seed = {"portable": 11, "avx2": 12}[isa]
+    proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(seed)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["isa"] == isa, f"TLTORCH_CPU_ISA={isa} but cpu_isa() reports {report['isa']}"
+    tol = {str(d): TOL[d] for d in DTYPES}
+    bad = [c for c in report["cases"] if not c[4] <= tol[c[0]]]
+    assert not bad, f"{isa}: cases over tolerance: {bad[:5]}"
+    assert report["threads_equal"]
+
+
+def test_cpu_isa_reports_a_known_path():
+    assert _C.cpu_isa() in ("avx512", "avx2", "portable")
+    assert isinstance(_C.default_threads(), int) and _C.default_threads() >= 1
+
+
+# ---- colsum -------------------------------------------------------------------------------------------
+
+COLSUM_SHAPES = [(1, 1), (7, 33), (33, 7), (1000, 3), (3, 1000), (70, 257), (0, 5), (5, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", COLSUM_SHAPES, ids=shape_id)
+def test_colsum_matches_reference(shape, layout, dtype, gen):
+    M, N = shape
+    x = make2d(M, N, layout, dtype, gen)
+    out = torch.full((N,), NAN, dtype=dtype)
+    _C.colsum(x, out, 0.0, 1)
+    ref = x.double().sum(0)
+    if M == 0:
+        assert torch.equal(out, torch.zeros(N, dtype=dtype))
+    assert_close(out, ref, dtype, torch_out=x.sum(0), what=f"colsum {shape} {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("out_kind", ["same", "float32", "strided"])
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5])
+def test_colsum_beta_and_out(beta, out_kind, dtype, gen):
+    M, N = 45, 300
+    x = make2d(M, N, "t", dtype, gen)
+    out_dtype = torch.float32 if out_kind == "float32" else dtype
+    out0 = randn((N,), out_dtype, gen)
+    if out_kind == "strided":
+        out = torch.empty(2 * N, dtype=out_dtype)[::2]
+    else:
+        out = torch.empty(N, dtype=out_dtype)
+    out.copy_(out0 if beta != 0 else torch.full_like(out0, NAN))
+    _C.colsum(x, out, beta, 1)
+    ref = x.double().sum(0) + (beta * out0.double() if beta != 0 else 0)
+    assert_close(out, ref, out_dtype, what=f"colsum beta={beta} out {out_kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_colsum_thread_count_does_not_change_bits(dtype, gen):
+    x = make2d(700, 600, "stride2", dtype, gen)  # M*N >= 65536: runs threaded
+    outs = []
+    for nthreads in (1, 2, 0):
+        out = torch.empty(600, dtype=dtype)
+        _C.colsum(x, out, 0.0, nthreads)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_close(outs[0], x.double().sum(0), dtype)
+
+
+def test_colsum_float32_out_of_low_precision_inputs(gen):
+    """bfloat16 x into a float32 out: float32 accumulation and no rounding through bfloat16."""
+    x = randn((513, 40), torch.bfloat16, gen)
+    out = torch.full((40,), NAN)
+    _C.colsum(x, out, 0.0, 1)
+    assert_close(out, x.double().sum(0), torch.float32)
