@@ -4,7 +4,10 @@ tltorch._C      the CPU kernels (csrc/cpu) and the DLPack binding; always built.
                 SIMD paths are chosen at run time, so one build runs on any x86-64 (and elsewhere the
                 portable path builds).
 tltorch._cuda   the CUDA kernels (csrc/cuda) and their binding; built when nvcc is found (PATH or
-                CUDA_HOME) together with cuBLAS's headers (the toolkit's, or the nvidia-cublas wheel's).
+                CUDA_HOME) together with cuBLAS's headers (the toolkit's, or an nvidia-cublas wheel's:
+                `pip install .` puts one in the build environment when needed, see build_backend.py).
+                cudart is linked statically and cuBLAS not at all: the module opens libcublas with
+                dlopen on first use (csrc/cuda/common.cu), so it imports where cuBLAS is absent.
 
 Environment switches:
   TLTORCH_CUDA=0        never build _cuda;  TLTORCH_CUDA=1  a failure to build it is an error
@@ -14,14 +17,15 @@ Environment switches:
 """
 import glob
 import os
-import shutil
 import site
 import subprocess
 import sys
-import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_backend import cuda_root, find_nvcc, nvcc_major  # noqa: E402  (one copy of the nvcc rules)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
@@ -38,50 +42,25 @@ def log(msg):
     print(f"tltorch setup: {msg}", file=sys.stderr)
 
 
-def find_nvcc():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return os.path.realpath(nvcc)
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda/bin/nvcc"
-    return None
-
-
-def cuda_root(nvcc):
-    """The toolkit's root: nvcc's grandparent, unless nvcc is a wrapper script elsewhere (such as a
-    /usr/local/bin/nvcc that execs the real one); then the TOP that nvcc reports in a dry run."""
-    home = os.path.dirname(os.path.dirname(nvcc))
-    if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-        return home
-    try:
-        run = subprocess.run([nvcc, "--dryrun", "-c", "tl.cu", "-o", os.devnull], capture_output=True,
-                             text=True, timeout=120)
-        for line in (run.stderr + run.stdout).splitlines():
-            if line.startswith("#$ TOP="):
-                return os.path.realpath(line[len("#$ TOP="):].strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return home
-
-
-def find_cublas(cuda_home):
-    """(include_dir, lib_dir, lib_name) for cuBLAS: the toolkit's own, else an nvidia-cublas wheel's."""
-    cands = [(os.path.join(cuda_home, "include"), os.path.join(cuda_home, "lib64"))]
-    roots = list(dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()] + sys.path))
+def find_cublas(cuda_home, major):
+    """The folder holding cuBLAS's headers (cublas_v2.h), or None: the toolkit's own, else an
+    nvidia-cublas wheel's (nvidia/cu13 for CUDA 13, nvidia/cublas for the cu12 wheel). Only headers
+    are needed: the library is opened at run time. Wheels are looked for on sys.path first (under
+    `pip install .` that is the isolated build environment) and then in site-packages."""
+    cands = [os.path.join(cuda_home, "include")]
+    if major == 12:
+        subs = ["nvidia/cublas"]
+    elif major:
+        subs = [f"nvidia/cu{major}"]
+    else:
+        subs = ["nvidia/cu13", "nvidia/cublas"]
+    roots = list(dict.fromkeys(sys.path + site.getsitepackages() + [site.getusersitepackages()]))
     for r in roots:
-        for sub in ("nvidia/cu13", "nvidia/cublas"):
-            cands.append((os.path.join(r, sub, "include"), os.path.join(r, sub, "lib")))
-    for inc, lib in cands:
-        if not os.path.exists(os.path.join(inc, "cublas_v2.h")):
-            continue
-        if os.path.exists(os.path.join(lib, "libcublas.so")):
-            return inc, lib, "cublas"
-        sonames = sorted(glob.glob(os.path.join(lib, "libcublas.so.*")))
-        if sonames:
-            return inc, lib, ":" + os.path.basename(sonames[0])
+        for sub in subs:
+            cands.append(os.path.join(r, sub, "include"))
+    for inc in cands:
+        if os.path.exists(os.path.join(inc, "cublas_v2.h")):
+            return inc
     return None
 
 
@@ -131,6 +110,14 @@ class BuildExt(build_ext):
 
     def _build_cuda(self, ext):
         nvcc = ext._tl_nvcc
+        # Looked for now, not when setup.py is loaded: `pip install .` first runs setup.py to ask for the
+        # build requirements, before it has installed the nvidia-cublas wheel that brings the headers.
+        inc = find_cublas(ext._tl_cuda_home, nvcc_major(nvcc))
+        if not inc:
+            raise RuntimeError("nvcc found but not cuBLAS's headers (cublas_v2.h): install the CUDA "
+                               "toolkit's cuBLAS or `pip install nvidia-cublas` (nvidia-cublas-cu12 for "
+                               "CUDA 12)")
+        log(f"building tltorch._cuda with {nvcc} and cuBLAS's headers from {inc}")
         objs = []
         tmp = os.path.join(self.build_temp, "cuda")
         os.makedirs(tmp, exist_ok=True)
@@ -138,7 +125,7 @@ class BuildExt(build_ext):
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                    "-Xcompiler", "-fvisibility=hidden", "--expt-relaxed-constexpr",
-                   "-Icsrc", f"-I{ext._tl_cublas_inc}", *cuda_archs()]
+                   "-Icsrc", f"-I{inc}", *cuda_archs()]
             log(" ".join(cmd))
             subprocess.check_call(cmd)
             objs.append(obj)
@@ -160,16 +147,6 @@ def extensions():
         log("nvcc not found: building the CPU extension only")
         return exts
     cuda_home = cuda_root(nvcc)
-    cublas = find_cublas(cuda_home)
-    if not cublas:
-        msg = ("nvcc found but not cuBLAS (cublas_v2.h and libcublas): install the CUDA toolkit's "
-               "cuBLAS or `pip install nvidia-cublas`")
-        if want:
-            raise RuntimeError(msg)
-        log(msg + "; building the CPU extension only")
-        return exts
-    inc, libdir, libname = cublas
-    log(f"building tltorch._cuda with {nvcc} and cuBLAS from {libdir}")
     cuda_lib = os.path.join(cuda_home, "lib64")
     if not os.path.isdir(cuda_lib):
         cuda_lib = os.path.join(cuda_home, "lib")
@@ -177,19 +154,17 @@ def extensions():
         "tltorch._cuda",
         # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses.
         sources=["csrc/cpu/common.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
-        include_dirs=["csrc", os.path.join(cuda_home, "include"), inc],
-        library_dirs=[cuda_lib, libdir],
-        # stdc++: nvcc's host code needs the C++ runtime (static-local guards, the EH personality).
-        libraries=["cudart_static", libname, "stdc++", "dl", "rt", "pthread"],
-        # An nvidia-cublas wheel installed beside tltorch is found without LD_LIBRARY_PATH; the cuBLAS
-        # found at build time comes last (an in-place build, or the same environment).
-        runtime_library_dirs=["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cublas/lib", libdir],
+        include_dirs=["csrc", os.path.join(cuda_home, "include")],
+        library_dirs=[cuda_lib],
+        # No cuBLAS here: it is opened with dlopen at run time (dl). stdc++: nvcc's host code needs the
+        # C++ runtime (static-local guards, the EH personality).
+        libraries=["cudart_static", "stdc++", "dl", "rt", "pthread"],
         extra_compile_args=[f for f in C_FLAGS if not f.startswith("-fsanitize")],
         extra_link_args=["-fopenmp"],
         language="c",
     )
     ext._tl_nvcc = nvcc
-    ext._tl_cublas_inc = inc
+    ext._tl_cuda_home = cuda_home
     ext._tl_cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     exts.append(ext)
     return exts

@@ -28,7 +28,7 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
   echo "== the C core under AddressSanitizer + UndefinedBehaviorSanitizer =="
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
-  cp -r csrc tltorch tests setup.py pyproject.toml README.md "$scratch"/
+  cp -r csrc tltorch tests setup.py build_backend.py pyproject.toml README.md "$scratch"/
   rm -f "$scratch"/tltorch/*.so
   (cd "$scratch" && TLTORCH_SANITIZE=1 TLTORCH_CUDA=0 $PY setup.py -q build_ext --inplace >/dev/null)
   preload="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"

@@ -157,13 +157,14 @@ open_cublas(const char *path, int quiet_missing, tl_cublas_api *api, char *why, 
     }
     tl_cublas_api got;
 #define TL_CUBLAS_SYM(name, prototype)                                                                  \
-    got.name = (decltype(got.name))dlsym(h, #name);                                                      \
-    if (!got.name) {                                                                                     \
-        struct link_map *lm = NULL;                                                                      \
-        append(why, cap, "; %s has no %s (not cuBLAS, or an older one)",                                            \
-               dlinfo(h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_name[0] ? lm->l_name : path, #name); \
-        dlclose(h);                                                                                      \
-        return 0;                                                                                        \
+    got.name = (decltype(got.name))dlsym(h, #name);                                                     \
+    if (!got.name) {                                                                                    \
+        struct link_map *lm = NULL;                                                                     \
+        const int named = dlinfo(h, RTLD_DI_LINKMAP, &lm) == 0 && lm && lm->l_name[0];                  \
+        append(why, cap, "; %s has no %s (not cuBLAS, or an older one)", named ? lm->l_name : path,     \
+               #name);                                                                                  \
+        dlclose(h);                                                                                     \
+        return 0;                                                                                       \
     }
     TL_CUBLAS_FUNCTIONS(TL_CUBLAS_SYM)
 #undef TL_CUBLAS_SYM

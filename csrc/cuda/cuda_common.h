@@ -20,13 +20,13 @@
  * cublas_v2.h's macros map cublasCreate & co. to). Calling a cuBLAS function directly instead compiles
  * and links, but leaves an undefined symbol that makes `import tltorch._cuda` fail: add it here. */
 #define TL_CUBLAS_FUNCTIONS(X)                                                                          \
-    X(cublasCreate_v2, &::cublasCreate_v2)                                                               \
-    X(cublasDestroy_v2, &::cublasDestroy_v2)                                                             \
-    X(cublasSetStream_v2, &::cublasSetStream_v2)                                                         \
-    X(cublasSetWorkspace_v2, &::cublasSetWorkspace_v2)                                                   \
-    X(cublasSetMathMode, &::cublasSetMathMode)                                                           \
-    X(cublasGemmEx, static_cast<tl_cublasGemmEx_fn>(&::cublasGemmEx))                                    \
-    X(cublasGemmEx_64, &::cublasGemmEx_64)                                                               \
+    X(cublasCreate_v2, &::cublasCreate_v2)                                                              \
+    X(cublasDestroy_v2, &::cublasDestroy_v2)                                                            \
+    X(cublasSetStream_v2, &::cublasSetStream_v2)                                                        \
+    X(cublasSetWorkspace_v2, &::cublasSetWorkspace_v2)                                                  \
+    X(cublasSetMathMode, &::cublasSetMathMode)                                                          \
+    X(cublasGemmEx, static_cast<tl_cublasGemmEx_fn>(&::cublasGemmEx))                                   \
+    X(cublasGemmEx_64, &::cublasGemmEx_64)                                                              \
     X(cublasGetStatusName, &::cublasGetStatusName)
 
 /* C++ also sees an inline overload of cublasGemmEx (a cudaDataType compute type, for old code): this
