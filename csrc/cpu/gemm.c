@@ -305,45 +305,55 @@ typedef struct {
 } gemm_job;
 
 /* C[i0:i0+mn, j0:j0+nn] (+)= alpha * tile, adding beta*C + bias on the first K block and rounding to
- * C's dtype on the last one. */
+ * C's dtype on the last one. Each row goes through a float32 line buffer in short, branch-free loops
+ * that the compiler vectorises, whatever C's dtype and strides. */
 static void
 store_tile(const gemm_job *g, const float *tile, int nr, int64_t i0, int64_t j0, int mn, int nn,
            int first, int last)
 {
     const tl_tensor *c = g->c;
     const int64_t sc0 = c->strides[0], sc1 = c->strides[1];
-    const int c_f32 = c->dtype == TL_FLOAT32;
-    float bias[NR_MAX];
-    for (int j = 0; j < nn; j++)
-        bias[j] = (first && g->bias) ? tl_load_f(g->bias->data, (j0 + j) * g->bias->strides[0],
-                                                 g->bias->dtype)
-                                     : 0.0f;
+    const int c_f32 = c->dtype == TL_FLOAT32, unit = sc1 == 1;
+    const float alpha = g->alpha, beta = g->beta;
+    float bias[NR_MAX], v[NR_MAX];
+    if (first && g->bias)
+        for (int j = 0; j < nn; j++)
+            bias[j] = tl_load_f(g->bias->data, (j0 + j) * g->bias->strides[0], g->bias->dtype);
+    else
+        for (int j = 0; j < nn; j++) bias[j] = 0.0f;
     for (int r = 0; r < mn; r++) {
         const float *t = tile + r * nr;
         const int64_t crow = (i0 + r) * sc0 + j0 * sc1;
-        if (c_f32 && sc1 == 1) { /* the common case, kept simple enough to vectorise */
+        float *wp = g->ws ? g->ws + (i0 + r) * g->N + j0 : NULL;
+        if (c_f32 && unit) { /* the common case: C is its own accumulator */
             float *cp = (float *)c->data + crow;
             if (!first)
-                for (int j = 0; j < nn; j++) cp[j] += g->alpha * t[j];
-            else if (g->beta != 0.0f)
-                for (int j = 0; j < nn; j++) cp[j] = g->alpha * t[j] + g->beta * cp[j] + bias[j];
+                for (int j = 0; j < nn; j++) cp[j] += alpha * t[j];
+            else if (beta != 0.0f)
+                for (int j = 0; j < nn; j++) cp[j] = alpha * t[j] + beta * cp[j] + bias[j];
             else
-                for (int j = 0; j < nn; j++) cp[j] = g->alpha * t[j] + bias[j];
+                for (int j = 0; j < nn; j++) cp[j] = alpha * t[j] + bias[j];
             continue;
         }
-        float *wp = g->ws ? g->ws + (i0 + r) * g->N + j0 : NULL;
-        for (int j = 0; j < nn; j++) {
-            float v = g->alpha * t[j];
-            if (first) {
-                v += bias[j];
-                if (g->beta != 0.0f) v += g->beta * tl_load_f(c->data, crow + j * sc1, c->dtype);
-            } else {
-                v += c_f32 ? ((float *)c->data)[crow + j * sc1] : wp[j];
-            }
-            if (last || c_f32)
-                tl_store_f(c->data, crow + j * sc1, c->dtype, v);
+        /* v = what this K block adds to what came before */
+        if (!first) {
+            const float *prev = c_f32 ? NULL : wp;
+            if (prev)
+                for (int j = 0; j < nn; j++) v[j] = alpha * t[j] + prev[j];
             else
-                wp[j] = v;
+                for (int j = 0; j < nn; j++) v[j] = alpha * t[j] + ((const float *)c->data)[crow + j * sc1];
+        } else {
+            for (int j = 0; j < nn; j++) v[j] = alpha * t[j] + bias[j];
+            if (beta != 0.0f)
+                for (int j = 0; j < nn; j++) v[j] += beta * tl_load_f(c->data, crow + j * sc1, c->dtype);
+        }
+        if (!last && !c_f32) { /* partial sums wait in the float32 workspace */
+            memcpy(wp, v, (size_t)nn * sizeof(float));
+        } else if (c->dtype == TL_BFLOAT16 && unit) {
+            uint16_t *cp = (uint16_t *)c->data + crow;
+            for (int j = 0; j < nn; j++) cp[j] = tl_f32_to_bf16(v[j]);
+        } else {
+            for (int j = 0; j < nn; j++) tl_store_f(c->data, crow + j * sc1, c->dtype, v[j]);
         }
     }
 }
@@ -421,7 +431,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
         gemm_k0(&g);
         return TL_OK;
     }
-    if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data;
+    if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
 
     const isa_desc *isa = select_isa(a->dtype);
     const int mr = isa->mr, nr = isa->nr;
@@ -442,10 +452,14 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     /* Row blocks of equal height, so that B is packed as few times as possible. */
     const int64_t nblk_m = (M + MC_MAX - 1) / MC_MAX;
     const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
-    const int64_t kc_max = K < KC ? K : KC;
+    /* K blocks of KC floats, or of 2*KC bfloat16 (the same bytes) for the pair kernel: fewer passes
+     * over C, and no float32 partials at all for K <= 2*KC. */
+    const int64_t kc_blk = isa->bf16_pairs ? 2 * KC : KC;
+    const int64_t kc_max = K < kc_blk ? K : kc_blk;
+    const int64_t kstep_max = isa->bf16_pairs ? (kc_max + 1) / 2 : kc_max; /* floats per sliver row */
 
-    float *apack = scratch_alloc((size_t)(mc_max * kc_max));
-    float *bpack = scratch_alloc((size_t)nt * (size_t)(kc_max * nc));
+    float *apack = scratch_alloc((size_t)(mc_max * kstep_max));
+    float *bpack = scratch_alloc((size_t)nt * (size_t)(kstep_max * nc));
     if (!apack || !bpack) {
         free(apack);
         free(bpack);
@@ -455,8 +469,8 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     for (int64_t ic = 0; ic < M; ic += mc_max) {
         const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
         const int64_t nsl_a = (mc + mr - 1) / mr;
-        for (int64_t pc = 0; pc < K; pc += KC) {
-            const int64_t kc = K - pc < KC ? K - pc : KC;
+        for (int64_t pc = 0; pc < K; pc += kc_blk) {
+            const int64_t kc = K - pc < kc_blk ? K - pc : kc_blk;
             const int first = pc == 0, last = pc + kc == K;
             const int64_t kstep = isa->bf16_pairs ? (kc + 1) / 2 : kc; /* floats per sliver row */
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -473,7 +487,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
                 else
                     pack_a(a, ic, mc, pc, kc, mr, s0, s1, apack);
 #pragma omp barrier
-                float *bp = bpack + (size_t)tid * (size_t)(kc_max * nc);
+                float *bp = bpack + (size_t)tid * (size_t)(kstep_max * nc);
                 float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t w = 0; w < nblk * msplit; w++) {
