@@ -67,8 +67,8 @@ int tl_cpu_default_threads(void);
 
 /* GEMM with bias, float32 accumulation:
  *     C[M,N] = alpha * A[M,K] @ B[K,N] + beta * C[M,N] + bias[N]
- * a, b: 2-D, any strides, float32/bfloat16/float16, same dtype. c: 2-D, any strides, float32 or a's
- * dtype. bias: NULL or 1-D of N, float32 or c's dtype. beta == 0 never reads C (it may hold NaN).
+ * a, b: 2-D, any strides, float32/bfloat16/float16 (the core also takes a and b of different float
+ * dtypes; the Python binding asks for one). c: 2-D, any strides, float32 or a's or b's dtype. bias: NULL or 1-D of N, float32 or c's dtype. beta == 0 never reads C (it may hold NaN).
  * ws: when c is not float32 and K > TL_GEMM_KC, a float32 contiguous scratch of >= M*N elements that
  * carries the partial sums between K blocks (so that rounding to c's dtype happens once); else NULL. */
 #define TL_GEMM_KC 384
@@ -78,6 +78,32 @@ tl_status tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b
 /* Column sums: out[N] = beta * out[N] + sum_m x[m, n], float32 accumulation.
  * x: 2-D float32/bfloat16/float16, any strides. out: 1-D of N, float32 or x's dtype. */
 tl_status tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthreads);
+
+/* Fused linear + softmax + cross-entropy over rows in chunks, never holding more than a chunk of logits:
+ *     z_i = x_i W^T + b,  lse_i = log sum_c exp z_ic,  p_ic = exp(z_ic - lse_i)
+ *     loss_i = (1-eps) w_t (lse_i - z_it) + (eps/C) sum_c w_c (lse_i - z_ic)   (t = target_i, w = class
+ *              weights, all 1 without them; ignored rows: loss 0, no gradient)
+ *     dz_ic = s_i [ p_ic ((1-eps) w_t + (eps/C) sum_c w_c) - (1-eps) w_t [c == t] - (eps/C) w_c ]
+ *     dx = dz W,  dW = dz^T x,  db = sum_i dz_i
+ * where s_i = grad_rows[i] when given, else 1/sum_i w_t (mean) or 1 (sum, none).
+ * x: (N, D), w: (C, D), bias: NULL or (C,) — float32/bfloat16/float16, one dtype. target: (N,) int64 or
+ * int32. class_weight: NULL or (C,) float32 or x's dtype. loss: NULL, a 1-element tensor (mean, sum) or
+ * (N,) (none), float32 or x's dtype. dx: NULL or (N, D) of x's dtype or float32; dw: NULL or (C, D)
+ * float32; db: NULL or (C,) float32 (each overwritten). ws: float32 contiguous; rows are processed in
+ * chunks of ws.numel / (C + D + 1). A target outside [0, C) that is not ignore_index: TL_ERR_INDEX,
+ * *bad_target set to it, and nothing written. */
+enum { TL_REDUCE_MEAN = 0, TL_REDUCE_SUM = 1, TL_REDUCE_NONE = 2 };
+typedef struct {
+    int64_t ignore_index;
+    float label_smoothing;
+    int reduction; /* TL_REDUCE_* */
+} tl_xent_opts;
+
+tl_status tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                             const tl_tensor *target, const tl_tensor *class_weight,
+                             const tl_xent_opts *opts, const tl_tensor *grad_rows, tl_tensor *loss,
+                             tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws,
+                             int64_t *bad_target, int nthreads);
 
 /* ---- CUDA (tltorch._cuda) ---------------------------------------------------------------------- */
 

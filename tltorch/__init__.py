@@ -4,11 +4,11 @@
 """
 import torch  # noqa: F401  (torch's OpenMP runtime is loaded before ours, so they are one)
 
-from . import _C, _ops, functional
+from . import _C, _ops, functional, nn
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "functional", "__version__"]
+__all__ = ["backend_info", "functional", "nn", "__version__"]
 
 
 def backend_info() -> dict:

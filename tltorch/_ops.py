@@ -187,3 +187,160 @@ def _linear_grad(ctx, grad):
 
 
 _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+# ---- linear + cross-entropy (the fused head) -----------------------------------------------------------
+# Eager: for mean/sum the forward pass computes the gradients too (one pass over the logits, a chunk of
+# rows at a time) and backward only scales them by the upstream gradient; for "none" backward recomputes
+# the logits with each row's upstream gradient. Under torch.compile, tltorch::linear_cross_entropy and
+# its backward op (which always recomputes) stand in.
+
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+# At most this many float32 logits per chunk of rows (64 MB): the head's working memory.
+_XENT_CHUNK_FLOATS = 16 << 20
+
+
+def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_weight: Optional[Tensor],
+          ignore_index: int, label_smoothing: float, red: int, grad_rows: Optional[Tensor], want_loss: bool,
+          need_x: bool, need_weight: bool, need_bias: bool):
+    """One call of the fused kernel: (loss, dx, dweight, dbias), each None unless asked for."""
+    if x2.is_cuda:
+        raise RuntimeError("tltorch.functional.linear_cross_entropy runs on the CPU in this version; "
+                           "its CUDA kernel is not built yet")
+    n, d = x2.shape
+    c = weight.shape[0]
+    dev = x2.device
+    loss = torch.empty((n,) if red == 2 else (), dtype=x2.dtype, device=dev) if want_loss else None
+    dx = torch.empty((n, d), dtype=x2.dtype, device=dev) if need_x else None
+    dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
+    db = torch.empty(c, dtype=torch.float32, device=dev) if need_bias else None
+    per_row = c + d + 1
+    rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
+    ws = torch.empty(rows * per_row, dtype=torch.float32, device=dev)
+    _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,
+                   loss, dx, dw, db, ws, torch.get_num_threads())
+    if dw is not None and weight.dtype is not torch.float32:
+        dw = dw.to(weight.dtype)
+    if db is not None and bias.dtype is not torch.float32:
+        db = db.to(bias.dtype)
+    return loss, dx, dw, db
+
+
+def _flat(x: Tensor, target: Tensor):
+    n = target.numel()
+    x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
+    t1 = target if target.dim() == 1 else target.reshape(n)
+    return x2, t1
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing, red):
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        nb = nb and bias is not None
+        x2, t1 = _flat(x, target)
+        ctx.red, ctx.opts, ctx.x_shape = red, (ignore_index, label_smoothing), x.shape
+        ctx.has_bias = bias is not None
+        if red == 2:
+            loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None, True,
+                         False, False, False)[0]
+            ctx.save_for_backward(x2, weight, bias, t1, class_weight)
+            return loss.view(target.shape)
+        loss, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None,
+                                 True, nx, nw, nb)
+        ctx.save_for_backward(dx, dw, db)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        nb = nb and ctx.has_bias
+        if ctx.red == 2:
+            x2, weight, bias, t1, class_weight = ctx.saved_tensors
+            _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, 2, g.reshape(-1), False,
+                                  nx, nw, nb)
+        else:
+            dx, dw, db = ctx.saved_tensors
+            # The usual upstream gradient of a loss is 1: then the saved gradients are the answer (autograd
+            # copies them into .grad, so they stay intact for a second backward).
+            if g.is_cuda or g.item() != 1.0:
+                dx, dw, db = (None if t is None else t * g.to(t.dtype) for t in (dx, dw, db))
+        if dx is not None and len(ctx.x_shape) != 2:
+            dx = dx.view(ctx.x_shape)
+        return dx if nx else None, dw if nw else None, db if nb else None, None, None, None, None, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                         class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                         red: int) -> Tensor:
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return torch.ops.tltorch.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index,
+                                                      label_smoothing, red)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _LinearCrossEntropy.apply(x, weight, bias, target, class_weight, ignore_index,
+                                         label_smoothing, red)
+    x2, t1 = _flat(x, target)
+    loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None, True,
+                 False, False, False)[0]
+    return loss.view(target.shape) if red == 2 else loss
+
+
+@torch.library.custom_op("tltorch::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                             class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                             reduction: int) -> Tensor:
+    x2, t1 = _flat(x, target)
+    loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, reduction, None, True,
+                 False, False, False)[0]
+    return loss.view(target.shape) if reduction == 2 else loss
+
+
+@_linear_cross_entropy_op.register_fake
+def _(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction):
+    return x.new_empty(target.shape if reduction == 2 else ())
+
+
+@torch.library.custom_op("tltorch::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(grad: Tensor, x: Tensor, weight: Tensor, target: Tensor,
+                                      bias: Optional[Tensor], class_weight: Optional[Tensor],
+                                      ignore_index: int, label_smoothing: float, reduction: int,
+                                      need_x: bool, need_weight: bool,
+                                      need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    x2, t1 = _flat(x, target)
+    rows = grad.reshape(-1).expand(t1.shape[0]) if reduction == 2 else None
+    _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, reduction,
+                          rows, False, need_x, need_weight, need_bias)
+    if reduction != 2:
+        dx, dw, db = (None if t is None else t * grad.to(t.dtype) for t in (dx, dw, db))
+    if dx is not None:
+        dx = dx.view(x.shape)
+    return tuple(grad.new_empty(0) if t is None else t for t in (dx, dw, db))
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, need_x,
+      need_weight, need_bias):
+    return (x.new_empty(x.shape) if need_x else grad.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else grad.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_bias else grad.new_empty(0))
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction = inputs
+    ctx.save_for_backward(x, weight, target, bias, class_weight)
+    ctx.opts = (ignore_index, label_smoothing, reduction)
+    ctx.has_bias = bias is not None
+
+
+def _lce_grad(ctx, grad):
+    x, weight, target, bias, class_weight = ctx.saved_tensors
+    nx, nw, _, nb = ctx.needs_input_grad[:4]
+    nb = nb and ctx.has_bias
+    dx, dw, db = torch.ops.tltorch.linear_cross_entropy_backward(grad, x, weight, target, bias, class_weight,
+                                                                 *ctx.opts, nx, nw, nb)
+    return dx if nx else None, dw if nw else None, None, db if nb else None, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_lce_grad, setup_context=_lce_setup)

@@ -400,8 +400,8 @@ check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, const 
 {
     tl_status st;
     if ((st = tl_check_cpu(a, 2)) || (st = tl_check_cpu(b, 2)) || (st = tl_check_cpu(c, 2))) return st;
-    if (!tl_is_float_dtype(a->dtype) || b->dtype != a->dtype) return TL_ERR_DTYPE;
-    if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype) return TL_ERR_DTYPE;
+    if (!tl_is_float_dtype(a->dtype) || !tl_is_float_dtype(b->dtype)) return TL_ERR_DTYPE;
+    if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype && c->dtype != b->dtype) return TL_ERR_DTYPE;
     if (a->shape[1] != b->shape[0] || c->shape[0] != a->shape[0] || c->shape[1] != b->shape[1])
         return TL_ERR_SHAPE;
     if (bias) {
@@ -433,7 +433,7 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
 
-    const isa_desc *isa = select_isa(a->dtype);
+    const isa_desc *isa = select_isa(a->dtype == b->dtype ? a->dtype : TL_FLOAT32);
     const int mr = isa->mr, nr = isa->nr;
     int nt = tl_threads(nthreads);
     /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */

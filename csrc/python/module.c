@@ -4,7 +4,8 @@
  * checks them with messages that name the argument, releases the GIL around the kernel, and turns a
  * tl_status into an exception. Positional arguments only: tltorch/_ops.py is the one caller and gives
  * them names. */
-#include "bridge.h"
+#include "bridge.h" /* first: it brings Python.h */
+#include "../cpu/cpu.h"
 
 typedef struct {
     tl_bridge bridge;
@@ -171,6 +172,136 @@ fail:
     return ret;
 }
 
+static int
+need_index(const tl_arg *a)
+{
+    if (a->t.dtype == TL_INT64 || a->t.dtype == TL_INT32) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected int64 or int32 class indices",
+                 a->name, tl_dtype_name(a->t.dtype));
+    return -1;
+}
+
+/* linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
+ *             loss, dx, dw, db, ws, nthreads): the fused linear + cross-entropy head (tl.h), in place.
+ * reduction: 0 mean, 1 sum, 2 none. Optional tensors may be None. */
+static PyObject *
+py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), w = TL_ARG_INIT("weight"), bias = TL_ARG_INIT("bias"),
+           target = TL_ARG_INIT("target"), cw = TL_ARG_INIT("class_weight"),
+           grow = TL_ARG_INIT("grad_rows"), loss = TL_ARG_INIT("loss"), dx = TL_ARG_INIT("dx"),
+           dw = TL_ARG_INIT("dw"), db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws");
+    tl_arg *opt[] = {&bias, &cw, &grow, &loss, &dx, &dw, &db};
+    const int opt_pos[] = {2, 4, 8, 9, 10, 11, 12};
+    PyObject *ret = NULL;
+    tl_xent_opts o;
+    float eps;
+    int red, nthreads;
+    int64_t bad = 0;
+    tl_status st;
+
+    if (nargs_is(nargs, 15, "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, "
+                 "reduction, grad_rows, loss, dx, dw, db, ws, nthreads)") < 0)
+        return NULL;
+    long long ign = PyLong_AsLongLong(args[5]);
+    if (ign == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'ignore_index' must be an int");
+        return NULL;
+    }
+    if (get_float(args[6], "label_smoothing", &eps) < 0 || get_int(args[7], "reduction", &red) < 0 ||
+        get_int(args[14], "nthreads", &nthreads) < 0)
+        return NULL;
+    if (!(eps >= 0.0f && eps <= 1.0f)) {
+        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %g", (double)eps);
+        return NULL;
+    }
+    if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
+        PyErr_Format(PyExc_ValueError, "argument 'reduction' must be 0 (mean), 1 (sum) or 2 (none)");
+        return NULL;
+    }
+    o.ignore_index = ign;
+    o.label_smoothing = eps;
+    o.reduction = red;
+    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
+        tl_arg_import(br, args[3], &target) < 0 || tl_arg_import(br, args[13], &ws) < 0)
+        goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
+
+    if (need_cpu(&x) || need_cpu(&w) || need_cpu(&target) || need_cpu(&ws)) goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (opt[k]->via && need_cpu(opt[k])) goto fail;
+    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || tl_need_ndim(&ws, 1))
+        goto fail;
+    if (tl_need_float(&x) || tl_need_dtype_of(&w, &x) || need_index(&target)) goto fail;
+    const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
+    if (tl_need_size(&w, 1, D, "x.shape[1]") || tl_need_size(&target, 0, N, "x.shape[0]")) goto fail;
+    if (C < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'weight' must have at least one class (row)");
+        goto fail;
+    }
+    if (bias.via && (tl_need_ndim(&bias, 1) || tl_need_dtype_of(&bias, &x) || tl_need_size(&bias, 0, C, "classes")))
+        goto fail;
+    if (cw.via && (tl_need_ndim(&cw, 1) || tl_need_dtype_f32_or(&cw, &x) || tl_need_size(&cw, 0, C, "classes")))
+        goto fail;
+    if (grow.via && (tl_need_ndim(&grow, 1) || tl_need_float(&grow) || tl_need_size(&grow, 0, N, "rows")))
+        goto fail;
+    if (loss.via) {
+        if (tl_need_dtype_f32_or(&loss, &x) || tl_need_writable(&loss)) goto fail;
+        if (red == TL_REDUCE_NONE ? (tl_need_ndim(&loss, 1) || tl_need_size(&loss, 0, N, "rows"))
+                                  : tl_numel(&loss.t) != 1) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "argument 'loss' must hold one element for mean/sum");
+            goto fail;
+        }
+    }
+    if (dx.via && (tl_need_ndim(&dx, 2) || tl_need_dtype_f32_or(&dx, &x) || tl_need_size(&dx, 0, N, "rows") ||
+                   tl_need_size(&dx, 1, D, "features") || tl_need_writable(&dx)))
+        goto fail;
+    for (int k = 0; k < 2; k++) {
+        tl_arg *g = k ? &db : &dw;
+        if (!g->via) continue;
+        if (g->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)", g->name);
+            goto fail;
+        }
+        if (tl_need_ndim(g, k ? 1 : 2) || tl_need_size(g, 0, C, "classes") ||
+            (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
+            goto fail;
+    }
+    if (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
+        (N > 0 && ws.t.shape[0] < C + D + 1) || tl_need_writable(&ws)) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least "
+                         "C + D + 1 = %lld elements", (long long)(C + D + 1));
+        goto fail;
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_linear_xent_cpu(&x.t, &w.t, bias.via ? &bias.t : NULL, &target.t, cw.via ? &cw.t : NULL, &o,
+                            grow.via ? &grow.t : NULL, loss.via ? &loss.t : NULL, dx.via ? &dx.t : NULL,
+                            dw.via ? &dw.t : NULL, db.via ? &db.t : NULL, &ws.t, &bad, nthreads);
+    Py_END_ALLOW_THREADS
+    if (st == TL_ERR_INDEX) {
+        PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
+                     "ignore_index (%lld)", (long long)bad, (long long)C, (long long)ign);
+        goto fail;
+    }
+    if (st) {
+        tl_raise_status(st, "tltorch._C.linear_xent");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&x);
+    tl_arg_release(&w);
+    tl_arg_release(&target);
+    tl_arg_release(&ws);
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    return ret;
+}
+
 /* describe(obj): what the bridge sees, for tests and debugging. */
 static PyObject *
 py_describe(PyObject *mod, PyObject *obj)
@@ -219,6 +350,9 @@ static PyMethodDef methods[] = {
      "in place; trans bit 0 transposes a, bit 1 b."},
     {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
      "colsum(x, out, beta, nthreads): out = beta*out + x.sum(0), in place."},
+    {"linear_xent", (PyCFunction)(void (*)(void))py_linear_xent, METH_FASTCALL,
+     "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows, "
+     "loss, dx, dw, db, ws, nthreads): the fused linear + cross-entropy head, in place."},
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
     {"default_threads", py_default_threads, METH_NOARGS, "Threads used when nthreads <= 0."},

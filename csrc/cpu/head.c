@@ -1,0 +1,360 @@
+/* head.c: fused linear + softmax + cross-entropy (the classifier or vocabulary head), forward and
+ * backward in one pass over the rows, a chunk of rows at a time (the math is in tl.h):
+ *
+ *   for each chunk of R rows:   Z = X[chunk] W^T + b          (R x C float32, the caller's workspace)
+ *                               per row: max, lse, loss; dz overwrites z in place (when grads are wanted)
+ *                               dX[chunk] = dZ W;   dW += dZ^T X[chunk];   db += colsum(dZ)
+ *
+ * Memory: the workspace holds R x C logits, R x D float32 partials of dX, and R losses; nothing of size
+ * N x C ever exists. X is read twice per chunk (forward GEMM, dW), W three times (Z, dX, and its
+ * packing), dW read and written once per chunk. The row pass reads each z twice (max, sum of exp) and
+ * writes dz once, with a vectorised exp on AVX-512.
+ * Results do not depend on the thread count: each row's sums run in a fixed order, losses are added
+ * in row order in double precision, and the GEMMs are deterministic. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "cpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TL_X86 1
+#endif
+
+/* ---- row primitives: max, sum of exp, the gradient row ------------------------------------------- */
+
+typedef struct {
+    float (*max)(const float *z, int64_t n);
+    float (*sumexp)(const float *z, int64_t n, float m);            /* sum exp(z - m) */
+    void (*grad)(float *z, int64_t n, float lse, float a, float s); /* z = s * a * exp(z - lse) */
+} row_ops;
+
+static float
+max_portable(const float *z, int64_t n)
+{
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = z[i] > m ? z[i] : m;
+    return m;
+}
+
+static float
+sumexp_portable(const float *z, int64_t n, float m)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += expf(z[i] - m);
+    return (float)s;
+}
+
+static void
+grad_portable(float *z, int64_t n, float lse, float a, float s)
+{
+    const float sa = s * a;
+    for (int64_t i = 0; i < n; i++) z[i] = sa * expf(z[i] - lse);
+}
+
+#ifdef TL_X86
+/* exp(x) for x <= 0 (all we need: z - max and z - lse): x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
+ * polynomial to r^6 (relative error < 2e-7 on that interval), times 2^n by vscalefps, which also
+ * underflows cleanly to 0 for very negative x. */
+__attribute__((target("avx512f"))) static inline __m512
+exp512(__m512 x)
+{
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) static float
+max_avx512(const float *z, int64_t n)
+{
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(z + i));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(z + i + 16));
+    }
+    for (; i + 16 <= n; i += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(z + i));
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, z + i));
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+__attribute__((target("avx512f"))) static float
+sumexp_avx512(const float *z, int64_t n, float m)
+{
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_add_ps(s0, exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm)));
+        s1 = _mm512_add_ps(s1, exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16), vm)));
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm));
+        s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512f"))) static void
+grad_avx512(float *z, int64_t n, float lse, float a, float s)
+{
+    const __m512 vl = _mm512_set1_ps(lse), sa = _mm512_set1_ps(s * a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(z + i, _mm512_mul_ps(sa, exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i), vl))));
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vl));
+        _mm512_mask_storeu_ps(z + i, k, _mm512_mul_ps(sa, e));
+    }
+}
+#endif
+
+static row_ops
+select_row_ops(void)
+{
+    row_ops ops = {max_portable, sumexp_portable, grad_portable};
+#ifdef TL_X86
+    const char *cap = getenv("TLTORCH_CPU_ISA");
+    __builtin_cpu_init();
+    if ((!cap || !strcmp(cap, "avx512")) && __builtin_cpu_supports("avx512f")) {
+        ops.max = max_avx512;
+        ops.sumexp = sumexp_avx512;
+        ops.grad = grad_avx512;
+    }
+#endif
+    return ops;
+}
+
+/* ---- the fused head ----------------------------------------------------------------------------- */
+
+static int64_t
+load_index(const tl_tensor *t, int64_t i)
+{
+    const int64_t off = i * t->strides[0];
+    return t->dtype == TL_INT64 ? ((const int64_t *)t->data)[off] : ((const int32_t *)t->data)[off];
+}
+
+static tl_tensor
+view2d(void *data, tl_dtype dt, int64_t rows, int64_t cols, int64_t s0, int64_t s1)
+{
+    tl_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = dt;
+    t.device = TL_CPU;
+    t.ndim = 2;
+    t.shape[0] = rows;
+    t.shape[1] = cols;
+    t.strides[0] = s0;
+    t.strides[1] = s1;
+    return t;
+}
+
+/* Rows [i0, i0+rows) of a 2-D tensor, as a view. */
+static tl_tensor
+row_block(const tl_tensor *t, int64_t i0, int64_t rows)
+{
+    const size_t es = tl_dtype_size(t->dtype);
+    return view2d(t->data ? (char *)t->data + i0 * t->strides[0] * (int64_t)es : NULL, t->dtype, rows,
+                  t->shape[1], t->strides[0], t->strides[1]);
+}
+
+static tl_status
+check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+           const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, const tl_tensor *loss,
+           const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db, const tl_tensor *ws)
+{
+    tl_status st;
+    if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(w, 2)) || (st = tl_check_cpu(target, 1)) ||
+        (st = tl_check_cpu(ws, 1)))
+        return st;
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
+    if (!tl_is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
+    if (target->dtype != TL_INT64 && target->dtype != TL_INT32) return TL_ERR_DTYPE;
+    if (w->shape[1] != D || target->shape[0] != N || C < 1) return TL_ERR_SHAPE;
+    if (o->reduction < TL_REDUCE_MEAN || o->reduction > TL_REDUCE_NONE) return TL_ERR_VALUE;
+    if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f)) return TL_ERR_VALUE;
+    if (bias) {
+        if ((st = tl_check_cpu(bias, 1))) return st;
+        if (bias->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (bias->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (cw) {
+        if ((st = tl_check_cpu(cw, 1))) return st;
+        if (cw->dtype != TL_FLOAT32 && cw->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (cw->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (grad_rows) {
+        if ((st = tl_check_cpu(grad_rows, 1))) return st;
+        if (!tl_is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
+        if (grad_rows->shape[0] != N) return TL_ERR_SHAPE;
+    }
+    if (loss) {
+        if (loss->device != TL_CPU || (tl_numel(loss) > 0 && !loss->data)) return TL_ERR_VALUE;
+        if (loss->dtype != TL_FLOAT32 && loss->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (o->reduction == TL_REDUCE_NONE ? (loss->ndim != 1 || loss->shape[0] != N) : tl_numel(loss) != 1)
+            return TL_ERR_SHAPE;
+    }
+    if (dx) {
+        if ((st = tl_check_cpu(dx, 2))) return st;
+        if (dx->dtype != TL_FLOAT32 && dx->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (dx->shape[0] != N || dx->shape[1] != D) return TL_ERR_SHAPE;
+    }
+    if (dw) {
+        if ((st = tl_check_cpu(dw, 2))) return st;
+        if (dw->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+        if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
+    }
+    if (db) {
+        if ((st = tl_check_cpu(db, 1))) return st;
+        if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+        if (db->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
+    if (N > 0 && ws->shape[0] < C + D + 1) return TL_ERR_VALUE; /* room for one row */
+    return TL_OK;
+}
+
+tl_status
+tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                   const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
+                   tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, int64_t *bad_target,
+                   int nthreads)
+{
+    tl_status st = check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, ws);
+    if (st) return st;
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
+    const int nt = tl_threads(nthreads);
+    const float eps = o->label_smoothing, keep = 1.0f - eps, epsc = eps / (float)C;
+    const int grads = dx || dw || db;
+
+    /* Pass over the targets: validate all of them before writing anything, and the mean's divisor. */
+    double wsum = 0.0, wall = 0.0;
+    for (int64_t i = 0; i < N; i++) {
+        const int64_t t = load_index(target, i);
+        if (t == o->ignore_index) continue;
+        if (t < 0 || t >= C) {
+            if (bad_target) *bad_target = t;
+            return TL_ERR_INDEX;
+        }
+        wsum += cw ? tl_load_f(cw->data, t * cw->strides[0], cw->dtype) : 1.0;
+    }
+    for (int64_t c = 0; c < C; c++) wall += cw ? tl_load_f(cw->data, c * cw->strides[0], cw->dtype) : 1.0;
+    /* The gradient of the mean is scaled by 1/wsum; with every target ignored the loss is 0/0 = NaN
+     * (as in torch) and every row's gradient is zero, not NaN. */
+    const float mean_scale = wsum != 0.0 ? (float)(1.0 / wsum) : 0.0f;
+
+    /* db accumulates over chunks from zero; dW's first chunk overwrites it (beta = 0), so only an empty
+     * batch needs it zeroed here. */
+    if (db)
+        for (int64_t c = 0; c < C; c++) ((float *)db->data)[c * db->strides[0]] = 0.0f;
+    if (dw && N == 0)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t d = 0; d < D; d++) ((float *)dw->data)[c * dw->strides[0] + d * dw->strides[1]] = 0.0f;
+    /* Class weights as float32 (a small scratch of C floats), or NULL. */
+    float *cwf = NULL;
+    if (cw) {
+        if (!(cwf = malloc((size_t)C * sizeof(float)))) return TL_ERR_NOMEM;
+        for (int64_t c = 0; c < C; c++) cwf[c] = tl_load_f(cw->data, c * cw->strides[0], cw->dtype);
+    }
+
+    const int64_t per_row = C + D + 1;
+    int64_t R = ws->shape[0] / per_row;
+    if (R > N) R = N;
+    if (R < 1) R = 1;
+    float *zbuf = (float *)ws->data;            /* R x C logits, then dz */
+    float *dxws = zbuf + R * C;                 /* R x D float32 partials of a low-precision dX */
+    float *lrow = dxws + R * D;                 /* R row losses */
+    const row_ops ops = select_row_ops();
+    double total = 0.0;
+    tl_tensor wt = view2d(w->data, w->dtype, D, C, w->strides[1], w->strides[0]); /* W^T */
+
+    for (int64_t i0 = 0; i0 < N; i0 += R) {
+        const int64_t rows = N - i0 < R ? N - i0 : R;
+        tl_tensor xr = row_block(x, i0, rows);
+        tl_tensor z = view2d(zbuf, TL_FLOAT32, rows, C, C, 1);
+        if ((st = tl_gemm_cpu(&xr, &wt, bias, &z, 1.0f, 0.0f, NULL, nt))) goto done;
+
+#pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 32768) schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *zr = zbuf + r * C;
+            const int64_t t = load_index(target, i0 + r);
+            if (t == o->ignore_index) {
+                lrow[r] = 0.0f;
+                if (grads) memset(zr, 0, (size_t)C * sizeof(float));
+                continue;
+            }
+            const float m = ops.max(zr, C);
+            const float lse = m + logf(ops.sumexp(zr, C, m));
+            const float wt_ = cwf ? cwf[t] : 1.0f;
+            double li = (double)keep * wt_ * ((double)lse - zr[t]);
+            if (eps > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
+                double sm = 0.0;
+                if (cwf)
+                    for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * ((double)lse - zr[c]);
+                else
+                    for (int64_t c = 0; c < C; c++) sm += (double)lse - zr[c];
+                li += (double)epsc * sm;
+            }
+            lrow[r] = (float)li;
+            if (!grads) continue;
+            const float s = grad_rows ? tl_load_f(grad_rows->data, (i0 + r) * grad_rows->strides[0],
+                                                  grad_rows->dtype)
+                                      : (o->reduction == TL_REDUCE_MEAN ? mean_scale : 1.0f);
+            ops.grad(zr, C, lse, keep * wt_ + epsc * (float)wall, s);
+            zr[t] -= s * keep * wt_;
+            if (eps > 0.0f) {
+                if (cwf)
+                    for (int64_t c = 0; c < C; c++) zr[c] -= s * epsc * cwf[c];
+                else
+                    for (int64_t c = 0; c < C; c++) zr[c] -= s * epsc;
+            }
+        }
+
+        for (int64_t r = 0; r < rows; r++) total += lrow[r];
+        if (loss && o->reduction == TL_REDUCE_NONE)
+            for (int64_t r = 0; r < rows; r++)
+                tl_store_f(loss->data, (i0 + r) * loss->strides[0], loss->dtype, lrow[r]);
+
+        if (dx) {
+            tl_tensor dxr = row_block(dx, i0, rows);
+            tl_tensor dxw1 = view2d(dxws, TL_FLOAT32, 1, rows * D, rows * D, 1);
+            dxw1.ndim = 1;
+            dxw1.shape[0] = rows * D;
+            dxw1.strides[0] = 1;
+            /* dX = dZ W (a float32 dZ against W in its own dtype: the core GEMM mixes them) */
+            if ((st = tl_gemm_cpu(&z, w, NULL, &dxr, 1.0f, 0.0f, &dxw1, nt))) goto done;
+        }
+        if (dw) {
+            tl_tensor zt = view2d(zbuf, TL_FLOAT32, C, rows, 1, C); /* dZ^T */
+            if ((st = tl_gemm_cpu(&zt, &xr, NULL, dw, 1.0f, i0 == 0 ? 0.0f : 1.0f, NULL, nt))) goto done;
+        }
+        if (db) {
+            if ((st = tl_colsum_cpu(&z, db, 1.0f, nt))) goto done;
+        }
+    }
+
+    if (loss && o->reduction != TL_REDUCE_NONE) {
+        const double v = o->reduction == TL_REDUCE_MEAN ? total / wsum : total; /* 0/0: NaN, as torch */
+        tl_store_f(loss->data, 0, loss->dtype, (float)v);
+    }
+done:
+    free(cwf);
+    return st;
+}
