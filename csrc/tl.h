@@ -68,7 +68,9 @@ int tl_cpu_default_threads(void);
 /* GEMM with bias, float32 accumulation:
  *     C[M,N] = alpha * A[M,K] @ B[K,N] + beta * C[M,N] + bias[N]
  * a, b: 2-D, any strides, float32/bfloat16/float16 (the core also takes a and b of different float
- * dtypes; the Python binding asks for one). c: 2-D, any strides, float32 or a's or b's dtype. bias: NULL or 1-D of N, float32 or c's dtype. beta == 0 never reads C (it may hold NaN).
+ * dtypes; the Python binding asks for one). c: 2-D, any strides, float32 or a's or b's dtype.
+ * bias: NULL or 1-D of N, any of the three float dtypes (the binding asks for float32 or c's).
+ * beta == 0 never reads C (it may hold NaN).
  * ws: when c is not float32 and K > TL_GEMM_KC, a float32 contiguous scratch of >= M*N elements that
  * carries the partial sums between K blocks (so that rounding to c's dtype happens once); else NULL. */
 #define TL_GEMM_KC 384

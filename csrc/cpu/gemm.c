@@ -406,7 +406,7 @@ check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, const 
         return TL_ERR_SHAPE;
     if (bias) {
         if ((st = tl_check_cpu(bias, 1))) return st;
-        if (bias->dtype != TL_FLOAT32 && bias->dtype != c->dtype) return TL_ERR_DTYPE;
+        if (!tl_is_float_dtype(bias->dtype)) return TL_ERR_DTYPE;
         if (bias->shape[0] != c->shape[1]) return TL_ERR_SHAPE;
     }
     if (c->dtype != TL_FLOAT32 && a->shape[1] > KC && tl_numel(c) > 0) {
