@@ -87,7 +87,7 @@ tl_status tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthr
  *              weights, all 1 without them; ignored rows: loss 0, no gradient)
  *     dz_ic = s_i [ p_ic ((1-eps) w_t + (eps/C) sum_c w_c) - (1-eps) w_t [c == t] - (eps/C) w_c ]
  *     dx = dz W,  dW = dz^T x,  db = sum_i dz_i
- * where s_i = grad_rows[i] when given, else 1/sum_i w_t (mean) or 1 (sum, none).
+ * where s_i = (grad_rows ? grad_rows[i] : 1) times 1/sum_i w_t for the mean (1 for sum and none).
  * x: (N, D), w: (C, D), bias: NULL or (C,) — float32/bfloat16/float16, one dtype. target: (N,) int64 or
  * int32. class_weight: NULL or (C,) float32 or x's dtype. loss: NULL, a 1-element tensor (mean, sum) or
  * (N,) (none), float32 or x's dtype. dx: NULL or (N, D) of x's dtype or float32; dw: NULL or (C, D)
@@ -127,6 +127,24 @@ tl_status tl_gemm_cuda(tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor
                        const tl_tensor *bias, tl_tensor *c, float alpha, float beta,
                        void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32, void *stream);
 tl_status tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *stream);
+
+/* tl_linear_xent_cpu's contract on `stream`, with tl_gemm_cuda's GEMMs (x and w need a unit stride in
+ * one dim, dx and dw in dim 1; cublas_ws, cublas_ws_bytes, allow_tf32 as there; all tensors on ctx's
+ * device). ws: float32, contiguous, of at least TL_XENT_CUDA_WS_EXTRA + C + D + 1 elements when N > 0:
+ * the first TL_XENT_CUDA_WS_EXTRA hold the targets' check and the running loss, the rest the CPU's
+ * layout for chunks of R = (ws.numel - TL_XENT_CUDA_WS_EXTRA) / (C + D + 1) rows (its R x D region is
+ * unused here: cuBLAS carries dX's partial sums in float32 itself). cuBLAS multiplies only like dtypes,
+ * so with bfloat16/float16 x the chunk's dZ is rounded to x's dtype, in place, for dX and dW (what
+ * torch's own backward feeds its GEMMs); db sums the float32 dZ. Without grad_rows, s is applied as the
+ * GEMMs' alpha and to db at the end, so that float16 dZ is not flushed to zero by a small 1/sum_w.
+ * When N > 0 the targets are checked on the device and `stream` is synchronised once, before anything
+ * is written (the host needs the verdict): the call cannot be captured in a CUDA graph. */
+#define TL_XENT_CUDA_WS_EXTRA 64
+tl_status tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w,
+                              const tl_tensor *bias, const tl_tensor *target, const tl_tensor *class_weight,
+                              const tl_xent_opts *opts, const tl_tensor *grad_rows, tl_tensor *loss,
+                              tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, void *cublas_ws,
+                              size_t cublas_ws_bytes, int allow_tf32, int64_t *bad_target, void *stream);
 
 #ifdef __cplusplus
 }

@@ -233,6 +233,11 @@ def _flat(x: Tensor, target: Tensor):
     return x2, t1
 
 
+def _upstream_rows(g: Tensor, n: int) -> Tensor:
+    """The upstream gradient as one value per row (a broadcast view for a scalar)."""
+    return g.reshape(-1).expand(n) if g.dim() == 0 else g.reshape(n)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing, red):
@@ -240,32 +245,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         nb = nb and bias is not None
         x2, t1 = _flat(x, target)
         ctx.red, ctx.opts, ctx.x_shape = red, (ignore_index, label_smoothing), x.shape
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, weight, bias, t1, class_weight)
+        ctx.grads = None
         if red == 2:
             loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None, True,
                          False, False, False)[0]
-            ctx.save_for_backward(x2, weight, bias, t1, class_weight)
             return loss.view(target.shape)
         loss, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None,
                                  True, nx, nw, nb)
-        ctx.save_for_backward(dx, dw, db)
+        ctx.grads = (dx, dw, db)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         nx, nw, nb = ctx.needs_input_grad[:3]
-        nb = nb and ctx.has_bias
-        if ctx.red == 2:
-            x2, weight, bias, t1, class_weight = ctx.saved_tensors
-            _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, 2, g.reshape(-1), False,
-                                  nx, nw, nb)
+        x2, weight, bias, t1, class_weight = ctx.saved_tensors
+        nb = nb and bias is not None
+        grads, ctx.grads = ctx.grads, None
+        if grads is not None and g.is_cuda:
+            # The gradients were computed with the loss: scale them in place by the upstream gradient
+            # (no host sync to look at it) and hand them over (no copy: nothing else holds them).
+            dx, dw, db = grads
+            for t in (dx, dw, db):
+                if t is not None:
+                    t.mul_(g.to(t.dtype))
+        elif grads is not None and g.item() == 1.0:
+            dx, dw, db = grads  # the usual case: loss.backward()
         else:
-            dx, dw, db = ctx.saved_tensors
-            # The usual upstream gradient of a loss is 1: then the saved gradients are the answer (autograd
-            # copies them into .grad, so they stay intact for a second backward).
-            if g.is_cuda or g.item() != 1.0:
-                dx, dw, db = (None if t is None else t * g.to(t.dtype) for t in (dx, dw, db))
+            # Reduction "none", another upstream gradient, or a second backward through a retained
+            # graph: recompute with the upstream gradient folded into dz, exactly as the first pass
+            # would have (so repeated backward passes agree bit for bit).
+            _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, ctx.red,
+                                  _upstream_rows(g, t1.shape[0]), False, nx, nw, nb)
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return dx if nx else None, dw if nw else None, db if nb else None, None, None, None, None, None
@@ -309,11 +321,8 @@ def _linear_cross_entropy_backward_op(grad: Tensor, x: Tensor, weight: Tensor, t
                                       need_x: bool, need_weight: bool,
                                       need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
     x2, t1 = _flat(x, target)
-    rows = grad.reshape(-1).expand(t1.shape[0]) if reduction == 2 else None
     _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, reduction,
-                          rows, False, need_x, need_weight, need_bias)
-    if reduction != 2:
-        dx, dw, db = (None if t is None else t * grad.to(t.dtype) for t in (dx, dw, db))
+                          _upstream_rows(grad, t1.shape[0]), False, need_x, need_weight, need_bias)
     if dx is not None:
         dx = dx.view(x.shape)
     return tuple(grad.new_empty(0) if t is None else t for t in (dx, dw, db))

@@ -27,6 +27,8 @@ typedef struct {
     float (*max)(const float *z, int64_t n);
     float (*sumexp)(const float *z, int64_t n, float m);            /* sum exp(z - m) */
     void (*grad)(float *z, int64_t n, float lse, float a, float s); /* z = s * a * exp(z - lse) */
+    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a x */
 } row_ops;
 
 static float
@@ -50,6 +52,23 @@ grad_portable(float *z, int64_t n, float lse, float a, float s)
 {
     const float sa = s * a;
     for (int64_t i = 0; i < n; i++) z[i] = sa * expf(z[i] - lse);
+}
+
+static float
+dot_portable(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) acc[0] += a[i] * b[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static void
+axpy_portable(float *y, float a, const float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 #ifdef TL_X86
@@ -123,12 +142,42 @@ grad_avx512(float *z, int64_t n, float lse, float a, float s)
         _mm512_mask_storeu_ps(z + i, k, _mm512_mul_ps(sa, e));
     }
 }
+
+__attribute__((target("avx512f"))) static float
+dot_avx512(const float *a, const float *b, int64_t n)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512f"))) static void
+axpy_avx512(float *y, float a, const float *x, int64_t n)
+{
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i),
+                                                         _mm512_maskz_loadu_ps(k, y + i)));
+    }
+}
 #endif
 
 static row_ops
 select_row_ops(void)
 {
-    row_ops ops = {max_portable, sumexp_portable, grad_portable};
+    row_ops ops = {max_portable, sumexp_portable, grad_portable, dot_portable, axpy_portable};
 #ifdef TL_X86
     const char *cap = getenv("TLTORCH_CPU_ISA");
     __builtin_cpu_init();
@@ -136,9 +185,50 @@ select_row_ops(void)
         ops.max = max_avx512;
         ops.sumexp = sumexp_avx512;
         ops.grad = grad_avx512;
+        ops.dot = dot_avx512;
+        ops.axpy = axpy_avx512;
     }
 #endif
     return ops;
+}
+
+/* One row: z (C float32 logits) -> the row's loss; with `grads`, z becomes s * dloss/dz in place. */
+static float
+row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *cwf, float keep, float epsc,
+              float wall, int grads, float s)
+{
+    const float m = ops->max(z, C);
+    const float lse = m + logf(ops->sumexp(z, C, m));
+    const float wt = cwf ? cwf[t] : 1.0f;
+    double loss = (double)keep * wt * ((double)lse - z[t]);
+    if (epsc > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
+        double sm = 0.0;
+        if (cwf)
+            for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * ((double)lse - z[c]);
+        else
+            for (int64_t c = 0; c < C; c++) sm += (double)lse - z[c];
+        loss += (double)epsc * sm;
+    }
+    if (grads) {
+        ops->grad(z, C, lse, keep * wt + epsc * wall, s);
+        z[t] -= s * keep * wt;
+        if (epsc > 0.0f) {
+            if (cwf)
+                for (int64_t c = 0; c < C; c++) z[c] -= s * epsc * cwf[c];
+            else
+                for (int64_t c = 0; c < C; c++) z[c] -= s * epsc;
+        }
+    }
+    return (float)loss;
+}
+
+/* The gradient's scale for row i: the upstream gradient of that row (when given) times the reduction's
+ * own factor (1/sum of target weights for the mean). */
+static inline float
+row_scale(const tl_tensor *grad_rows, int64_t i, int reduction, float mean_scale)
+{
+    const float r = reduction == TL_REDUCE_MEAN ? mean_scale : 1.0f;
+    return grad_rows ? r * tl_load_f(grad_rows->data, i * grad_rows->strides[0], grad_rows->dtype) : r;
 }
 
 /* ---- the fused head ----------------------------------------------------------------------------- */
@@ -231,6 +321,104 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
     return TL_OK;
 }
 
+/* Few classes (C <= SKINNY_C): one pass over the rows, no GEMM. Each row of x is read once (as float32)
+ * for its C dot products, softmax, loss and dz, then dx_i = dz_i W and the row's share of dW and db.
+ * dW and db gather in SKINNY_PARTS fixed row ranges and are added in range order at the end, so the
+ * result does not depend on the thread count. Scratch (malloc): W and b as float32, and per range
+ * C x D + C accumulators and two D-float rows. */
+#define SKINNY_C 16
+#define SKINNY_PARTS 8
+
+static tl_status
+xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+            const float *cwf, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
+            tl_tensor *dx, tl_tensor *dw, tl_tensor *db, const row_ops *ops, float wall, float mean_scale,
+            int nt, double *total)
+{
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
+    const float keep = 1.0f - o->label_smoothing, epsc = o->label_smoothing / (float)C;
+    const int grads = dx || dw || db;
+    const int64_t parts = N < SKINNY_PARTS * 64 ? (N + 63) / 64 : SKINNY_PARTS;
+    const int64_t per_part = C * D + C + 2 * D;
+    float *wf = malloc(((size_t)(C * D + C) + (size_t)parts * (size_t)per_part + 1) * sizeof(float));
+    double *ploss = malloc(((size_t)parts + 1) * sizeof(double));
+    if (!wf || !ploss) {
+        free(wf);
+        free(ploss);
+        return TL_ERR_NOMEM;
+    }
+    float *bf = wf + C * D, *acc = bf + C;
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t d = 0; d < D; d++) wf[c * D + d] = tl_load_f(w->data, c * w->strides[0] + d * w->strides[1], w->dtype);
+        bf[c] = bias ? tl_load_f(bias->data, c * bias->strides[0], bias->dtype) : 0.0f;
+    }
+
+#pragma omp parallel for num_threads(nt) if (nt > 1 && N * D * C >= 65536) schedule(static)
+    for (int64_t p = 0; p < parts; p++) {
+        float *pdw = acc + p * per_part, *pdb = pdw + C * D, *xr = pdb + C, *dxr = xr + D;
+        float z[SKINNY_C];
+        double lsum = 0.0;
+        memset(pdw, 0, (size_t)(C * D + C) * sizeof(float));
+        const int64_t r0 = N * p / parts, r1 = N * (p + 1) / parts;
+        for (int64_t i = r0; i < r1; i++) {
+            const int64_t t = load_index(target, i);
+            const float *xi = xr;
+            if (x->dtype == TL_FLOAT32 && x->strides[1] == 1) {
+                xi = (const float *)x->data + i * x->strides[0];
+            } else {
+                for (int64_t d = 0; d < D; d++)
+                    xr[d] = tl_load_f(x->data, i * x->strides[0] + d * x->strides[1], x->dtype);
+            }
+            float li = 0.0f;
+            if (t == o->ignore_index) {
+                for (int64_t c = 0; c < C; c++) z[c] = 0.0f;
+            } else {
+                for (int64_t c = 0; c < C; c++) z[c] = bf[c] + ops->dot(xi, wf + c * D, D);
+                li = row_loss_grad(ops, z, C, t, cwf, keep, epsc, wall, grads,
+                                   row_scale(grad_rows, i, o->reduction, mean_scale));
+            }
+            lsum += li;
+            if (loss && o->reduction == TL_REDUCE_NONE)
+                tl_store_f(loss->data, i * loss->strides[0], loss->dtype, li);
+            if (!grads) continue;
+            if (dx) {
+                const int direct = dx->dtype == TL_FLOAT32 && dx->strides[1] == 1;
+                float *dxi = direct ? (float *)dx->data + i * dx->strides[0] : dxr;
+                memset(dxi, 0, (size_t)D * sizeof(float));
+                for (int64_t c = 0; c < C; c++)
+                    if (z[c] != 0.0f) ops->axpy(dxi, z[c], wf + c * D, D);
+                if (!direct)
+                    for (int64_t d = 0; d < D; d++)
+                        tl_store_f(dx->data, i * dx->strides[0] + d * dx->strides[1], dx->dtype, dxr[d]);
+            }
+            for (int64_t c = 0; c < C; c++) {
+                if (dw && z[c] != 0.0f) ops->axpy(pdw + c * D, z[c], xi, D);
+                pdb[c] += z[c];
+            }
+        }
+        ploss[p] = lsum;
+    }
+    *total = 0.0;
+    for (int64_t p = 0; p < parts; p++) *total += ploss[p];
+    if (dw || db)
+        for (int64_t c = 0; c < C; c++) {
+            if (dw)
+                for (int64_t d = 0; d < D; d++) {
+                    float v = 0.0f;
+                    for (int64_t p = 0; p < parts; p++) v += acc[p * per_part + c * D + d];
+                    ((float *)dw->data)[c * dw->strides[0] + d * dw->strides[1]] = v;
+                }
+            if (db) {
+                float v = 0.0f;
+                for (int64_t p = 0; p < parts; p++) v += acc[p * per_part + C * D + c];
+                ((float *)db->data)[c * db->strides[0]] = v;
+            }
+        }
+    free(wf);
+    free(ploss);
+    return TL_OK;
+}
+
 tl_status
 tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
                    const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
@@ -274,6 +462,15 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
         for (int64_t c = 0; c < C; c++) cwf[c] = tl_load_f(cw->data, c * cw->strides[0], cw->dtype);
     }
 
+    const row_ops ops = select_row_ops();
+    double total = 0.0;
+    if (C <= SKINNY_C) {
+        st = xent_skinny(x, w, bias, target, cwf, o, grad_rows, loss, dx, dw, db, &ops, (float)wall,
+                         mean_scale, nt, &total);
+        if (st) goto done;
+        goto reduce;
+    }
+
     const int64_t per_row = C + D + 1;
     int64_t R = ws->shape[0] / per_row;
     if (R > N) R = N;
@@ -281,8 +478,6 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     float *zbuf = (float *)ws->data;            /* R x C logits, then dz */
     float *dxws = zbuf + R * C;                 /* R x D float32 partials of a low-precision dX */
     float *lrow = dxws + R * D;                 /* R row losses */
-    const row_ops ops = select_row_ops();
-    double total = 0.0;
     tl_tensor wt = view2d(w->data, w->dtype, D, C, w->strides[1], w->strides[0]); /* W^T */
 
     for (int64_t i0 = 0; i0 < N; i0 += R) {
@@ -300,31 +495,8 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
                 if (grads) memset(zr, 0, (size_t)C * sizeof(float));
                 continue;
             }
-            const float m = ops.max(zr, C);
-            const float lse = m + logf(ops.sumexp(zr, C, m));
-            const float wt_ = cwf ? cwf[t] : 1.0f;
-            double li = (double)keep * wt_ * ((double)lse - zr[t]);
-            if (eps > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
-                double sm = 0.0;
-                if (cwf)
-                    for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * ((double)lse - zr[c]);
-                else
-                    for (int64_t c = 0; c < C; c++) sm += (double)lse - zr[c];
-                li += (double)epsc * sm;
-            }
-            lrow[r] = (float)li;
-            if (!grads) continue;
-            const float s = grad_rows ? tl_load_f(grad_rows->data, (i0 + r) * grad_rows->strides[0],
-                                                  grad_rows->dtype)
-                                      : (o->reduction == TL_REDUCE_MEAN ? mean_scale : 1.0f);
-            ops.grad(zr, C, lse, keep * wt_ + epsc * (float)wall, s);
-            zr[t] -= s * keep * wt_;
-            if (eps > 0.0f) {
-                if (cwf)
-                    for (int64_t c = 0; c < C; c++) zr[c] -= s * epsc * cwf[c];
-                else
-                    for (int64_t c = 0; c < C; c++) zr[c] -= s * epsc;
-            }
+            lrow[r] = row_loss_grad(&ops, zr, C, t, cwf, keep, epsc, (float)wall, grads,
+                                    row_scale(grad_rows, i0 + r, o->reduction, mean_scale));
         }
 
         for (int64_t r = 0; r < rows; r++) total += lrow[r];
@@ -350,6 +522,7 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
         }
     }
 
+reduce:
     if (loss && o->reduction != TL_REDUCE_NONE) {
         const double v = o->reduction == TL_REDUCE_MEAN ? total / wsum : total; /* 0/0: NaN, as torch */
         tl_store_f(loss->data, 0, loss->dtype, (float)v);

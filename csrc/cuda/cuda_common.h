@@ -61,6 +61,11 @@ tl_status tl_cublas_check(const tl_cublas_api *cublas, cublasStatus_t st, const 
 /* Record a failure that is ours, not the runtime's (e.g. "device 3 does not exist"). */
 void tl_cuda_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* What tl_gemm_cuda checks before it runs anything (dtypes, shapes, devices, layouts, the workspace's
+ * alignment), without running it: a caller that issues several GEMMs validates them all up front. */
+tl_status tl_gemm_cuda_validate(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b,
+                                const tl_tensor *bias, const tl_tensor *c, const void *cublas_ws);
+
 /* Make `dev` the current device, remembering the previous one; tl_cuda_leave restores it. */
 tl_status tl_cuda_enter(int dev, int *prev);
 void tl_cuda_leave(int dev, int prev);

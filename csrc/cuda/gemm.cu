@@ -70,13 +70,21 @@ static void
 fill_launch(TC *c, int64_t ldc, const tl_tensor *bias, int64_t M, int64_t N, float beta, dim3 grid,
             cudaStream_t stream)
 {
-    if (bias && bias->dtype == TL_FLOAT32)
+    const int64_t sb = bias ? bias->strides[0] : 0;
+    switch (bias ? bias->dtype : TL_FLOAT32) {
+    case TL_BFLOAT16:
+        fill_kernel<TC, __nv_bfloat16><<<grid, FILL_THREADS, 0, stream>>>(
+            c, ldc, (const __nv_bfloat16 *)bias->data, sb, M, N, beta);
+        break;
+    case TL_FLOAT16:
+        fill_kernel<TC, __half><<<grid, FILL_THREADS, 0, stream>>>(c, ldc, (const __half *)bias->data, sb, M,
+                                                                   N, beta);
+        break;
+    default:
         fill_kernel<TC, float><<<grid, FILL_THREADS, 0, stream>>>(
-            c, ldc, (const float *)bias->data, bias->strides[0], M, N, beta);
-    else
-        fill_kernel<TC, TC><<<grid, FILL_THREADS, 0, stream>>>(
-            c, ldc, bias ? (const TC *)bias->data : (const TC *)NULL, bias ? bias->strides[0] : 0, M, N,
-            beta);
+            c, ldc, bias ? (const float *)bias->data : (const float *)NULL, sb, M, N, beta);
+        break;
+    }
 }
 
 /* C = beta * C + bias over all of C, on `stream`. */
@@ -189,7 +197,7 @@ check_gemm(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, c
         return TL_ERR_SHAPE;
     if (bias) {
         if ((st = check_tensor(bias, 1, dev))) return st;
-        if (bias->dtype != TL_FLOAT32 && bias->dtype != c->dtype) return TL_ERR_DTYPE;
+        if (!is_float_dtype(bias->dtype)) return TL_ERR_DTYPE; /* any: a bf16 bias into float32 logits */
         if (bias->shape[0] != c->shape[1]) return TL_ERR_SHAPE;
     }
     return TL_OK;
@@ -209,26 +217,55 @@ gemm_ex(const tl_cublas_api *cublas, cublasHandle_t h, cublasOperation_t opa, cu
                                    compute, CUBLAS_GEMM_DEFAULT);
 }
 
+/* What tl_gemm_cuda checks before it touches anything, and how cuBLAS will read the operands. */
+typedef struct {
+    int64_t M, K, N, lda, ldb, ldc;
+    cublasOperation_t opa, opb;
+} gemm_plan;
+
+static tl_status
+plan_gemm(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias,
+          const tl_tensor *c, const void *cublas_ws, gemm_plan *p)
+{
+    tl_status st = check_gemm(ctx, a, b, bias, c);
+    if (st) return st;
+    p->M = a->shape[0];
+    p->K = a->shape[1];
+    p->N = b->shape[1];
+    p->opa = p->opb = CUBLAS_OP_N;
+    p->lda = p->ldb = p->ldc = 1;
+    if (p->M == 0 || p->N == 0) return TL_OK;
+
+    /* C: unit stride along a row (any stride when N == 1), rows at least N apart. */
+    if (!(c->strides[1] == 1 || p->N == 1)) return TL_ERR_LAYOUT;
+    p->ldc = p->M > 1 ? c->strides[0] : p->N;
+    if (p->ldc < p->N) return TL_ERR_LAYOUT;
+    if (p->K > 0 && (!transposed_view(a, &p->opa, &p->lda) || !transposed_view(b, &p->opb, &p->ldb)))
+        return TL_ERR_LAYOUT;
+    /* cuBLAS rejects a workspace that is not 256-byte aligned. */
+    if (cublas_ws && (uintptr_t)cublas_ws % 256 != 0) return TL_ERR_VALUE;
+    return TL_OK;
+}
+
+tl_status
+tl_gemm_cuda_validate(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b,
+                      const tl_tensor *bias, const tl_tensor *c, const void *cublas_ws)
+{
+    gemm_plan p;
+    return plan_gemm(ctx, a, b, bias, c, cublas_ws, &p);
+}
+
 tl_status
 tl_gemm_cuda(tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias,
              tl_tensor *c, float alpha, float beta, void *cublas_ws, size_t cublas_ws_bytes,
              int allow_tf32, void *stream)
 {
-    tl_status st = check_gemm(ctx, a, b, bias, c);
+    gemm_plan p;
+    tl_status st = plan_gemm(ctx, a, b, bias, c, cublas_ws, &p);
     if (st) return st;
-    const int64_t M = a->shape[0], K = a->shape[1], N = b->shape[1];
+    const int64_t M = p.M, K = p.K, N = p.N, lda = p.lda, ldb = p.ldb, ldc = p.ldc;
+    const cublasOperation_t opa = p.opa, opb = p.opb;
     if (M == 0 || N == 0) return TL_OK;
-
-    /* C: unit stride along a row (any stride when N == 1), rows at least N apart. */
-    if (!(c->strides[1] == 1 || N == 1)) return TL_ERR_LAYOUT;
-    const int64_t ldc = M > 1 ? c->strides[0] : N;
-    if (ldc < N) return TL_ERR_LAYOUT;
-    cublasOperation_t opa = CUBLAS_OP_N, opb = CUBLAS_OP_N;
-    int64_t lda = 1, ldb = 1;
-    if (K > 0 && (!transposed_view(a, &opa, &lda) || !transposed_view(b, &opb, &ldb)))
-        return TL_ERR_LAYOUT;
-    /* cuBLAS rejects a workspace that is not 256-byte aligned. */
-    if (cublas_ws && (uintptr_t)cublas_ws % 256 != 0) return TL_ERR_VALUE;
 
     const cudaStream_t s = (cudaStream_t)stream;
     int prev = -1;

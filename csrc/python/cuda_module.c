@@ -13,6 +13,9 @@
 
 #include <limits.h>
 
+#define STR(x) #x
+#define XSTR(x) STR(x)
+
 typedef struct {
     tl_bridge bridge;
     tl_cuda_context **ctx; /* [nctx], one per device, each NULL until a call needs it */
@@ -51,6 +54,28 @@ get_float(PyObject *o, const char *name, float *out)
     }
     *out = (float)v;
     return 0;
+}
+
+static int
+get_int(PyObject *o, const char *name, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = v > 1024 ? 1024 : (int)v;
+    return 0;
+}
+
+static int
+need_index(const tl_arg *a)
+{
+    if (a->t.dtype == TL_INT64 || a->t.dtype == TL_INT32) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected int64 or int32 class indices",
+                 a->name, tl_dtype_name(a->t.dtype));
+    return -1;
 }
 
 static int
@@ -150,6 +175,32 @@ need_cuda_on(const tl_arg *a, const tl_arg *ref)
     return need_cuda(a) || tl_need_same_device(a, ref) ? -1 : 0;
 }
 
+/* The cuBLAS workspace argument: None, or a contiguous uint8 CUDA vector on ref's device starting on a
+ * 256-byte boundary (an empty one is as None). */
+static int
+cublas_workspace(const tl_arg *ws, const tl_arg *ref, void **data, size_t *bytes)
+{
+    *data = NULL;
+    *bytes = 0;
+    if (!ws->via) return 0;
+    if (need_cuda(ws) || tl_need_same_device(ws, ref) || tl_need_ndim(ws, 1) || tl_need_writable(ws)) return -1;
+    if (ws->t.dtype != TL_UINT8 || (ws->t.shape[0] > 1 && ws->t.strides[0] != 1)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' (the cuBLAS workspace) must be a contiguous uint8 vector",
+                     ws->name);
+        return -1;
+    }
+    if (ws->t.shape[0] > 0) {
+        if ((uintptr_t)ws->t.data % 256 != 0) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' (the cuBLAS workspace) must start on a 256-byte "
+                         "boundary", ws->name);
+            return -1;
+        }
+        *data = ws->t.data;
+        *bytes = (size_t)ws->t.shape[0];
+    }
+    return 0;
+}
+
 /* gemm(a, b, c, bias, ws, alpha, beta, allow_tf32): c = alpha * a @ b + beta * c + bias, in place. */
 static PyObject *
 py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -185,24 +236,7 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]"))
             goto fail;
     }
-    if (ws.via) {
-        if (need_cuda(&ws) || tl_need_same_device(&ws, &c) || tl_need_ndim(&ws, 1) || tl_need_writable(&ws))
-            goto fail;
-        if (ws.t.dtype != TL_UINT8 || (ws.t.shape[0] > 1 && ws.t.strides[0] != 1)) {
-            PyErr_SetString(PyExc_ValueError, "argument 'ws' (the cuBLAS workspace) must be a contiguous "
-                            "uint8 vector");
-            goto fail;
-        }
-        if (ws.t.shape[0] > 0) {
-            if ((uintptr_t)ws.t.data % 256 != 0) {
-                PyErr_SetString(PyExc_ValueError, "argument 'ws' (the cuBLAS workspace) must start on a "
-                                "256-byte boundary");
-                goto fail;
-            }
-            ws_data = ws.t.data;
-            ws_bytes = (size_t)ws.t.shape[0];
-        }
-    }
+    if (cublas_workspace(&ws, &c, &ws_data, &ws_bytes) < 0) goto fail;
     if (context_for(mod, c.t.device_id, &ctx) < 0 || work_stream(&c, &stream) < 0) goto fail;
 
     Py_BEGIN_ALLOW_THREADS
@@ -258,6 +292,139 @@ fail:
     return ret;
 }
 
+/* linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
+ *             loss, dx, dw, db, ws, cublas_ws, allow_tf32): the fused linear + cross-entropy head (tl.h),
+ * in place; tltorch._C.linear_xent's checks and messages, with nthreads replaced by cuBLAS's workspace
+ * (None or uint8, as gemm's) and allow_tf32. ws: float32, TL_XENT_CUDA_WS_EXTRA + rows * (C + D + 1).
+ * reduction: 0 mean, 1 sum, 2 none. Optional tensors may be None. */
+static PyObject *
+py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), w = TL_ARG_INIT("weight"), bias = TL_ARG_INIT("bias"),
+           target = TL_ARG_INIT("target"), cw = TL_ARG_INIT("class_weight"),
+           grow = TL_ARG_INIT("grad_rows"), loss = TL_ARG_INIT("loss"), dx = TL_ARG_INIT("dx"),
+           dw = TL_ARG_INIT("dw"), db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"),
+           cws = TL_ARG_INIT("cublas_ws");
+    tl_arg *opt[] = {&bias, &cw, &grow, &loss, &dx, &dw, &db, &cws};
+    const int opt_pos[] = {2, 4, 8, 9, 10, 11, 12, 14};
+    PyObject *ret = NULL;
+    tl_cuda_context *ctx = NULL;
+    void *stream = NULL, *cws_data = NULL;
+    size_t cws_bytes = 0;
+    tl_xent_opts o;
+    float eps;
+    int red, tf32;
+    int64_t bad = 0;
+    tl_status st;
+
+    if (nargs_is(nargs, 16, "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, "
+                 "reduction, grad_rows, loss, dx, dw, db, ws, cublas_ws, allow_tf32)") < 0)
+        return NULL;
+    long long ign = PyLong_AsLongLong(args[5]);
+    if (ign == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'ignore_index' must be an int");
+        return NULL;
+    }
+    if (get_float(args[6], "label_smoothing", &eps) < 0 || get_int(args[7], "reduction", &red) < 0)
+        return NULL;
+    if ((tf32 = PyObject_IsTrue(args[15])) < 0) return NULL;
+    if (!(eps >= 0.0f && eps <= 1.0f)) {
+        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %g", (double)eps);
+        return NULL;
+    }
+    if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
+        PyErr_Format(PyExc_ValueError, "argument 'reduction' must be 0 (mean), 1 (sum) or 2 (none)");
+        return NULL;
+    }
+    o.ignore_index = ign;
+    o.label_smoothing = eps;
+    o.reduction = red;
+    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
+        tl_arg_import(br, args[3], &target) < 0 || tl_arg_import(br, args[13], &ws) < 0)
+        goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
+
+    if (need_cuda(&x) || need_cuda_on(&w, &x) || need_cuda_on(&target, &x) || need_cuda_on(&ws, &x)) goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (opt[k]->via && need_cuda_on(opt[k], &x)) goto fail;
+    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || tl_need_ndim(&ws, 1))
+        goto fail;
+    if (tl_need_float(&x) || tl_need_dtype_of(&w, &x) || need_index(&target)) goto fail;
+    const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
+    if (tl_need_size(&w, 1, D, "x.shape[1]") || tl_need_size(&target, 0, N, "x.shape[0]")) goto fail;
+    if (C < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'weight' must have at least one class (row)");
+        goto fail;
+    }
+    if (bias.via && (tl_need_ndim(&bias, 1) || tl_need_dtype_of(&bias, &x) || tl_need_size(&bias, 0, C, "classes")))
+        goto fail;
+    if (cw.via && (tl_need_ndim(&cw, 1) || tl_need_dtype_f32_or(&cw, &x) || tl_need_size(&cw, 0, C, "classes")))
+        goto fail;
+    if (grow.via && (tl_need_ndim(&grow, 1) || tl_need_float(&grow) || tl_need_size(&grow, 0, N, "rows")))
+        goto fail;
+    if (loss.via) {
+        if (tl_need_dtype_f32_or(&loss, &x) || tl_need_writable(&loss)) goto fail;
+        if (red == TL_REDUCE_NONE ? (tl_need_ndim(&loss, 1) || tl_need_size(&loss, 0, N, "rows"))
+                                  : tl_numel(&loss.t) != 1) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "argument 'loss' must hold one element for mean/sum");
+            goto fail;
+        }
+    }
+    if (dx.via && (tl_need_ndim(&dx, 2) || tl_need_dtype_f32_or(&dx, &x) || tl_need_size(&dx, 0, N, "rows") ||
+                   tl_need_size(&dx, 1, D, "features") || tl_need_writable(&dx)))
+        goto fail;
+    for (int k = 0; k < 2; k++) {
+        tl_arg *g = k ? &db : &dw;
+        if (!g->via) continue;
+        if (g->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)", g->name);
+            goto fail;
+        }
+        if (tl_need_ndim(g, k ? 1 : 2) || tl_need_size(g, 0, C, "classes") ||
+            (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
+            goto fail;
+    }
+    if (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
+        (N > 0 && ws.t.shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) || tl_need_writable(&ws)) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least "
+                         "%d + C + D + 1 = %lld elements", TL_XENT_CUDA_WS_EXTRA,
+                         (long long)(TL_XENT_CUDA_WS_EXTRA + C + D + 1));
+        goto fail;
+    }
+    if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
+    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_linear_xent_cuda(ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &target.t, cw.via ? &cw.t : NULL, &o,
+                             grow.via ? &grow.t : NULL, loss.via ? &loss.t : NULL, dx.via ? &dx.t : NULL,
+                             dw.via ? &dw.t : NULL, db.via ? &db.t : NULL, &ws.t, cws_data, cws_bytes, tf32,
+                             &bad, stream);
+    Py_END_ALLOW_THREADS
+    if (st == TL_ERR_INDEX) {
+        PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
+                     "ignore_index (%lld)", (long long)bad, (long long)C, (long long)ign);
+        goto fail;
+    }
+    if (st) {
+        raise_status(st, "tltorch._cuda.linear_xent", "x and weight each need a unit stride in one dim and "
+                     "a leading dimension covering the other; dx and dw a unit stride in dim 1 and rows "
+                     "at least as far apart as they are long");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&x);
+    tl_arg_release(&w);
+    tl_arg_release(&target);
+    tl_arg_release(&ws);
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    return ret;
+}
+
 static PyObject *
 py_device_count(PyObject *mod, PyObject *unused)
 {
@@ -299,6 +466,10 @@ static PyMethodDef methods[] = {
      "cuBLAS on the current stream; ws: a uint8 CUDA tensor for cuBLAS's workspace, or None."},
     {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
      "colsum(x, out, beta): out = beta*out + x.sum(0), in place, on the current stream."},
+    {"linear_xent", (PyCFunction)(void (*)(void))py_linear_xent, METH_FASTCALL,
+     "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows, "
+     "loss, dx, dw, db, ws, cublas_ws, allow_tf32): the fused linear + cross-entropy head, in place, on "
+     "the current stream; ws: float32 of " XSTR(TL_XENT_CUDA_WS_EXTRA) " + rows * (C + D + 1) elements."},
     {"device_count", py_device_count, METH_NOARGS, "CUDA devices visible (0 with no driver or GPU)."},
     {"device_name", py_device_name, METH_O, "device_name(index): the CUDA device's name."},
     {NULL, NULL, 0, NULL},

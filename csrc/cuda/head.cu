@@ -1,0 +1,589 @@
+/* head.cu: fused linear + softmax + cross-entropy on CUDA, the twin of cpu/head.c (the math is in tl.h):
+ *
+ *   once:                       check every target, sum_w = sum_i w_t, sum_c w_c     (one block, one sync)
+ *   for each chunk of R rows:   Z = X[chunk] W^T + b                     (cuBLAS, R x C float32 in ws)
+ *                               per row (one block): lse by an online max + sum of exp, the row's loss,
+ *                               and dz written over z in place (when gradients are wanted)
+ *                               db += colsum(dZ);  dZ rounded to x's dtype in place (bf16/f16 x only)
+ *                               dX[chunk] = s dZ W;   dW = s dZ^T X[chunk] + (first chunk ? 0 : dW)
+ *
+ * Memory: ws holds a small header (TL_XENT_CUDA_WS_EXTRA floats: the targets' verdict, sum_w, sum_c w_c,
+ * the running loss in double), then the CPU layout: R x C logits, R x D (unused here) and R row losses.
+ * The row kernel reads each z twice (lse, then loss and gradient) and writes dz once; the rounding
+ * kernel reads dz once more and writes half as many bytes.
+ * Results are deterministic: every reduction runs in a fixed order (no atomics), losses are summed in
+ * double, and the GEMMs are cuBLAS's (deterministic for a fixed workspace and shapes). */
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cuda_common.h"
+
+#define FULL_MASK 0xffffffffu
+#define ROW_THREADS 256     /* at most, per row block; fewer (a multiple of 32) when C is small */
+#define PREP_THREADS 1024   /* the one block of the targets' check */
+#define SUM_THREADS 256     /* the one block that adds up a chunk's row losses */
+#define NARROW_THREADS 256  /* per row block of the in-place rounding */
+#define SCALE_THREADS 256
+
+/* The header at the front of ws (16-byte aligned inside its TL_XENT_CUDA_WS_EXTRA floats). */
+typedef struct {
+    double wsum;        /* sum over non-ignored rows of w_t (1 without class weights) */
+    double wall;        /* sum over classes of w_c */
+    double total;       /* sum of the row losses of the chunks done so far */
+    long long bad_row;  /* first row whose target is out of range and not ignore_index, or -1 */
+    long long bad_value;
+} xent_header;
+
+static_assert(sizeof(xent_header) + 15 <= TL_XENT_CUDA_WS_EXTRA * sizeof(float),
+              "the header must fit the documented extra workspace");
+
+/* ---- device helpers ---------------------------------------------------------------------------- */
+
+/* Element i (in elements) of a float32/bfloat16/float16 buffer, as float32; the dtype is a run-time
+ * value that is the same for every thread, so the switch does not diverge. */
+static __device__ __forceinline__ float
+load_any(const void *p, int64_t i, tl_dtype dt)
+{
+    switch (dt) {
+    case TL_BFLOAT16: return load_f32((const __nv_bfloat16 *)p + i);
+    case TL_FLOAT16: return load_f32((const __half *)p + i);
+    default: return load_f32((const float *)p + i);
+    }
+}
+
+static __device__ __forceinline__ void
+store_any(void *p, int64_t i, tl_dtype dt, float v)
+{
+    switch (dt) {
+    case TL_BFLOAT16: store_f32((__nv_bfloat16 *)p + i, v); break;
+    case TL_FLOAT16: store_f32((__half *)p + i, v); break;
+    default: store_f32((float *)p + i, v); break;
+    }
+}
+
+static __device__ __forceinline__ int64_t
+load_index(const void *p, int64_t i, int is64)
+{
+    return is64 ? ((const int64_t *)p)[i] : (int64_t)((const int32_t *)p)[i];
+}
+
+/* (m, s) <- the pair for the union of two sets, where s = sum exp(z - m) over a set and m its max.
+ * An empty set is (-inf, 0); two empty sets stay empty (no exp(-inf - -inf) = NaN). */
+static __device__ __forceinline__ void
+lse_merge(float &m, float &s, float m2, float s2)
+{
+    const float mx = fmaxf(m, m2);
+    if (mx == -INFINITY) return;
+    s = s * expf(m - mx) + s2 * expf(m2 - mx);
+    m = mx;
+}
+
+/* Butterfly sums over a warp: every lane ends with the same value, added in the same order. */
+static __device__ __forceinline__ double
+warp_sum(double v)
+{
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL_MASK, v, off);
+    return v;
+}
+
+/* The sum of v over the block, in thread 0 (other threads: garbage). part: nwarps doubles of shared
+ * memory, not in use by another reduction until the caller's next __syncthreads. */
+static __device__ __forceinline__ double
+block_sum(double v, double *part)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    double t = 0.0;
+    if (threadIdx.x == 0)
+        for (int k = 0; k < nwarps; k++) t += part[k];
+    return t;
+}
+
+/* ---- kernels ----------------------------------------------------------------------------------- */
+
+/* One block over all targets: the first bad row (the smallest index, as the CPU's loop finds it),
+ * sum_w over the valid rows and sum_c w_c, in double, in a fixed order. Also clears the running loss. */
+static __global__ void __launch_bounds__(PREP_THREADS)
+prepass_kernel(const void *target, int64_t st, int t64, int64_t N, int64_t C, int64_t ignore_index,
+               const void *cw, int64_t scw, tl_dtype cwdt, xent_header *h)
+{
+    __shared__ double part_w[PREP_THREADS / 32], part_a[PREP_THREADS / 32];
+    __shared__ long long part_b[PREP_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    double wsum = 0.0, wall = 0.0;
+    long long bad = LLONG_MAX;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+        const int64_t t = load_index(target, i * st, t64);
+        if (t == ignore_index) continue;
+        if (t < 0 || t >= C) {
+            bad = i; /* this thread's rows only grow: its first bad one is its smallest */
+            break;
+        }
+        wsum += cw ? (double)load_any(cw, t * scw, cwdt) : 1.0;
+    }
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) wall += cw ? (double)load_any(cw, c * scw, cwdt) : 1.0;
+    wsum = warp_sum(wsum);
+    wall = warp_sum(wall);
+    for (int off = 16; off > 0; off >>= 1) {
+        const long long o = __shfl_xor_sync(FULL_MASK, bad, off);
+        bad = o < bad ? o : bad;
+    }
+    if (lane == 0) {
+        part_w[warp] = wsum;
+        part_a[warp] = wall;
+        part_b[warp] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        wsum = wall = 0.0;
+        bad = LLONG_MAX;
+        for (int k = 0; k < nwarps; k++) {
+            wsum += part_w[k];
+            wall += part_a[k];
+            bad = part_b[k] < bad ? part_b[k] : bad;
+        }
+        h->wsum = wsum;
+        h->wall = wall;
+        h->total = 0.0;
+        h->bad_row = bad == LLONG_MAX ? -1 : bad;
+        h->bad_value = bad == LLONG_MAX ? 0 : (long long)load_index(target, bad * st, t64);
+    }
+}
+
+typedef struct {
+    float *z;             /* the chunk's rows x C logits (row stride C); dz on the way out */
+    int64_t C, i0;        /* classes; the chunk's first row */
+    const void *target;
+    int64_t st;
+    int t64;
+    int64_t ignore_index;
+    const void *cw; /* NULL: every class weight is 1 */
+    int64_t scw;
+    tl_dtype cwdt;
+    const void *grow; /* NULL: s = 1 here (the caller applies the mean's 1/sum_w as GEMM alpha) */
+    int64_t sgr;
+    tl_dtype grdt;
+    float *lrow;      /* the chunk's row losses */
+    void *loss_none;  /* reduction none: the (N,) loss tensor, else NULL */
+    int64_t sloss;
+    tl_dtype ldt;
+    float keep, epsc, wall; /* 1 - eps, eps / C, sum_c w_c */
+    int smooth, grads;      /* eps > 0; write dz */
+} row_args;
+
+/* One block per row r of the chunk:
+ *   pass 1: lse = m + log sum exp(z - m), each thread's online (m, s) merged across the block;
+ *   pass 2: the smoothing term sum_c w_c (lse - z_c) (every term >= 0) and, when grads, dz in place:
+ *           dz_c = s [ p_c (keep w_t + epsc sum w) - keep w_t [c == t] - epsc w_c ]  (in head.c's order).
+ * Ignored rows: loss 0, dz 0. Every thread of a block sees the same target, so the early return and
+ * the branches around __syncthreads are uniform. */
+static __global__ void __launch_bounds__(ROW_THREADS)
+xent_row_kernel(row_args a)
+{
+    __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32];
+    __shared__ double part_d[ROW_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int64_t r = blockIdx.x, C = a.C, row = a.i0 + r;
+    float *z = a.z + r * C;
+    const int64_t t = load_index(a.target, row * a.st, a.t64);
+    /* Out-of-range targets were refused before this ran; the bounds only keep a stray value from
+     * reading outside the row. */
+    if (t == a.ignore_index || t < 0 || t >= C) {
+        if (a.grads)
+            for (int64_t c = threadIdx.x; c < C; c += blockDim.x) z[c] = 0.0f;
+        if (threadIdx.x == 0) {
+            a.lrow[r] = 0.0f;
+            if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, 0.0f);
+        }
+        return;
+    }
+    const float zt = threadIdx.x == 0 ? z[t] : 0.0f; /* read before pass 2 overwrites it */
+
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+        const float v = z[c];
+        if (v > m) {
+            s = s * expf(m - v) + 1.0f;
+            m = v;
+        } else if (v != -INFINITY) { /* -inf adds nothing (and -inf - -inf would be NaN) */
+            s += expf(v - m);
+        }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL_MASK, m, off), s2 = __shfl_xor_sync(FULL_MASK, s, off);
+        lse_merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_s[warp] = s;
+    }
+    __syncthreads();
+    /* Every thread merges the warps' pairs in the same order: the same lse everywhere, no broadcast. */
+    m = -INFINITY;
+    s = 0.0f;
+    for (int k = 0; k < nwarps; k++) lse_merge(m, s, part_m[k], part_s[k]);
+    const float lse = m + logf(s);
+
+    const float wt = a.cw ? load_any(a.cw, t * a.scw, a.cwdt) : 1.0f;
+    float smooth = 0.0f;
+    if (a.grads || a.smooth) {
+        const float si = a.grow ? load_any(a.grow, row * a.sgr, a.grdt) : 1.0f;
+        const float sa = si * (a.keep * wt + a.epsc * a.wall), st = si * a.keep * wt, se = si * a.epsc;
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+            const float v = z[c];
+            const float wc = a.cw ? load_any(a.cw, c * a.scw, a.cwdt) : 1.0f;
+            if (a.smooth) smooth += wc * (lse - v);
+            if (a.grads) {
+                float g = sa * expf(v - lse);
+                if (c == t) g -= st;
+                if (a.smooth) g -= se * wc;
+                z[c] = g;
+            }
+        }
+    }
+    double smooth_sum = 0.0;
+    if (a.smooth) smooth_sum = block_sum((double)smooth, part_d);
+    if (threadIdx.x == 0) {
+        double li = (double)a.keep * wt * ((double)lse - zt);
+        if (a.smooth) li += (double)a.epsc * smooth_sum;
+        a.lrow[r] = (float)li;
+        if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, (float)li);
+    }
+}
+
+/* dz rounded to T in place, one block per row: row r's T values go to the first half of its own bytes
+ * (row stride 2C in T). Each tile of blockDim.x elements is read, then (after a barrier) written: a
+ * write of element c lands on float c/2 < the tile's end, which every thread has read by then, and
+ * never on a float of a later tile. */
+template <typename T>
+static __global__ void __launch_bounds__(NARROW_THREADS)
+narrow_rows_kernel(float *z, int64_t C)
+{
+    float *row = z + (int64_t)blockIdx.x * C;
+    T *out = reinterpret_cast<T *>(row);
+    for (int64_t base = 0; base < C; base += blockDim.x) {
+        const int64_t c = base + threadIdx.x;
+        const float v = c < C ? row[c] : 0.0f;
+        __syncthreads();
+        if (c < C) store_f32(out + c, v);
+    }
+}
+
+/* h->total += the chunk's row losses, in double, in a fixed order (one block). */
+static __global__ void __launch_bounds__(SUM_THREADS)
+add_losses_kernel(const float *lrow, int64_t rows, xent_header *h)
+{
+    __shared__ double part[SUM_THREADS / 32];
+    double acc = 0.0;
+    for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) acc += lrow[r];
+    acc = block_sum(acc, part);
+    if (threadIdx.x == 0) h->total += acc;
+}
+
+/* The mean or sum; h == NULL (no rows) reads as a total of 0. Mean of no weight: 0/0 = NaN, as torch. */
+static __global__ void
+final_loss_kernel(const xent_header *h, double wsum, int mean, void *loss, tl_dtype ldt)
+{
+    double v = h ? h->total : 0.0;
+    if (mean) v = v / wsum;
+    store_any(loss, 0, ldt, (float)v);
+}
+
+/* p[i, j] = scale * p[i, j] over a strided float32 matrix; scale 0 writes zeros without reading. */
+static __global__ void __launch_bounds__(SCALE_THREADS)
+scale_kernel(float *p, int64_t s0, int64_t s1, int64_t rows, int64_t cols, float scale)
+{
+    const int64_t n = rows * cols;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x) {
+        float *q = p + (k / cols) * s0 + (k % cols) * s1;
+        *q = scale == 0.0f ? 0.0f : scale * *q;
+    }
+}
+
+/* ---- host side --------------------------------------------------------------------------------- */
+
+static int
+is_float_dtype(tl_dtype d)
+{
+    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
+}
+
+/* A CUDA tensor of `ndim` dims on `dev` whose memory is there when it has elements. */
+static tl_status
+check_tensor(const tl_tensor *t, int ndim, int dev)
+{
+    if (t->device != TL_CUDA || t->device_id != dev) return TL_ERR_DEVICE;
+    if (t->ndim != ndim) return TL_ERR_SHAPE;
+    for (int i = 0; i < ndim; i++)
+        if (t->shape[i] < 0 || t->strides[i] < 0) return TL_ERR_SHAPE;
+    if (tl_numel(t) > 0 && t->data == NULL) return TL_ERR_VALUE;
+    return TL_OK;
+}
+
+static tl_tensor
+view2d(void *data, tl_dtype dt, int dev, int64_t rows, int64_t cols, int64_t s0, int64_t s1)
+{
+    tl_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = dt;
+    t.device = TL_CUDA;
+    t.device_id = dev;
+    t.ndim = 2;
+    t.shape[0] = rows;
+    t.shape[1] = cols;
+    t.strides[0] = s0;
+    t.strides[1] = s1;
+    return t;
+}
+
+/* Rows [i0, i0+rows) of a 2-D tensor, as a view. */
+static tl_tensor
+row_block(const tl_tensor *t, int64_t i0, int64_t rows)
+{
+    const size_t es = tl_dtype_size(t->dtype);
+    return view2d(t->data ? (char *)t->data + i0 * t->strides[0] * (int64_t)es : NULL, t->dtype,
+                  t->device_id, rows, t->shape[1], t->strides[0], t->strides[1]);
+}
+
+/* dZ as the backward GEMMs read it: float32 with row stride C, or rounded to x's dtype in place with
+ * row stride 2C (in elements of that dtype). */
+static tl_tensor
+dz_view(float *z, tl_dtype xdt, int dev, int64_t rows, int64_t C, int transposed)
+{
+    const int64_t ld = xdt == TL_FLOAT32 ? C : 2 * C;
+    return transposed ? view2d(z, xdt, dev, C, rows, 1, ld) : view2d(z, xdt, dev, rows, C, ld, 1);
+}
+
+static tl_status
+check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+           const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows,
+           const tl_tensor *loss, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
+           const tl_tensor *ws, const void *cublas_ws)
+{
+    tl_status st;
+    if (!ctx || !x || !w || !target || !o || !ws) return TL_ERR_VALUE;
+    const int dev = ctx->device_id;
+    if ((st = check_tensor(x, 2, dev)) || (st = check_tensor(w, 2, dev)) || (st = check_tensor(target, 1, dev)) ||
+        (st = check_tensor(ws, 1, dev)))
+        return st;
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
+    if (!is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
+    if (target->dtype != TL_INT64 && target->dtype != TL_INT32) return TL_ERR_DTYPE;
+    if (w->shape[1] != D || target->shape[0] != N || C < 1) return TL_ERR_SHAPE;
+    if (o->reduction < TL_REDUCE_MEAN || o->reduction > TL_REDUCE_NONE) return TL_ERR_VALUE;
+    if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f)) return TL_ERR_VALUE;
+    if (bias) {
+        if ((st = check_tensor(bias, 1, dev))) return st;
+        if (bias->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (bias->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (cw) {
+        if ((st = check_tensor(cw, 1, dev))) return st;
+        if (cw->dtype != TL_FLOAT32 && cw->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (cw->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (grad_rows) {
+        if ((st = check_tensor(grad_rows, 1, dev))) return st;
+        if (!is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
+        if (grad_rows->shape[0] != N) return TL_ERR_SHAPE;
+    }
+    if (loss) {
+        if (loss->device != TL_CUDA || loss->device_id != dev) return TL_ERR_DEVICE;
+        if (tl_numel(loss) > 0 && !loss->data) return TL_ERR_VALUE;
+        if (loss->dtype != TL_FLOAT32 && loss->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (o->reduction == TL_REDUCE_NONE ? (loss->ndim != 1 || loss->shape[0] != N) : tl_numel(loss) != 1)
+            return TL_ERR_SHAPE;
+        if (o->reduction == TL_REDUCE_NONE && loss->strides[0] < 0) return TL_ERR_SHAPE;
+    }
+    if (dx) {
+        if ((st = check_tensor(dx, 2, dev))) return st;
+        if (dx->dtype != TL_FLOAT32 && dx->dtype != x->dtype) return TL_ERR_DTYPE;
+        if (dx->shape[0] != N || dx->shape[1] != D) return TL_ERR_SHAPE;
+    }
+    if (dw) {
+        if ((st = check_tensor(dw, 2, dev))) return st;
+        if (dw->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+        if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
+    }
+    if (db) {
+        if ((st = check_tensor(db, 1, dev))) return st;
+        if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+        if (db->shape[0] != C) return TL_ERR_SHAPE;
+    }
+    if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
+    if (N == 0) return TL_OK; /* no GEMM runs, no workspace is read */
+    if (ws->shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) return TL_ERR_VALUE; /* room for one row */
+
+    /* Every GEMM of the loop, checked now over all N rows (a chunk's views are the same strides over
+     * fewer rows, which tl_gemm_cuda accepts whenever it accepts all of them), so that a layout it
+     * cannot read is refused before anything is written. */
+    float *zbuf = (float *)ws->data + TL_XENT_CUDA_WS_EXTRA;
+    const tl_tensor wt = view2d(w->data, w->dtype, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
+    const tl_tensor z = view2d(zbuf, TL_FLOAT32, dev, N, C, C, 1);
+    if ((st = tl_gemm_cuda_validate(ctx, x, &wt, bias, &z, cublas_ws))) return st;
+    if (dx) {
+        const tl_tensor dz = dz_view(zbuf, x->dtype, dev, N, C, 0);
+        if ((st = tl_gemm_cuda_validate(ctx, &dz, w, NULL, dx, cublas_ws))) return st;
+    }
+    if (dw) {
+        const tl_tensor dzt = dz_view(zbuf, x->dtype, dev, N, C, 1);
+        if ((st = tl_gemm_cuda_validate(ctx, &dzt, x, NULL, dw, cublas_ws))) return st;
+    }
+    return TL_OK;
+}
+
+/* p = scale * p over a strided float32 matrix (scale 0: zeros), on `stream`. */
+static tl_status
+scale_f32(float *p, int64_t s0, int64_t s1, int64_t rows, int64_t cols, float scale, cudaStream_t stream)
+{
+    const int64_t n = rows * cols;
+    if (n == 0) return TL_OK;
+    int64_t blocks = (n + SCALE_THREADS - 1) / SCALE_THREADS;
+    if (blocks > 4096) blocks = 4096;
+    scale_kernel<<<(unsigned)blocks, SCALE_THREADS, 0, stream>>>(p, s0, s1, rows, cols, scale);
+    return tl_cuda_check(cudaGetLastError(), "linear_xent scale kernel launch");
+}
+
+tl_status
+tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                    const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o,
+                    const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *dx, tl_tensor *dw, tl_tensor *db,
+                    tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32,
+                    int64_t *bad_target, void *stream)
+{
+    tl_status st = check_xent(ctx, x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, ws, cublas_ws);
+    if (st) return st;
+    const int dev = ctx->device_id;
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
+    const float eps = o->label_smoothing;
+    const int grads = dx || dw || db, reduce = o->reduction != TL_REDUCE_NONE;
+    const cudaStream_t s = (cudaStream_t)stream;
+    float *const wsf = (float *)ws->data;
+    xent_header *const hdr = (xent_header *)(((uintptr_t)wsf + 15) & ~(uintptr_t)15);
+    int prev = -1;
+    if ((st = tl_cuda_enter(dev, &prev))) return st;
+
+    /* The targets, all of them, before anything is written; the host needs the verdict (and the mean's
+     * divisor), hence the one synchronisation. */
+    double wsum = 0.0, wall = (double)C;
+    if (N > 0) {
+        prepass_kernel<<<1, PREP_THREADS, 0, s>>>(target->data, target->strides[0], target->dtype == TL_INT64, N,
+                                                  C, o->ignore_index, cw ? cw->data : NULL,
+                                                  cw ? cw->strides[0] : 0, cw ? cw->dtype : TL_FLOAT32, hdr);
+        xent_header h;
+        if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent target check kernel launch")) ||
+            (st = tl_cuda_check(cudaMemcpyAsync(&h, hdr, sizeof h, cudaMemcpyDeviceToHost, s),
+                                "linear_xent: cudaMemcpyAsync (target check)")) ||
+            (st = tl_cuda_check(cudaStreamSynchronize(s), "linear_xent: cudaStreamSynchronize (target check)")))
+            goto done;
+        if (h.bad_row >= 0) {
+            if (bad_target) *bad_target = h.bad_value;
+            st = TL_ERR_INDEX;
+            goto done;
+        }
+        wsum = h.wsum;
+        wall = h.wall;
+    }
+    {
+        /* The uniform s (no grad_rows) is applied after the row pass: as alpha of the dX and dW GEMMs and
+         * to db at the end, so that dz stays O(1) (float16 would flush s * p to zero for a large sum_w).
+         * With every target ignored the mean's gradient is zero, not NaN (as on the CPU). */
+        const float mean_scale = wsum != 0.0 ? (float)(1.0 / wsum) : 0.0f;
+        const float su = grad_rows || o->reduction != TL_REDUCE_MEAN ? 1.0f : mean_scale;
+
+        /* db accumulates over chunks from zero; dW's first chunk overwrites it (beta = 0), so only an
+         * empty batch needs it zeroed here. */
+        if (db && (st = scale_f32((float *)db->data, db->strides[0], 0, C, 1, 0.0f, s))) goto done;
+        if (dw && N == 0 && (st = scale_f32((float *)dw->data, dw->strides[0], dw->strides[1], C, D, 0.0f, s)))
+            goto done;
+
+        const int64_t per_row = C + D + 1;
+        int64_t R = N > 0 ? (ws->shape[0] - TL_XENT_CUDA_WS_EXTRA) / per_row : 1;
+        if (R > N) R = N;
+        if (R > INT_MAX) R = INT_MAX; /* a grid's x dimension */
+        if (R < 1) R = 1;
+        float *zbuf = wsf + TL_XENT_CUDA_WS_EXTRA; /* R x C logits, then dz */
+        float *lrow = zbuf + R * C + R * D;        /* R row losses (R x D between them: unused here) */
+        const tl_tensor wt = view2d(w->data, w->dtype, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
+        const int rthreads = C >= ROW_THREADS ? ROW_THREADS : (int)((C + 31) / 32 * 32);
+
+        row_args ra;
+        memset(&ra, 0, sizeof ra);
+        ra.z = zbuf;
+        ra.C = C;
+        ra.target = target->data;
+        ra.st = target->strides[0];
+        ra.t64 = target->dtype == TL_INT64;
+        ra.ignore_index = o->ignore_index;
+        ra.cw = cw ? cw->data : NULL;
+        ra.scw = cw ? cw->strides[0] : 0;
+        ra.cwdt = cw ? cw->dtype : TL_FLOAT32;
+        ra.grow = grad_rows ? grad_rows->data : NULL;
+        ra.sgr = grad_rows ? grad_rows->strides[0] : 0;
+        ra.grdt = grad_rows ? grad_rows->dtype : TL_FLOAT32;
+        ra.lrow = lrow;
+        ra.loss_none = loss && !reduce ? loss->data : NULL;
+        ra.sloss = loss && !reduce ? loss->strides[0] : 0;
+        ra.ldt = loss ? loss->dtype : TL_FLOAT32;
+        ra.keep = 1.0f - eps;
+        ra.epsc = eps / (float)C;
+        ra.wall = (float)wall;
+        ra.smooth = eps > 0.0f;
+        ra.grads = grads;
+
+        for (int64_t i0 = 0; i0 < N; i0 += R) {
+            const int64_t rows = N - i0 < R ? N - i0 : R;
+            const tl_tensor xr = row_block(x, i0, rows);
+            tl_tensor z = view2d(zbuf, TL_FLOAT32, dev, rows, C, C, 1);
+            if ((st = tl_gemm_cuda(ctx, &xr, &wt, bias, &z, 1.0f, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
+                                   stream)))
+                goto done;
+
+            ra.i0 = i0;
+            xent_row_kernel<<<(unsigned)rows, rthreads, 0, s>>>(ra);
+            if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent row kernel launch"))) goto done;
+            if (loss && reduce) {
+                add_losses_kernel<<<1, SUM_THREADS, 0, s>>>(lrow, rows, hdr);
+                if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent loss sum kernel launch"))) goto done;
+            }
+            if (!grads) continue;
+
+            if (db && (st = tl_colsum_cuda(&z, db, 1.0f, stream))) goto done;
+            if (x->dtype != TL_FLOAT32) {
+                if (x->dtype == TL_BFLOAT16)
+                    narrow_rows_kernel<__nv_bfloat16><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(zbuf, C);
+                else
+                    narrow_rows_kernel<__half><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(zbuf, C);
+                if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent rounding kernel launch"))) goto done;
+            }
+            if (dx) {
+                const tl_tensor dz = dz_view(zbuf, x->dtype, dev, rows, C, 0);
+                tl_tensor dxr = row_block(dx, i0, rows);
+                if ((st = tl_gemm_cuda(ctx, &dz, w, NULL, &dxr, su, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
+                                       stream)))
+                    goto done;
+            }
+            if (dw) {
+                const tl_tensor dzt = dz_view(zbuf, x->dtype, dev, rows, C, 1);
+                if ((st = tl_gemm_cuda(ctx, &dzt, &xr, NULL, dw, su, i0 == 0 ? 0.0f : 1.0f, cublas_ws,
+                                       cublas_ws_bytes, allow_tf32, stream)))
+                    goto done;
+            }
+        }
+
+        if (db && su != 1.0f && (st = scale_f32((float *)db->data, db->strides[0], 0, C, 1, su, s))) goto done;
+        if (loss && reduce) {
+            final_loss_kernel<<<1, 1, 0, s>>>(N > 0 ? hdr : NULL, wsum, o->reduction == TL_REDUCE_MEAN,
+                                              loss->data, loss->dtype);
+            st = tl_cuda_check(cudaGetLastError(), "linear_xent final loss kernel launch");
+        }
+    }
+done:
+    tl_cuda_leave(dev, prev);
+    return st;
+}
