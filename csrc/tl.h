@@ -92,9 +92,11 @@ tl_status tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthr
  * int32. class_weight: NULL or (C,) float32 or x's dtype. loss: NULL, a 1-element tensor (mean, sum) or
  * (N,) (none), float32 or x's dtype. dx: NULL or (N, D) of x's dtype or float32; dw: NULL or (C, D)
  * float32; db: NULL or (C,) float32 (each overwritten). ws: float32 contiguous; rows are processed in
- * chunks of ws.numel / (C + D + 1). A target outside [0, C) that is not ignore_index: TL_ERR_INDEX,
+ * chunks of ws.numel / (C + D + 1). With C <= TL_XENT_SKINNY_C a single pass needs no GEMM and no
+ * workspace (ws may be NULL). A target outside [0, C) that is not ignore_index: TL_ERR_INDEX,
  * *bad_target set to it, and nothing written. */
 enum { TL_REDUCE_MEAN = 0, TL_REDUCE_SUM = 1, TL_REDUCE_NONE = 2 };
+#define TL_XENT_SKINNY_C 16
 typedef struct {
     int64_t ignore_index;
     float label_smoothing;

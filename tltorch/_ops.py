@@ -198,6 +198,7 @@ _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 # At most this many float32 logits per chunk of rows (64 MB): the head's working memory.
 _XENT_CHUNK_FLOATS = 16 << 20
+_XENT_SKINNY_C = _C.XENT_SKINNY_C
 
 
 def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_weight: Optional[Tensor],
@@ -214,9 +215,11 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
     dx = torch.empty((n, d), dtype=x2.dtype, device=dev) if need_x else None
     dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
     db = torch.empty(c, dtype=torch.float32, device=dev) if need_bias else None
-    per_row = c + d + 1
-    rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
-    ws = torch.empty(rows * per_row, dtype=torch.float32, device=dev)
+    ws = None
+    if c > _XENT_SKINNY_C:  # fewer classes take a single pass that needs no workspace
+        per_row = c + d + 1
+        rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
+        ws = torch.empty(rows * per_row, dtype=torch.float32, device=dev)
     _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,
                    loss, dx, dw, db, ws, torch.get_num_threads())
     if dw is not None and weight.dtype is not torch.float32:

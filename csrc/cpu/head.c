@@ -271,8 +271,7 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
            const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db, const tl_tensor *ws)
 {
     tl_status st;
-    if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(w, 2)) || (st = tl_check_cpu(target, 1)) ||
-        (st = tl_check_cpu(ws, 1)))
+    if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(w, 2)) || (st = tl_check_cpu(target, 1)))
         return st;
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
     if (!tl_is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
@@ -316,6 +315,8 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
         if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
         if (db->shape[0] != C) return TL_ERR_SHAPE;
     }
+    if (C <= TL_XENT_SKINNY_C && !ws) return TL_OK; /* the single-pass path needs no workspace */
+    if (!ws || (st = tl_check_cpu(ws, 1))) return ws ? st : TL_ERR_VALUE;
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
     if (N > 0 && ws->shape[0] < C + D + 1) return TL_ERR_VALUE; /* room for one row */
     return TL_OK;
@@ -326,7 +327,7 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
  * dW and db gather in SKINNY_PARTS fixed row ranges and are added in range order at the end, so the
  * result does not depend on the thread count. Scratch (malloc): W and b as float32, and per range
  * C x D + C accumulators and two D-float rows. */
-#define SKINNY_C 16
+#define SKINNY_C TL_XENT_SKINNY_C
 #define SKINNY_PARTS 8
 
 static tl_status

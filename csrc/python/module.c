@@ -224,15 +224,16 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     o.label_smoothing = eps;
     o.reduction = red;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
-        tl_arg_import(br, args[3], &target) < 0 || tl_arg_import(br, args[13], &ws) < 0)
+        tl_arg_import(br, args[3], &target) < 0)
         goto fail;
+    if (args[13] != Py_None && tl_arg_import(br, args[13], &ws) < 0) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
 
-    if (need_cpu(&x) || need_cpu(&w) || need_cpu(&target) || need_cpu(&ws)) goto fail;
+    if (need_cpu(&x) || need_cpu(&w) || need_cpu(&target) || (ws.via && need_cpu(&ws))) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (opt[k]->via && need_cpu(opt[k])) goto fail;
-    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || tl_need_ndim(&ws, 1))
+    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || (ws.via && tl_need_ndim(&ws, 1)))
         goto fail;
     if (tl_need_float(&x) || tl_need_dtype_of(&w, &x) || need_index(&target)) goto fail;
     const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
@@ -270,18 +271,21 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
             goto fail;
     }
-    if (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
-        (N > 0 && ws.t.shape[0] < C + D + 1) || tl_need_writable(&ws)) {
+    if (!ws.via ? C > TL_XENT_SKINNY_C
+                : (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
+                   (N > 0 && ws.t.shape[0] < C + D + 1) || tl_need_writable(&ws))) {
         if (!PyErr_Occurred())
             PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least "
-                         "C + D + 1 = %lld elements", (long long)(C + D + 1));
+                         "C + D + 1 = %lld elements (None only with at most %d classes)",
+                         (long long)(C + D + 1), TL_XENT_SKINNY_C);
         goto fail;
     }
 
     Py_BEGIN_ALLOW_THREADS
     st = tl_linear_xent_cpu(&x.t, &w.t, bias.via ? &bias.t : NULL, &target.t, cw.via ? &cw.t : NULL, &o,
                             grow.via ? &grow.t : NULL, loss.via ? &loss.t : NULL, dx.via ? &dx.t : NULL,
-                            dw.via ? &dw.t : NULL, db.via ? &db.t : NULL, &ws.t, &bad, nthreads);
+                            dw.via ? &dw.t : NULL, db.via ? &db.t : NULL, ws.via ? &ws.t : NULL, &bad,
+                            nthreads);
     Py_END_ALLOW_THREADS
     if (st == TL_ERR_INDEX) {
         PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
@@ -364,6 +368,7 @@ module_exec(PyObject *mod)
 {
     if (tl_bridge_init(bridge_of(mod)) < 0) return -1;
     if (PyModule_AddIntConstant(mod, "GEMM_KC", TL_GEMM_KC) < 0) return -1;
+    if (PyModule_AddIntConstant(mod, "XENT_SKINNY_C", TL_XENT_SKINNY_C) < 0) return -1;
     return 0;
 }
 
