@@ -8,7 +8,7 @@
  * Memory: the workspace holds R x C logits, R x D float32 partials of dX, and R losses; nothing of size
  * N x C ever exists. X is read twice per chunk (forward GEMM, dW), W three times (Z, dX, and its
  * packing), dW read and written once per chunk. The row pass reads each z twice (max, sum of exp) and
- * writes dz once, with a vectorised exp on AVX-512.
+ * writes dz once, with a vectorised exp on AVX-512 and AVX2.
  * Results do not depend on the thread count: each row's sums run in a fixed order, losses are added
  * in row order in double precision, and the GEMMs are deterministic. */
 #include <math.h>
@@ -172,6 +172,104 @@ axpy_avx512(float *y, float a, const float *x, int64_t n)
                                                          _mm512_maskz_loadu_ps(k, y + i)));
     }
 }
+/* The same on AVX2 + FMA: 2^n is built in the exponent bits (n clamped to the normal range, so very
+ * negative x gives a tiny normal number times a polynomial < 2 instead of 0: below 2^-125, harmless for
+ * a softmax whose largest term is 1). */
+__attribute__((target("avx2,fma"))) static inline __m256
+exp256(__m256 x)
+{
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+    r = _mm256_fnmadd_ps(n, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* n - i lanes (1..7) of a tail as a mask for maskload/maskstore. */
+__attribute__((target("avx2"))) static inline __m256i
+tail_mask256(int64_t left)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+__attribute__((target("avx2,fma"))) static float
+max_avx2(const float *z, int64_t n)
+{
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(z + i));
+    float buf[8];
+    _mm256_storeu_ps(buf, m);
+    float r = buf[0];
+    for (int j = 1; j < 8; j++) r = buf[j] > r ? buf[j] : r;
+    for (; i < n; i++) r = z[i] > r ? z[i] : r;
+    return r;
+}
+
+__attribute__((target("avx2,fma"))) static float
+sumexp_avx2(const float *z, int64_t n, float m)
+{
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) s = _mm256_add_ps(s, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm)));
+    if (i < n) {
+        __m256i k = tail_mask256(n - i);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(z + i, k), vm));
+        s = _mm256_add_ps(s, _mm256_and_ps(e, _mm256_castsi256_ps(k)));
+    }
+    float buf[8];
+    _mm256_storeu_ps(buf, s);
+    return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
+}
+
+__attribute__((target("avx2,fma"))) static void
+grad_avx2(float *z, int64_t n, float lse, float a, float s)
+{
+    const __m256 vl = _mm256_set1_ps(lse), sa = _mm256_set1_ps(s * a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(z + i, _mm256_mul_ps(sa, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), vl))));
+    if (i < n) {
+        __m256i k = tail_mask256(n - i);
+        _mm256_maskstore_ps(z + i, k, _mm256_mul_ps(sa, exp256(_mm256_sub_ps(_mm256_maskload_ps(z + i, k), vl))));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static float
+dot_avx2(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float buf[8], r = 0.0f;
+    _mm256_storeu_ps(buf, _mm256_add_ps(s0, s1));
+    for (; i < n; i++) r += a[i] * b[i];
+    return r + (((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7])));
+}
+
+__attribute__((target("avx2,fma"))) static void
+axpy_avx2(float *y, float a, const float *x, int64_t n)
+{
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
 #endif
 
 static row_ops
@@ -182,11 +280,10 @@ select_row_ops(void)
     const char *cap = getenv("TLTORCH_CPU_ISA");
     __builtin_cpu_init();
     if ((!cap || !strcmp(cap, "avx512")) && __builtin_cpu_supports("avx512f")) {
-        ops.max = max_avx512;
-        ops.sumexp = sumexp_avx512;
-        ops.grad = grad_avx512;
-        ops.dot = dot_avx512;
-        ops.axpy = axpy_avx512;
+        ops = (row_ops){max_avx512, sumexp_avx512, grad_avx512, dot_avx512, axpy_avx512};
+    } else if ((!cap || !strcmp(cap, "avx512") || !strcmp(cap, "avx2")) && __builtin_cpu_supports("avx2") &&
+               __builtin_cpu_supports("fma")) {
+        ops = (row_ops){max_avx2, sumexp_avx2, grad_avx2, dot_avx2, axpy_avx2};
     }
 #endif
     return ops;
