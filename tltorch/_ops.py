@@ -205,9 +205,6 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
           ignore_index: int, label_smoothing: float, red: int, grad_rows: Optional[Tensor], want_loss: bool,
           need_x: bool, need_weight: bool, need_bias: bool):
     """One call of the fused kernel: (loss, dx, dweight, dbias), each None unless asked for."""
-    if x2.is_cuda:
-        raise RuntimeError("tltorch.functional.linear_cross_entropy runs on the CPU in this version; "
-                           "its CUDA kernel is not built yet")
     n, d = x2.shape
     c = weight.shape[0]
     dev = x2.device
@@ -215,13 +212,20 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
     dx = torch.empty((n, d), dtype=x2.dtype, device=dev) if need_x else None
     dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
     db = torch.empty(c, dtype=torch.float32, device=dev) if need_bias else None
-    ws = None
-    if c > _XENT_SKINNY_C:  # fewer classes take a single pass that needs no workspace
-        per_row = c + d + 1
-        rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
-        ws = torch.empty(rows * per_row, dtype=torch.float32, device=dev)
-    _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,
-                   loss, dx, dw, db, ws, torch.get_num_threads())
+    per_row = c + d + 1
+    rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
+    if x2.is_cuda:
+        cuda = cuda_module()
+        ws = torch.empty(cuda.XENT_WS_EXTRA + rows * per_row, dtype=torch.float32, device=dev)
+        cublas_ws = torch.empty(_CUBLAS_WS_BYTES, dtype=torch.uint8, device=dev)
+        cuda.linear_xent(_cublas_ready(x2), _cublas_ready(weight), bias, t1, class_weight, ignore_index,
+                         label_smoothing, red, grad_rows, loss, dx, dw, db, ws, cublas_ws,
+                         bool(torch.backends.cuda.matmul.allow_tf32))
+    else:
+        # With few classes the CPU kernel takes a single pass that needs no workspace.
+        ws = torch.empty(rows * per_row, dtype=torch.float32) if c > _XENT_SKINNY_C else None
+        _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,
+                       loss, dx, dw, db, ws, torch.get_num_threads())
     if dw is not None and weight.dtype is not torch.float32:
         dw = dw.to(weight.dtype)
     if db is not None and bias.dtype is not torch.float32:

@@ -26,7 +26,7 @@
 typedef struct {
     float (*max)(const float *z, int64_t n);
     float (*sumexp)(const float *z, int64_t n, float m);            /* sum exp(z - m) */
-    void (*grad)(float *z, int64_t n, float lse, float a, float s); /* z = s * a * exp(z - lse) */
+    void (*grad)(float *z, int64_t n, float m, float a, float s); /* z = s * a * exp(z - m) */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a x */
 } row_ops;
@@ -294,21 +294,32 @@ static float
 row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *cwf, float keep, float epsc,
               float wall, int grads, float s)
 {
+    /* For a confident row (p_t near 1) the loss -log p_t and dz_t ~ p_t - 1 are small differences that a
+     * rounded lse or a rounded sum would swamp. So the other classes are summed on their own: with
+     * e_t = exp(z_t - m) and S' = sum_{c != t} exp(z_c - m), -log p_t = log1p(S'/e_t) and
+     * p_t - 1 = -S'/(S' + e_t), both accurate to rounding; the rest use p_c = exp(z_c - m) / S. */
     const float m = ops->max(z, C);
-    const float lse = m + logf(ops->sumexp(z, C, m));
+    const float zt = z[t];
+    z[t] = -INFINITY;
+    const double sum_ex = ops->sumexp(z, C, m);
+    z[t] = zt;
+    const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
     const float wt = cwf ? cwf[t] : 1.0f;
-    double loss = (double)keep * wt * ((double)lse - z[t]);
+    const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
+    double loss = (double)keep * wt * nll;
     if (epsc > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
         double sm = 0.0;
         if (cwf)
-            for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * ((double)lse - z[c]);
+            for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * (((double)m - z[c]) + logsum);
         else
-            for (int64_t c = 0; c < C; c++) sm += (double)lse - z[c];
+            for (int64_t c = 0; c < C; c++) sm += ((double)m - z[c]) + logsum;
         loss += (double)epsc * sm;
     }
     if (grads) {
-        ops->grad(z, C, lse, keep * wt + epsc * wall, s);
-        z[t] -= s * keep * wt;
+        const double wall_eps = (double)epsc * wall;
+        ops->grad(z, C, m, (float)(((double)keep * wt + wall_eps) / sum), s);
+        /* s (a p_t - keep w_t) with a = keep w_t + eps/C sum_c w_c, rearranged to avoid p_t - 1 */
+        z[t] = (float)(s * (wall_eps * et - (double)keep * wt * sum_ex) / sum);
         if (epsc > 0.0f) {
             if (cwf)
                 for (int64_t c = 0; c < C; c++) z[c] -= s * epsc * cwf[c];

@@ -213,7 +213,7 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         get_int(args[14], "nthreads", &nthreads) < 0)
         return NULL;
     if (!(eps >= 0.0f && eps <= 1.0f)) {
-        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %g", (double)eps);
+        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %R", args[6]);
         return NULL;
     }
     if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
