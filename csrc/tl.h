@@ -137,8 +137,9 @@ tl_status tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *s
  * layout for chunks of R = (ws.numel - TL_XENT_CUDA_WS_EXTRA) / (C + D + 1) rows (its R x D region is
  * unused here: cuBLAS carries dX's partial sums in float32 itself). cuBLAS multiplies only like dtypes,
  * so with bfloat16/float16 x the chunk's dZ is rounded to x's dtype, in place, for dX and dW (what
- * torch's own backward feeds its GEMMs); db sums the float32 dZ. Without grad_rows, s is applied as the
- * GEMMs' alpha and to db at the end, so that float16 dZ is not flushed to zero by a small 1/sum_w.
+ * torch's own backward feeds its GEMMs); db sums the float32 dZ. The mean's 1/sum_w part of s_i is
+ * applied as the GEMMs' alpha and to db at the end, so that float16 dZ is not flushed to zero by it.
+ * ws is needed for every C (there is no single-pass path without a workspace here).
  * When N > 0 the targets are checked on the device and `stream` is synchronised once, before anything
  * is written (the host needs the verdict): the call cannot be captured in a CUDA graph. */
 #define TL_XENT_CUDA_WS_EXTRA 64

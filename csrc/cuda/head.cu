@@ -5,7 +5,9 @@
  *                               per row (one block): lse by an online max + sum of exp, the row's loss,
  *                               and dz written over z in place (when gradients are wanted)
  *                               db += colsum(dZ);  dZ rounded to x's dtype in place (bf16/f16 x only)
- *                               dX[chunk] = s dZ W;   dW = s dZ^T X[chunk] + (first chunk ? 0 : dW)
+ *                               dX[chunk] = a dZ W;   dW = a dZ^T X[chunk] + (first chunk ? 0 : dW)
+ *   at the end:                 db *= a;  the mean or sum of the row losses
+ * where a is the mean's 1/sum_w (1 for sum and none) and dZ carries grad_rows[i] (tl.h's s_i = both).
  *
  * Memory: ws holds a small header (TL_XENT_CUDA_WS_EXTRA floats: the targets' verdict, sum_w, sum_c w_c,
  * the running loss in double), then the CPU layout: R x C logits, R x D (unused here) and R row losses.
@@ -164,7 +166,7 @@ typedef struct {
     const void *cw; /* NULL: every class weight is 1 */
     int64_t scw;
     tl_dtype cwdt;
-    const void *grow; /* NULL: s = 1 here (the caller applies the mean's 1/sum_w as GEMM alpha) */
+    const void *grow; /* the upstream gradient per row, or NULL (1); the mean's 1/sum_w is not here */
     int64_t sgr;
     tl_dtype grdt;
     float *lrow;      /* the chunk's row losses */
@@ -178,7 +180,8 @@ typedef struct {
 /* One block per row r of the chunk:
  *   pass 1: lse = m + log sum exp(z - m), each thread's online (m, s) merged across the block;
  *   pass 2: the smoothing term sum_c w_c (lse - z_c) (every term >= 0) and, when grads, dz in place:
- *           dz_c = s [ p_c (keep w_t + epsc sum w) - keep w_t [c == t] - epsc w_c ]  (in head.c's order).
+ *           dz_c = g [ p_c (keep w_t + epsc sum w) - keep w_t [c == t] - epsc w_c ]  (in head.c's order),
+ *           g = grad_rows[row] or 1: s_i without the mean's 1/sum_w, which the caller applies later.
  * Ignored rows: loss 0, dz 0. Every thread of a block sees the same target, so the early return and
  * the branches around __syncthreads are uniform. */
 static __global__ void __launch_bounds__(ROW_THREADS)
@@ -490,11 +493,12 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
         wall = h.wall;
     }
     {
-        /* The uniform s (no grad_rows) is applied after the row pass: as alpha of the dX and dW GEMMs and
-         * to db at the end, so that dz stays O(1) (float16 would flush s * p to zero for a large sum_w).
-         * With every target ignored the mean's gradient is zero, not NaN (as on the CPU). */
+        /* s_i = grad_rows[i] * (the mean's 1/sum_w): the first factor goes into dz, the second is applied
+         * after the row pass, as alpha of the dX and dW GEMMs and to db at the end, so that dz stays O(1)
+         * (float16 would flush p / sum_w to zero for a large batch). With every target ignored the
+         * mean's gradient is zero, not NaN (as on the CPU). */
         const float mean_scale = wsum != 0.0 ? (float)(1.0 / wsum) : 0.0f;
-        const float su = grad_rows || o->reduction != TL_REDUCE_MEAN ? 1.0f : mean_scale;
+        const float su = o->reduction == TL_REDUCE_MEAN ? mean_scale : 1.0f;
 
         /* db accumulates over chunks from zero; dW's first chunk overwrites it (beta = 0), so only an
          * empty batch needs it zeroed here. */

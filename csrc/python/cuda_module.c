@@ -330,7 +330,8 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if ((tf32 = PyObject_IsTrue(args[15])) < 0) return NULL;
     if (!(eps >= 0.0f && eps <= 1.0f)) {
-        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %g", (double)eps);
+        /* %R: PyErr_Format has no float conversions (module.c's %g prints as "%g"). */
+        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %R", args[6]);
         return NULL;
     }
     if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
@@ -341,15 +342,18 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     o.label_smoothing = eps;
     o.reduction = red;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
-        tl_arg_import(br, args[3], &target) < 0 || tl_arg_import(br, args[13], &ws) < 0)
+        tl_arg_import(br, args[3], &target) < 0)
         goto fail;
+    /* None is refused below with the size it needs (unlike tltorch._C, every C takes a workspace). */
+    if (args[13] != Py_None && tl_arg_import(br, args[13], &ws) < 0) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
 
-    if (need_cuda(&x) || need_cuda_on(&w, &x) || need_cuda_on(&target, &x) || need_cuda_on(&ws, &x)) goto fail;
+    if (need_cuda(&x) || need_cuda_on(&w, &x) || need_cuda_on(&target, &x) || (ws.via && need_cuda_on(&ws, &x)))
+        goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (opt[k]->via && need_cuda_on(opt[k], &x)) goto fail;
-    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || tl_need_ndim(&ws, 1))
+    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || (ws.via && tl_need_ndim(&ws, 1)))
         goto fail;
     if (tl_need_float(&x) || tl_need_dtype_of(&w, &x) || need_index(&target)) goto fail;
     const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
@@ -387,12 +391,12 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
             (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
             goto fail;
     }
-    if (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
+    if (!ws.via || ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
         (N > 0 && ws.t.shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) || tl_need_writable(&ws)) {
         if (!PyErr_Occurred())
             PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least "
-                         "%d + C + D + 1 = %lld elements", TL_XENT_CUDA_WS_EXTRA,
-                         (long long)(TL_XENT_CUDA_WS_EXTRA + C + D + 1));
+                         "%d + C + D + 1 = %lld elements (on CUDA for any number of classes)",
+                         TL_XENT_CUDA_WS_EXTRA, (long long)(TL_XENT_CUDA_WS_EXTRA + C + D + 1));
         goto fail;
     }
     if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
@@ -478,7 +482,10 @@ static PyMethodDef methods[] = {
 static int
 module_exec(PyObject *mod)
 {
-    return tl_bridge_init(bridge_of(mod));
+    if (tl_bridge_init(bridge_of(mod)) < 0) return -1;
+    /* linear_xent's workspace: XENT_WS_EXTRA + rows * (C + D + 1) float32 elements. */
+    if (PyModule_AddIntConstant(mod, "XENT_WS_EXTRA", TL_XENT_CUDA_WS_EXTRA) < 0) return -1;
+    return 0;
 }
 
 static int
