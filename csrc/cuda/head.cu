@@ -204,11 +204,14 @@ xent_row_kernel(row_args a)
         }
         return;
     }
-    const float zt = threadIdx.x == 0 ? z[t] : 0.0f; /* read before pass 2 overwrites it */
+    /* Every thread reads z_t before pass 2 (after a barrier) overwrites the row. As in the CPU twin
+     * (head.c, row_loss_grad), the other classes are summed on their own, S' = sum_{c != t} exp(z_c - m),
+     * so that -log p_t = log1p(S'/e_t) and p_t - 1 = -S'/(S' + e_t) stay accurate for confident rows. */
+    const float zt = z[t];
 
     float m = -INFINITY, s = 0.0f;
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        const float v = z[c];
+        const float v = c == t ? -INFINITY : z[c];
         if (v > m) {
             s = s * expf(m - v) + 1.0f;
             m = v;
@@ -226,23 +229,27 @@ xent_row_kernel(row_args a)
     }
     __syncthreads();
     /* Every thread merges the warps' pairs in the same order: the same lse everywhere, no broadcast. */
-    m = -INFINITY;
+    float mx = -INFINITY;
     s = 0.0f;
-    for (int k = 0; k < nwarps; k++) lse_merge(m, s, part_m[k], part_s[k]);
-    const float lse = m + logf(s);
+    for (int k = 0; k < nwarps; k++) lse_merge(mx, s, part_m[k], part_s[k]);
+    m = fmaxf(mx, zt);
+    const double sum_ex = mx == -INFINITY ? 0.0 : (double)s * exp((double)mx - m);
+    const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
+    const float lsum = (float)logsum;
 
     const float wt = a.cw ? load_any(a.cw, t * a.scw, a.cwdt) : 1.0f;
     float smooth = 0.0f;
     if (a.grads || a.smooth) {
         const float si = a.grow ? load_any(a.grow, row * a.sgr, a.grdt) : 1.0f;
-        const float sa = si * (a.keep * wt + a.epsc * a.wall), st = si * a.keep * wt, se = si * a.epsc;
+        const float sa = (float)(si * ((double)a.keep * wt + (double)a.epsc * a.wall) / sum), se = si * a.epsc;
+        /* s (a p_t - keep w_t), rearranged to avoid p_t - 1 */
+        const float gt = (float)(si * ((double)a.epsc * a.wall * et - (double)a.keep * wt * sum_ex) / sum);
         for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
             const float v = z[c];
             const float wc = a.cw ? load_any(a.cw, c * a.scw, a.cwdt) : 1.0f;
-            if (a.smooth) smooth += wc * (lse - v);
+            if (a.smooth) smooth += wc * ((m - v) + lsum);
             if (a.grads) {
-                float g = sa * expf(v - lse);
-                if (c == t) g -= st;
+                float g = c == t ? gt : sa * expf(v - m);
                 if (a.smooth) g -= se * wc;
                 z[c] = g;
             }
@@ -251,7 +258,8 @@ xent_row_kernel(row_args a)
     double smooth_sum = 0.0;
     if (a.smooth) smooth_sum = block_sum((double)smooth, part_d);
     if (threadIdx.x == 0) {
-        double li = (double)a.keep * wt * ((double)lse - zt);
+        const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
+        double li = (double)a.keep * wt * nll;
         if (a.smooth) li += (double)a.epsc * smooth_sum;
         a.lrow[r] = (float)li;
         if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, (float)li);
