@@ -36,5 +36,5 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
      "import tltorch._C as c, sys; sys.exit(0 if c.__file__.startswith('$scratch') else 'not the sanitized build: ' + c.__file__)")
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
-     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py)
+     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py)
 fi
