@@ -1018,6 +1018,8 @@ def _max_rss_kib(which):
     return int(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.skipif(os.environ.get("TLTORCH_SANITIZED") == "1",
+                    reason="AddressSanitizer's quarantine keeps freed memory: RSS says nothing there")
 def test_peak_memory_far_below_logits():
     """N=4096, D=64, C=30000: the logits alone are 491 MB in float32. The fused head's process must
     peak below 60% of what torch's eager F.linear + F.cross_entropy process reaches."""
