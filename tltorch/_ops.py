@@ -196,8 +196,8 @@ _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 # its backward op (which always recomputes) stand in.
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
-# At most this many float32 logits per chunk of rows (64 MB): the head's working memory.
-_XENT_CHUNK_FLOATS = 16 << 20
+# At most this many float32 logits per chunk of rows (32 MB): the head's working memory.
+_XENT_CHUNK_FLOATS = 8 << 20
 _XENT_SKINNY_C = _C.XENT_SKINNY_C
 
 
