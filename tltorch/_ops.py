@@ -7,6 +7,7 @@ memory; CUDA kernels run on torch's current stream (the extension asks torch for
 """
 
 import importlib
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -201,6 +202,20 @@ _XENT_CHUNK_FLOATS = 8 << 20
 _XENT_SKINNY_C = _C.XENT_SKINNY_C
 
 
+_tls = threading.local()
+
+
+def _cpu_workspace(numel: int) -> Tensor:
+    """A float32 scratch of at least `numel` elements, kept per thread between calls: torch has no
+    caching allocator on the CPU, and a fresh multi-megabyte buffer costs a page fault per 4 KiB on
+    every call. It never grows beyond one chunk of logits (32 MB)."""
+    ws = getattr(_tls, "ws", None)
+    if ws is None or ws.numel() < numel:
+        ws = _tls.ws = None  # drop the old one before allocating the larger
+        ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
+    return ws
+
+
 def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_weight: Optional[Tensor],
           ignore_index: int, label_smoothing: float, red: int, grad_rows: Optional[Tensor], want_loss: bool,
           need_x: bool, need_weight: bool, need_bias: bool):
@@ -223,7 +238,7 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
                          bool(torch.backends.cuda.matmul.allow_tf32))
     else:
         # With few classes the CPU kernel takes a single pass that needs no workspace.
-        ws = torch.empty(rows * per_row, dtype=torch.float32) if c > _XENT_SKINNY_C else None
+        ws = _cpu_workspace(rows * per_row) if c > _XENT_SKINNY_C else None
         _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,
                        loss, dx, dw, db, ws, torch.get_num_threads())
     if dw is not None and weight.dtype is not torch.float32:
