@@ -24,6 +24,16 @@ $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 $PY -m tltorch info
 $PY -m pytest tests -q -ra
 
+echo "== the wheel: every module is packaged and imports outside the source tree =="
+wheeldir=$(mktemp -d)
+TLTORCH_CUDA=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$wheeldir" . >/dev/null
+$PY -m pip install -q --no-deps --target "$wheeldir/site" "$wheeldir"/tltorch-*.whl
+(cd / && PYTHONPATH="$wheeldir/site" $PY -c "
+import tltorch, tltorch.nn, tltorch.functional, tltorch._ops
+assert tltorch.__file__.startswith('$wheeldir'), tltorch.__file__
+print('wheel ok:', sorted(tltorch.__all__), tltorch.backend_info()['cpu_isa'])")
+rm -rf "$wheeldir"
+
 if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
   echo "== the C core under AddressSanitizer + UndefinedBehaviorSanitizer =="
   scratch=$(mktemp -d)
