@@ -503,3 +503,34 @@ def test_low_precision_torch_dtypes_through_bridge(gen):
         c = torch.empty(7, 4, dtype=dtype)
         _C.gemm(a, b, c, None, None, 1.0, 0.0, 1)
         assert_close(c, a.double() @ b.double(), dtype)
+
+
+# ---- regressions from review ------------------------------------------------------------------------
+
+def test_internally_overlapping_output_raises():
+    c = torch.zeros(20).as_strided((4, 4), (1, 1))  # rows overlap: threads would race on them
+    with pytest.raises(ValueError, match="overlap"):
+        _C.gemm(torch.ones(4, 4), torch.ones(4, 4), c, None, None, 1.0, 0.0, 1)
+
+
+def test_misaligned_numpy_data_raises():
+    a = np.frombuffer(bytearray(257), np.float32, offset=1, count=64).reshape(8, 8)
+    with pytest.raises(ValueError, match="aligned"):
+        _C.describe(a)
+
+
+@pytest.mark.parametrize("trans", [-1, 4, 2 ** 32 + 3])
+def test_gemm_trans_out_of_range_raises(trans):
+    c = torch.empty(2, 2)
+    with pytest.raises(ValueError, match="trans"):
+        _C.gemm(torch.ones(2, 3), torch.ones(3, 2), c, None, None, 1.0, 0.0, 1, trans)
+
+
+def test_negative_bit_tensors_read_with_their_sign(gen):
+    import tltorch
+    x = torch.randn(4, 3, dtype=torch.cfloat, generator=gen).conj().imag  # a view with the negative bit
+    assert x.is_neg()
+    w = torch.randn(5, 3, generator=gen)
+    got = tltorch.functional.linear(x, w)
+    ref = x.resolve_neg().double() @ w.double().t()
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -1038,3 +1038,25 @@ def test_class_weight_of_another_float_dtype_is_converted(gen):
     a = lce(x, w, t, class_weight=cw.half())
     b = lce(x, w, t, class_weight=cw.half().float())
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_targets_aliased_by_the_loss_output_cannot_go_out_of_bounds():
+    """The kernel validates the targets once and then uses a private copy: writing row i's loss into
+    memory that is also target[i+1] (aliasing) must neither crash nor change which classes are used."""
+    from tltorch import _C
+    buf = torch.zeros(5)
+    loss, target = buf[1:], buf[:4].view(torch.int32)  # loss[i] is target[i + 1]
+    x, w = torch.randn(4, 8), torch.randn(4, 8)
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), torch.zeros(4, dtype=torch.long), reduction="none")
+    _C.linear_xent(x, w, None, target, None, -100, 0.0, 2, None, loss, None, None, None, None, 1)
+    assert torch.allclose(loss, ref)  # every row used its validated class (0), whatever was written after
+
+
+def test_zero_features_with_gradients():
+    x = torch.empty(5, 0, requires_grad=True)
+    w = torch.empty(4, 0, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 1])
+    loss = lce(x, w, t)
+    loss.backward()
+    assert torch.allclose(loss, torch.tensor(math.log(4.0)))
+    assert x.grad.shape == (5, 0) and w.grad.shape == (4, 0)

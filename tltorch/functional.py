@@ -46,6 +46,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         _check_same("bias", bias, "x", x)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    # torch's lazy negation bit is not part of DLPack: materialise it (a no-op for ordinary tensors).
+    x, weight = x.resolve_neg(), weight.resolve_neg()
+    bias = None if bias is None else bias.resolve_neg()
     if x.dim() == 1:
         return _ops.linear(x.unsqueeze(0), weight, bias).squeeze(0)
     return _ops.linear(x, weight, bias)
@@ -111,5 +114,9 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # torch's lazy negation bit is not part of DLPack: materialise it (a no-op for ordinary tensors).
+    x, weight = x.resolve_neg(), weight.resolve_neg()
+    bias = None if bias is None else bias.resolve_neg()
+    class_weight = None if class_weight is None else class_weight.resolve_neg()
     return _ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index,
                                      float(label_smoothing), red)

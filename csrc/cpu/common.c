@@ -1,4 +1,7 @@
 /* common.c: status and dtype tables, tensor checks, the thread count rule. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "cpu.h"
 
 #ifdef _OPENMP
@@ -73,4 +76,23 @@ tl_threads(int nthreads)
 {
     int n = nthreads > 0 ? nthreads : tl_cpu_default_threads();
     return n > 256 ? 256 : n;
+}
+
+int
+tl_cpu_level(void)
+{
+    /* Every caller computes the same value, so a race on first use is benign. */
+    static int level = -1;
+    int v = __atomic_load_n(&level, __ATOMIC_ACQUIRE);
+    if (v >= 0) return v;
+    v = 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    const char *cap = getenv("TLTORCH_CPU_ISA");
+    const int max = !cap ? 2 : !strcmp(cap, "portable") ? 0 : !strcmp(cap, "avx2") ? 1 : 2;
+    __builtin_cpu_init();
+    if (max >= 2 && __builtin_cpu_supports("avx512f")) v = 2;
+    else if (max >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v = 1;
+#endif
+    __atomic_store_n(&level, v, __ATOMIC_RELEASE);
+    return v;
 }

@@ -100,6 +100,11 @@ tl_is_float_dtype(tl_dtype d)
     return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
 }
 
+/* The widest SIMD level the CPU kernels may use: 2 = AVX-512, 1 = AVX2+FMA, 0 = portable. It is what
+ * the CPU supports, capped by TLTORCH_CPU_ISA=avx2|portable (for tests), read once: the first call
+ * (made by the Python module at import, with the GIL held) fixes it for the process. */
+int tl_cpu_level(void);
+
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
 int tl_threads(int nthreads);

@@ -144,22 +144,18 @@ static const isa_desc isa_avx512 = {12, 32, ukernel_avx512, "avx512", 0};
 static const isa_desc isa_avx512_bf16 = {12, 32, ukernel_avx512_bf16, "avx512_bf16", 1};
 #endif
 
-/* The choice depends only on the CPU, so it is computed afresh (cheaply) rather than cached. The
- * environment variable TLTORCH_CPU_ISA=portable|avx2 caps it, for tests of every path. */
+/* The kernel for a dtype on this CPU (tl_cpu_level: its SIMD level, capped by TLTORCH_CPU_ISA). */
 static const isa_desc *
 select_isa(tl_dtype dtype)
 {
-    const char *cap = getenv("TLTORCH_CPU_ISA");
 #ifdef TL_X86
-    int want512 = !cap || !strcmp(cap, "avx512"), want2 = want512 || !strcmp(cap, "avx2");
-    __builtin_cpu_init();
+    const int level = tl_cpu_level();
     /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
      * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
-    if (want512 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &isa_avx512_bf16;
-    if (want512 && __builtin_cpu_supports("avx512f")) return &isa_avx512;
-    if (want2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &isa_avx2;
+    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &isa_avx512_bf16;
+    if (level >= 2) return &isa_avx512;
+    if (level >= 1) return &isa_avx2;
 #else
-    (void)cap;
     (void)dtype;
 #endif
     return &isa_portable;

@@ -277,14 +277,11 @@ select_row_ops(void)
 {
     row_ops ops = {max_portable, sumexp_portable, grad_portable, dot_portable, axpy_portable};
 #ifdef TL_X86
-    const char *cap = getenv("TLTORCH_CPU_ISA");
-    __builtin_cpu_init();
-    if ((!cap || !strcmp(cap, "avx512")) && __builtin_cpu_supports("avx512f")) {
+    const int level = tl_cpu_level();
+    if (level >= 2)
         ops = (row_ops){max_avx512, sumexp_avx512, grad_avx512, dot_avx512, axpy_avx512};
-    } else if ((!cap || !strcmp(cap, "avx512") || !strcmp(cap, "avx2")) && __builtin_cpu_supports("avx2") &&
-               __builtin_cpu_supports("fma")) {
+    else if (level >= 1)
         ops = (row_ops){max_avx2, sumexp_avx2, grad_avx2, dot_avx2, axpy_avx2};
-    }
 #endif
     return ops;
 }
@@ -439,7 +436,7 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
 #define SKINNY_PARTS 8
 
 static tl_status
-xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const int64_t *tg,
             const float *cwf, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
             tl_tensor *dx, tl_tensor *dw, tl_tensor *db, const row_ops *ops, float wall, float mean_scale,
             int nt, double *total)
@@ -470,7 +467,7 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
         memset(pdw, 0, (size_t)(C * D + C) * sizeof(float));
         const int64_t r0 = N * p / parts, r1 = N * (p + 1) / parts;
         for (int64_t i = r0; i < r1; i++) {
-            const int64_t t = load_index(target, i);
+            const int64_t t = tg[i]; /* validated; -1: ignored */
             const float *xi = xr;
             if (x->dtype == TL_FLOAT32 && x->strides[1] == 1) {
                 xi = (const float *)x->data + i * x->strides[0];
@@ -479,7 +476,7 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
                     xr[d] = tl_load_f(x->data, i * x->strides[0] + d * x->strides[1], x->dtype);
             }
             float li = 0.0f;
-            if (t == o->ignore_index) {
+            if (t < 0) {
                 for (int64_t c = 0; c < C; c++) z[c] = 0.0f;
             } else {
                 for (int64_t c = 0; c < C; c++) z[c] = bf[c] + ops->dot(xi, wf + c * D, D);
@@ -493,7 +490,7 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
             if (dx) {
                 const int direct = dx->dtype == TL_FLOAT32 && dx->strides[1] == 1;
                 float *dxi = direct ? (float *)dx->data + i * dx->strides[0] : dxr;
-                memset(dxi, 0, (size_t)D * sizeof(float));
+                if (D > 0) memset(dxi, 0, (size_t)D * sizeof(float)); /* an empty dx may have no data */
                 for (int64_t c = 0; c < C; c++)
                     if (z[c] != 0.0f) ops->axpy(dxi, z[c], wf + c * D, D);
                 if (!direct)
@@ -541,15 +538,23 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     const float eps = o->label_smoothing, keep = 1.0f - eps, epsc = eps / (float)C;
     const int grads = dx || dw || db;
 
-    /* Pass over the targets: validate all of them before writing anything, and the mean's divisor. */
+    /* Pass over the targets: validate all of them before writing anything, and the mean's divisor.
+     * The validated targets are kept in a private copy (-1 for an ignored row) that the row passes use:
+     * the caller's target memory is not read again, so a target changed meanwhile (another thread, or
+     * an output aliasing it) cannot send a row out of bounds. */
     double wsum = 0.0, wall = 0.0;
+    int64_t *tg = malloc(((size_t)N + 1) * sizeof(int64_t));
+    if (!tg) return TL_ERR_NOMEM;
     for (int64_t i = 0; i < N; i++) {
         const int64_t t = load_index(target, i);
+        tg[i] = -1;
         if (t == o->ignore_index) continue;
         if (t < 0 || t >= C) {
             if (bad_target) *bad_target = t;
+            free(tg);
             return TL_ERR_INDEX;
         }
+        tg[i] = t;
         wsum += cw ? tl_load_f(cw->data, t * cw->strides[0], cw->dtype) : 1.0;
     }
     for (int64_t c = 0; c < C; c++) wall += cw ? tl_load_f(cw->data, c * cw->strides[0], cw->dtype) : 1.0;
@@ -567,14 +572,17 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     /* Class weights as float32 (a small scratch of C floats), or NULL. */
     float *cwf = NULL;
     if (cw) {
-        if (!(cwf = malloc((size_t)C * sizeof(float)))) return TL_ERR_NOMEM;
+        if (!(cwf = malloc((size_t)C * sizeof(float)))) {
+            free(tg);
+            return TL_ERR_NOMEM;
+        }
         for (int64_t c = 0; c < C; c++) cwf[c] = tl_load_f(cw->data, c * cw->strides[0], cw->dtype);
     }
 
     const row_ops ops = select_row_ops();
     double total = 0.0;
     if (C <= SKINNY_C) {
-        st = xent_skinny(x, w, bias, target, cwf, o, grad_rows, loss, dx, dw, db, &ops, (float)wall,
+        st = xent_skinny(x, w, bias, tg, cwf, o, grad_rows, loss, dx, dw, db, &ops, (float)wall,
                          mean_scale, nt, &total);
         if (st) goto done;
         goto reduce;
@@ -598,8 +606,8 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
 #pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 32768) schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             float *zr = zbuf + r * C;
-            const int64_t t = load_index(target, i0 + r);
-            if (t == o->ignore_index) {
+            const int64_t t = tg[i0 + r]; /* validated; -1: ignored */
+            if (t < 0) {
                 lrow[r] = 0.0f;
                 if (grads) memset(zr, 0, (size_t)C * sizeof(float));
                 continue;
@@ -638,5 +646,6 @@ reduce:
     }
 done:
     free(cwf);
+    free(tg);
     return st;
 }

@@ -136,6 +136,11 @@ from_dltensor(const DLTensor *dl, tl_arg *out)
         compact *= t->shape[i];
     }
     t->data = dl->data ? (char *)dl->data + dl->byte_offset : NULL;
+    if (t->data && (uintptr_t)t->data % tl_dtype_size(t->dtype) != 0) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is not aligned to its %zu-byte elements", out->name,
+                     tl_dtype_size(t->dtype));
+        return -1;
+    }
     return 0;
 bad_dtype:
     PyErr_Format(PyExc_TypeError, "argument '%s' has a DLPack dtype (code %d, %d bits, %d lanes) "
@@ -330,6 +335,32 @@ tl_need_writable(const tl_arg *a)
                          a->name, i);
             return -1;
         }
+    /* No two elements may share memory (threads would race on them): with the dims of size > 1 sorted
+     * by |stride|, each stride must step over everything the smaller ones span. */
+    int64_t st[TL_MAX_NDIM], sz[TL_MAX_NDIM];
+    int n = 0;
+    for (int i = 0; i < a->t.ndim; i++)
+        if (a->t.shape[i] > 1) {
+            int64_t s = a->t.strides[i] < 0 ? -a->t.strides[i] : a->t.strides[i];
+            int k = n++;
+            while (k > 0 && st[k - 1] > s) {
+                st[k] = st[k - 1];
+                sz[k] = sz[k - 1];
+                k--;
+            }
+            st[k] = s;
+            sz[k] = a->t.shape[i];
+        }
+    int64_t span = 1; /* elements covered by the smaller strides, +1 */
+    for (int k = 0; k < n; k++) {
+        if (st[k] < span) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' is an output whose elements overlap in memory "
+                         "(a stride of %lld does not step over the %lld elements before it)",
+                         a->name, (long long)st[k], (long long)span);
+            return -1;
+        }
+        span = st[k] * (sz[k] - 1) + span;
+    }
     return 0;
 }
 

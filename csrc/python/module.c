@@ -5,6 +5,9 @@
  * tl_status into an exception. Positional arguments only: tltorch/_ops.py is the one caller and gives
  * them names. */
 #include "bridge.h" /* first: it brings Python.h */
+
+#include <limits.h>
+
 #include "../cpu/cpu.h"
 
 typedef struct {
@@ -48,16 +51,37 @@ get_float(PyObject *o, const char *name, float *out)
     return 0;
 }
 
+/* A thread count: <= 0 means the default, anything above 1024 is taken as 1024. */
 static int
-get_int(PyObject *o, const char *name, int *out)
+get_threads(PyObject *o, int *out)
 {
-    long v = PyLong_AsLong(o);
+    long long v = PyLong_AsLongLong(o);
     if (v == -1 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
+        PyErr_Format(PyExc_TypeError, "argument 'nthreads' must be an int of at most 64 bits, not %.200s",
                      Py_TYPE(o)->tp_name);
         return -1;
     }
-    *out = v > 1024 ? 1024 : (int)v;
+    *out = v <= 0 ? 0 : v > 1024 ? 1024 : (int)v;
+    return 0;
+}
+
+static int
+get_int(PyObject *o, const char *name, int *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
+                         Py_TYPE(o)->tp_name);
+        else
+            PyErr_Format(PyExc_ValueError, "argument '%s' is out of range", name);
+        return -1;
+    }
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is out of range: %lld", name, v);
+        return -1;
+    }
+    *out = (int)v;
     return 0;
 }
 
@@ -84,10 +108,13 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int nthreads, trans = 0;
     tl_status st;
 
-    if (nargs != 8 && nargs_is(nargs, 9, "gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans])") < 0)
+    if (nargs != 8 && nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans]) takes 8 or 9 "
+                     "positional arguments, got %zd", nargs);
         return NULL;
+    }
     if (get_float(args[5], "alpha", &alpha) < 0 || get_float(args[6], "beta", &beta) < 0 ||
-        get_int(args[7], "nthreads", &nthreads) < 0 || (nargs == 9 && get_int(args[8], "trans", &trans) < 0))
+        get_threads(args[7], &nthreads) < 0 || (nargs == 9 && get_int(args[8], "trans", &trans) < 0))
         return NULL;
     if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
         tl_arg_import(br, args[2], &c) < 0)
@@ -97,6 +124,10 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
     if (need_cpu(&a) || need_cpu(&b) || need_cpu(&c)) goto fail;
     if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2)) goto fail;
+    if (trans < 0 || trans > 3) {
+        PyErr_Format(PyExc_ValueError, "argument 'trans' must be 0, 1, 2 or 3, got %d", trans);
+        goto fail;
+    }
     if (trans & 1) transpose2d(&a.t);
     if (trans & 2) transpose2d(&b.t);
     if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
@@ -152,7 +183,7 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_status st;
 
     if (nargs_is(nargs, 4, "colsum(x, out, beta, nthreads)") < 0) return NULL;
-    if (get_float(args[2], "beta", &beta) < 0 || get_int(args[3], "nthreads", &nthreads) < 0) return NULL;
+    if (get_float(args[2], "beta", &beta) < 0 || get_threads(args[3], &nthreads) < 0) return NULL;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
     if (need_cpu(&x) || need_cpu(&out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
         tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
@@ -210,7 +241,7 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (get_float(args[6], "label_smoothing", &eps) < 0 || get_int(args[7], "reduction", &red) < 0 ||
-        get_int(args[14], "nthreads", &nthreads) < 0)
+        get_threads(args[14], &nthreads) < 0)
         return NULL;
     if (!(eps >= 0.0f && eps <= 1.0f)) {
         PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %R", args[6]);
@@ -367,6 +398,7 @@ static int
 module_exec(PyObject *mod)
 {
     if (tl_bridge_init(bridge_of(mod)) < 0) return -1;
+    (void)tl_cpu_level(); /* fix the SIMD level now, with the GIL held (it reads the environment) */
     if (PyModule_AddIntConstant(mod, "GEMM_KC", TL_GEMM_KC) < 0) return -1;
     if (PyModule_AddIntConstant(mod, "XENT_SKINNY_C", TL_XENT_SKINNY_C) < 0) return -1;
     return 0;
