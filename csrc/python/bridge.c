@@ -9,6 +9,7 @@
  * own destructor leaves the tensor alone, and we call the deleter exactly once in tl_arg_release. */
 #include "bridge.h"
 
+#include <limits.h>
 #include <string.h>
 
 int
@@ -390,4 +391,142 @@ tl_raise_status(tl_status st, const char *op)
     }
     PyErr_Format(type, "%s: %s", op, tl_status_string(st));
     return NULL;
+}
+
+/* ---- positional arguments ------------------------------------------------------------------------ */
+
+int
+tl_nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *sig)
+{
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments, got %zd", sig, want, nargs);
+    return -1;
+}
+
+int
+tl_get_float(PyObject *o, const char *name, float *out)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a real number, not %.200s", name,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+int
+tl_get_int(PyObject *o, const char *name, int *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
+                         Py_TYPE(o)->tp_name);
+        else
+            PyErr_Format(PyExc_ValueError, "argument '%s' is out of range", name);
+        return -1;
+    }
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is out of range: %lld", name, v);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+int
+tl_get_threads(PyObject *o, int *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'nthreads' must be an int of at most 64 bits, not %.200s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = v <= 0 ? 0 : v > 1024 ? 1024 : (int)v;
+    return 0;
+}
+
+int
+tl_need_index(const tl_arg *a)
+{
+    if (a->t.dtype == TL_INT64 || a->t.dtype == TL_INT32) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected int64 or int32 class indices",
+                 a->name, tl_dtype_name(a->t.dtype));
+    return -1;
+}
+
+/* ---- linear_xent --------------------------------------------------------------------------------- */
+
+int
+tl_get_xent_opts(PyObject *ignore_index, PyObject *label_smoothing, PyObject *reduction, tl_xent_opts *o)
+{
+    float eps;
+    int red;
+    long long ign = PyLong_AsLongLong(ignore_index);
+    if (ign == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'ignore_index' must be an int of at most 64 bits");
+        return -1;
+    }
+    if (tl_get_float(label_smoothing, "label_smoothing", &eps) < 0 || tl_get_int(reduction, "reduction", &red) < 0)
+        return -1;
+    if (!(eps >= 0.0f && eps <= 1.0f)) { /* %R: PyErr_Format has no float conversion */
+        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %R", label_smoothing);
+        return -1;
+    }
+    if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
+        PyErr_Format(PyExc_ValueError, "argument 'reduction' must be 0 (mean), 1 (sum) or 2 (none)");
+        return -1;
+    }
+    o->ignore_index = ign;
+    o->label_smoothing = eps;
+    o->reduction = red;
+    return 0;
+}
+
+int
+tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *target,
+                   const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
+                   const tl_arg *dw, const tl_arg *db, int reduction)
+{
+    if (tl_need_ndim(x, 2) || tl_need_ndim(w, 2) || tl_need_ndim(target, 1)) return -1;
+    if (tl_need_float(x) || tl_need_dtype_of(w, x) || tl_need_index(target)) return -1;
+    const int64_t N = x->t.shape[0], D = x->t.shape[1], C = w->t.shape[0];
+    if (tl_need_size(w, 1, D, "x.shape[1]") || tl_need_size(target, 0, N, "x.shape[0]")) return -1;
+    if (C < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'weight' must have at least one class (row)");
+        return -1;
+    }
+    if (bias->via && (tl_need_ndim(bias, 1) || tl_need_dtype_of(bias, x) || tl_need_size(bias, 0, C, "classes")))
+        return -1;
+    if (cw->via && (tl_need_ndim(cw, 1) || tl_need_dtype_f32_or(cw, x) || tl_need_size(cw, 0, C, "classes")))
+        return -1;
+    if (grow->via && (tl_need_ndim(grow, 1) || tl_need_float(grow) || tl_need_size(grow, 0, N, "rows")))
+        return -1;
+    if (loss->via) {
+        if (tl_need_dtype_f32_or(loss, x) || tl_need_writable(loss)) return -1;
+        if (reduction == TL_REDUCE_NONE) {
+            if (tl_need_ndim(loss, 1) || tl_need_size(loss, 0, N, "rows")) return -1;
+        } else if (tl_numel(&loss->t) != 1) {
+            PyErr_SetString(PyExc_ValueError, "argument 'loss' must hold one element for mean/sum");
+            return -1;
+        }
+    }
+    if (dx->via && (tl_need_ndim(dx, 2) || tl_need_dtype_f32_or(dx, x) || tl_need_size(dx, 0, N, "rows") ||
+                    tl_need_size(dx, 1, D, "features") || tl_need_writable(dx)))
+        return -1;
+    for (int k = 0; k < 2; k++) {
+        const tl_arg *g = k ? db : dw;
+        if (!g->via) continue;
+        if (g->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)", g->name);
+            return -1;
+        }
+        if (tl_need_ndim(g, k ? 1 : 2) || tl_need_size(g, 0, C, "classes") ||
+            (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
+            return -1;
+    }
+    return 0;
 }

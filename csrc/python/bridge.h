@@ -52,6 +52,21 @@ int tl_need_size(const tl_arg *a, int dim, int64_t size, const char *what);
 int tl_need_writable(const tl_arg *a);                   /* not read-only, no overlapping elements */
 int tl_need_same_device(const tl_arg *a, const tl_arg *ref);
 
+/* Positional-argument helpers shared by the modules; each returns 0, or -1 with an exception naming it. */
+int tl_nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *sig);
+int tl_get_float(PyObject *o, const char *name, float *out);
+int tl_get_int(PyObject *o, const char *name, int *out); /* any int that fits a C int */
+int tl_get_threads(PyObject *o, int *out);              /* <= 0: the default; capped at 1024 */
+int tl_need_index(const tl_arg *a);                     /* int64 or int32 class indices */
+
+/* linear_xent's options from (ignore_index, label_smoothing, reduction) and its tensor checks (the
+ * tensors imported and on one device; the workspace is each module's own business). */
+int tl_get_xent_opts(PyObject *ignore_index, PyObject *label_smoothing, PyObject *reduction,
+                     tl_xent_opts *o);
+int tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *target,
+                       const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
+                       const tl_arg *dw, const tl_arg *db, int reduction);
+
 /* Raise the exception that fits `st`, naming the operation. Returns NULL for `return` chaining. */
 PyObject *tl_raise_status(tl_status st, const char *op);
 

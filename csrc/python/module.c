@@ -29,62 +29,6 @@ need_cpu(const tl_arg *a)
     return -1;
 }
 
-static int
-nargs_is(Py_ssize_t nargs, Py_ssize_t want, const char *sig)
-{
-    if (nargs == want) return 0;
-    PyErr_Format(PyExc_TypeError, "%s takes %zd positional arguments, got %zd", sig, want, nargs);
-    return -1;
-}
-
-/* Parse a float scalar or an int thread count; -1 with an exception naming it. */
-static int
-get_float(PyObject *o, const char *name, float *out)
-{
-    double v = PyFloat_AsDouble(o);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "argument '%s' must be a real number, not %.200s", name,
-                     Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    *out = (float)v;
-    return 0;
-}
-
-/* A thread count: <= 0 means the default, anything above 1024 is taken as 1024. */
-static int
-get_threads(PyObject *o, int *out)
-{
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "argument 'nthreads' must be an int of at most 64 bits, not %.200s",
-                     Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    *out = v <= 0 ? 0 : v > 1024 ? 1024 : (int)v;
-    return 0;
-}
-
-static int
-get_int(PyObject *o, const char *name, int *out)
-{
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-            PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, not %.200s", name,
-                         Py_TYPE(o)->tp_name);
-        else
-            PyErr_Format(PyExc_ValueError, "argument '%s' is out of range", name);
-        return -1;
-    }
-    if (v < INT_MIN || v > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "argument '%s' is out of range: %lld", name, v);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
-
 static void
 transpose2d(tl_tensor *t)
 {
@@ -113,8 +57,8 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                      "positional arguments, got %zd", nargs);
         return NULL;
     }
-    if (get_float(args[5], "alpha", &alpha) < 0 || get_float(args[6], "beta", &beta) < 0 ||
-        get_threads(args[7], &nthreads) < 0 || (nargs == 9 && get_int(args[8], "trans", &trans) < 0))
+    if (tl_get_float(args[5], "alpha", &alpha) < 0 || tl_get_float(args[6], "beta", &beta) < 0 ||
+        tl_get_threads(args[7], &nthreads) < 0 || (nargs == 9 && tl_get_int(args[8], "trans", &trans) < 0))
         return NULL;
     if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
         tl_arg_import(br, args[2], &c) < 0)
@@ -182,8 +126,8 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int nthreads;
     tl_status st;
 
-    if (nargs_is(nargs, 4, "colsum(x, out, beta, nthreads)") < 0) return NULL;
-    if (get_float(args[2], "beta", &beta) < 0 || get_threads(args[3], &nthreads) < 0) return NULL;
+    if (tl_nargs_is(nargs, 4, "colsum(x, out, beta, nthreads)") < 0) return NULL;
+    if (tl_get_float(args[2], "beta", &beta) < 0 || tl_get_threads(args[3], &nthreads) < 0) return NULL;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
     if (need_cpu(&x) || need_cpu(&out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
         tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
@@ -203,15 +147,6 @@ fail:
     return ret;
 }
 
-static int
-need_index(const tl_arg *a)
-{
-    if (a->t.dtype == TL_INT64 || a->t.dtype == TL_INT32) return 0;
-    PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected int64 or int32 class indices",
-                 a->name, tl_dtype_name(a->t.dtype));
-    return -1;
-}
-
 /* linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
  *             loss, dx, dw, db, ws, nthreads): the fused linear + cross-entropy head (tl.h), in place.
  * reduction: 0 mean, 1 sum, 2 none. Optional tensors may be None. */
@@ -227,33 +162,15 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     const int opt_pos[] = {2, 4, 8, 9, 10, 11, 12};
     PyObject *ret = NULL;
     tl_xent_opts o;
-    float eps;
-    int red, nthreads;
+    int nthreads;
     int64_t bad = 0;
     tl_status st;
 
-    if (nargs_is(nargs, 15, "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, "
+    if (tl_nargs_is(nargs, 15, "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, "
                  "reduction, grad_rows, loss, dx, dw, db, ws, nthreads)") < 0)
         return NULL;
-    long long ign = PyLong_AsLongLong(args[5]);
-    if (ign == -1 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "argument 'ignore_index' must be an int");
+    if (tl_get_xent_opts(args[5], args[6], args[7], &o) < 0 || tl_get_threads(args[14], &nthreads) < 0)
         return NULL;
-    }
-    if (get_float(args[6], "label_smoothing", &eps) < 0 || get_int(args[7], "reduction", &red) < 0 ||
-        get_threads(args[14], &nthreads) < 0)
-        return NULL;
-    if (!(eps >= 0.0f && eps <= 1.0f)) {
-        PyErr_Format(PyExc_ValueError, "argument 'label_smoothing' must be in [0, 1], got %R", args[6]);
-        return NULL;
-    }
-    if (red < TL_REDUCE_MEAN || red > TL_REDUCE_NONE) {
-        PyErr_Format(PyExc_ValueError, "argument 'reduction' must be 0 (mean), 1 (sum) or 2 (none)");
-        return NULL;
-    }
-    o.ignore_index = ign;
-    o.label_smoothing = eps;
-    o.reduction = red;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
         tl_arg_import(br, args[3], &target) < 0)
         goto fail;
@@ -264,44 +181,10 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (need_cpu(&x) || need_cpu(&w) || need_cpu(&target) || (ws.via && need_cpu(&ws))) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (opt[k]->via && need_cpu(opt[k])) goto fail;
-    if (tl_need_ndim(&x, 2) || tl_need_ndim(&w, 2) || tl_need_ndim(&target, 1) || (ws.via && tl_need_ndim(&ws, 1)))
+    if (tl_check_xent_args(&x, &w, &bias, &target, &cw, &grow, &loss, &dx, &dw, &db, o.reduction) < 0 ||
+        (ws.via && tl_need_ndim(&ws, 1)))
         goto fail;
-    if (tl_need_float(&x) || tl_need_dtype_of(&w, &x) || need_index(&target)) goto fail;
     const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
-    if (tl_need_size(&w, 1, D, "x.shape[1]") || tl_need_size(&target, 0, N, "x.shape[0]")) goto fail;
-    if (C < 1) {
-        PyErr_SetString(PyExc_ValueError, "argument 'weight' must have at least one class (row)");
-        goto fail;
-    }
-    if (bias.via && (tl_need_ndim(&bias, 1) || tl_need_dtype_of(&bias, &x) || tl_need_size(&bias, 0, C, "classes")))
-        goto fail;
-    if (cw.via && (tl_need_ndim(&cw, 1) || tl_need_dtype_f32_or(&cw, &x) || tl_need_size(&cw, 0, C, "classes")))
-        goto fail;
-    if (grow.via && (tl_need_ndim(&grow, 1) || tl_need_float(&grow) || tl_need_size(&grow, 0, N, "rows")))
-        goto fail;
-    if (loss.via) {
-        if (tl_need_dtype_f32_or(&loss, &x) || tl_need_writable(&loss)) goto fail;
-        if (red == TL_REDUCE_NONE ? (tl_need_ndim(&loss, 1) || tl_need_size(&loss, 0, N, "rows"))
-                                  : tl_numel(&loss.t) != 1) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "argument 'loss' must hold one element for mean/sum");
-            goto fail;
-        }
-    }
-    if (dx.via && (tl_need_ndim(&dx, 2) || tl_need_dtype_f32_or(&dx, &x) || tl_need_size(&dx, 0, N, "rows") ||
-                   tl_need_size(&dx, 1, D, "features") || tl_need_writable(&dx)))
-        goto fail;
-    for (int k = 0; k < 2; k++) {
-        tl_arg *g = k ? &db : &dw;
-        if (!g->via) continue;
-        if (g->t.dtype != TL_FLOAT32) {
-            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)", g->name);
-            goto fail;
-        }
-        if (tl_need_ndim(g, k ? 1 : 2) || tl_need_size(g, 0, C, "classes") ||
-            (!k && tl_need_size(g, 1, D, "features")) || tl_need_writable(g))
-            goto fail;
-    }
     if (!ws.via ? C > TL_XENT_SKINNY_C
                 : (ws.t.dtype != TL_FLOAT32 || (ws.t.strides[0] != 1 && ws.t.shape[0] > 1) ||
                    (N > 0 && ws.t.shape[0] < C + D + 1) || tl_need_writable(&ws))) {
@@ -320,7 +203,7 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
     if (st == TL_ERR_INDEX) {
         PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
-                     "ignore_index (%lld)", (long long)bad, (long long)C, (long long)ign);
+                     "ignore_index (%lld)", (long long)bad, (long long)C, (long long)o.ignore_index);
         goto fail;
     }
     if (st) {
