@@ -458,6 +458,31 @@ tl_need_index(const tl_arg *a)
     return -1;
 }
 
+/* ---- gemm and colsum ---------------------------------------------------------------------------- */
+
+int
+tl_check_gemm_args(const tl_arg *a, const tl_arg *b, const tl_arg *c, const tl_arg *bias)
+{
+    if (tl_need_ndim(a, 2) || tl_need_ndim(b, 2) || tl_need_ndim(c, 2)) return -1;
+    if (tl_need_float(a) || tl_need_dtype_of(b, a) || tl_need_dtype_f32_or(c, a)) return -1;
+    if (tl_need_size(b, 0, a->t.shape[1], "a.shape[1]") || tl_need_size(c, 0, a->t.shape[0], "a.shape[0]") ||
+        tl_need_size(c, 1, b->t.shape[1], "b.shape[1]") || tl_need_writable(c))
+        return -1;
+    if (bias->via && (tl_need_ndim(bias, 1) || tl_need_dtype_f32_or(bias, c) ||
+                      tl_need_size(bias, 0, c->t.shape[1], "c.shape[1]")))
+        return -1;
+    return 0;
+}
+
+int
+tl_check_colsum_args(const tl_arg *x, const tl_arg *out)
+{
+    if (tl_need_ndim(x, 2) || tl_need_ndim(out, 1) || tl_need_float(x) || tl_need_dtype_f32_or(out, x) ||
+        tl_need_size(out, 0, x->t.shape[1], "x.shape[1]") || tl_need_writable(out))
+        return -1;
+    return 0;
+}
+
 /* ---- linear_xent --------------------------------------------------------------------------------- */
 
 int

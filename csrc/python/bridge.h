@@ -59,6 +59,10 @@ int tl_get_int(PyObject *o, const char *name, int *out); /* any int that fits a 
 int tl_get_threads(PyObject *o, int *out);              /* <= 0: the default; capped at 1024 */
 int tl_need_index(const tl_arg *a);                     /* int64 or int32 class indices */
 
+/* gemm's and colsum's tensor checks (devices are each module's business). */
+int tl_check_gemm_args(const tl_arg *a, const tl_arg *b, const tl_arg *c, const tl_arg *bias);
+int tl_check_colsum_args(const tl_arg *x, const tl_arg *out);
+
 /* linear_xent's options from (ignore_index, label_smoothing, reduction) and its tensor checks (the
  * tensors imported and on one device; the workspace is each module's own business). */
 int tl_get_xent_opts(PyObject *ignore_index, PyObject *label_smoothing, PyObject *reduction,

@@ -183,16 +183,7 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (args[4] != Py_None && tl_arg_import(br, args[4], &ws) < 0) goto fail;
 
     if (need_cuda(&c) || need_cuda_on(&a, &c) || need_cuda_on(&b, &c)) goto fail;
-    if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2)) goto fail;
-    if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
-    if (tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") || tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") ||
-        tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") || tl_need_writable(&c))
-        goto fail;
-    if (bias.via) {
-        if (need_cuda_on(&bias, &c) || tl_need_ndim(&bias, 1) || tl_need_dtype_f32_or(&bias, &c) ||
-            tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]"))
-            goto fail;
-    }
+    if ((bias.via && need_cuda_on(&bias, &c)) || tl_check_gemm_args(&a, &b, &c, &bias) < 0) goto fail;
     if (cublas_workspace(&ws, &c, &ws_data, &ws_bytes) < 0) goto fail;
     if (context_for(mod, c.t.device_id, &ctx) < 0 || work_stream(&c, &stream) < 0) goto fail;
 
@@ -230,10 +221,7 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_nargs_is(nargs, 3, "colsum(x, out, beta)") < 0) return NULL;
     if (tl_get_float(args[2], "beta", &beta) < 0) return NULL;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
-    if (need_cuda(&out) || need_cuda_on(&x, &out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
-        tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
-        tl_need_size(&out, 0, x.t.shape[1], "x.shape[1]") || tl_need_writable(&out))
-        goto fail;
+    if (need_cuda(&out) || need_cuda_on(&x, &out) || tl_check_colsum_args(&x, &out) < 0) goto fail;
     if (work_stream(&out, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_colsum_cuda(&x.t, &out.t, beta, stream);

@@ -74,15 +74,7 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     if (trans & 1) transpose2d(&a.t);
     if (trans & 2) transpose2d(&b.t);
-    if (tl_need_float(&a) || tl_need_dtype_of(&b, &a) || tl_need_dtype_f32_or(&c, &a)) goto fail;
-    if (tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") || tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") ||
-        tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") || tl_need_writable(&c))
-        goto fail;
-    if (bias.via) {
-        if (need_cpu(&bias) || tl_need_ndim(&bias, 1) || tl_need_dtype_f32_or(&bias, &c) ||
-            tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]"))
-            goto fail;
-    }
+    if ((bias.via && need_cpu(&bias)) || tl_check_gemm_args(&a, &b, &c, &bias) < 0) goto fail;
     if (ws.via) {
         if (need_cpu(&ws) || tl_need_ndim(&ws, 1) || tl_need_writable(&ws)) goto fail;
         if (ws.t.dtype != TL_FLOAT32 || ws.t.strides[0] != 1 || ws.t.shape[0] < tl_numel(&c.t)) {
@@ -129,10 +121,7 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_nargs_is(nargs, 4, "colsum(x, out, beta, nthreads)") < 0) return NULL;
     if (tl_get_float(args[2], "beta", &beta) < 0 || tl_get_threads(args[3], &nthreads) < 0) return NULL;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
-    if (need_cpu(&x) || need_cpu(&out) || tl_need_ndim(&x, 2) || tl_need_ndim(&out, 1) ||
-        tl_need_float(&x) || tl_need_dtype_f32_or(&out, &x) ||
-        tl_need_size(&out, 0, x.t.shape[1], "x.shape[1]") || tl_need_writable(&out))
-        goto fail;
+    if (need_cpu(&x) || need_cpu(&out) || tl_check_colsum_args(&x, &out) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_colsum_cpu(&x.t, &out.t, beta, nthreads);
     Py_END_ALLOW_THREADS
