@@ -54,6 +54,17 @@ typedef enum {
 } tl_status;
 
 const char *tl_status_string(tl_status s);
+
+static inline int
+tl_is_float_dtype(tl_dtype d)
+{
+    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
+}
+
+/* A 2-D view of memory on a device, and rows [i0, i0+rows) of a 2-D tensor as a view. */
+tl_tensor tl_view2d(void *data, tl_dtype dtype, tl_device device, int device_id, int64_t rows, int64_t cols,
+                    int64_t s0, int64_t s1);
+tl_tensor tl_row_block(const tl_tensor *t, int64_t i0, int64_t rows);
 size_t tl_dtype_size(tl_dtype d);
 const char *tl_dtype_name(tl_dtype d);
 int64_t tl_numel(const tl_tensor *t);

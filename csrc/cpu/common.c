@@ -96,3 +96,29 @@ tl_cpu_level(void)
     __atomic_store_n(&level, v, __ATOMIC_RELEASE);
     return v;
 }
+
+tl_tensor
+tl_view2d(void *data, tl_dtype dtype, tl_device device, int device_id, int64_t rows, int64_t cols, int64_t s0,
+          int64_t s1)
+{
+    tl_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = dtype;
+    t.device = device;
+    t.device_id = device_id;
+    t.ndim = 2;
+    t.shape[0] = rows;
+    t.shape[1] = cols;
+    t.strides[0] = s0;
+    t.strides[1] = s1;
+    return t;
+}
+
+tl_tensor
+tl_row_block(const tl_tensor *t, int64_t i0, int64_t rows)
+{
+    const int64_t es = (int64_t)tl_dtype_size(t->dtype);
+    return tl_view2d(t->data ? (char *)t->data + i0 * t->strides[0] * es : NULL, t->dtype, t->device,
+                     t->device_id, rows, t->shape[1], t->strides[0], t->strides[1]);
+}

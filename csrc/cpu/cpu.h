@@ -94,12 +94,6 @@ tl_store_f(void *p, int64_t i, tl_dtype dt, float v)
     }
 }
 
-static inline int
-tl_is_float_dtype(tl_dtype d)
-{
-    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
-}
-
 /* The widest SIMD level the CPU kernels may use: 2 = AVX-512, 1 = AVX2+FMA, 0 = portable. It is what
  * the CPU supports, capped by TLTORCH_CPU_ISA=avx2|portable (for tests), read once: the first call
  * (made by the Python module at import, with the GIL held) fixes it for the process. */

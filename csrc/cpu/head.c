@@ -345,31 +345,6 @@ load_index(const tl_tensor *t, int64_t i)
     return t->dtype == TL_INT64 ? ((const int64_t *)t->data)[off] : ((const int32_t *)t->data)[off];
 }
 
-static tl_tensor
-view2d(void *data, tl_dtype dt, int64_t rows, int64_t cols, int64_t s0, int64_t s1)
-{
-    tl_tensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = dt;
-    t.device = TL_CPU;
-    t.ndim = 2;
-    t.shape[0] = rows;
-    t.shape[1] = cols;
-    t.strides[0] = s0;
-    t.strides[1] = s1;
-    return t;
-}
-
-/* Rows [i0, i0+rows) of a 2-D tensor, as a view. */
-static tl_tensor
-row_block(const tl_tensor *t, int64_t i0, int64_t rows)
-{
-    const size_t es = tl_dtype_size(t->dtype);
-    return view2d(t->data ? (char *)t->data + i0 * t->strides[0] * (int64_t)es : NULL, t->dtype, rows,
-                  t->shape[1], t->strides[0], t->strides[1]);
-}
-
 static tl_status
 check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
            const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, const tl_tensor *loss,
@@ -595,12 +570,12 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     float *zbuf = (float *)ws->data;            /* R x C logits, then dz */
     float *dxws = zbuf + R * C;                 /* R x D float32 partials of a low-precision dX */
     float *lrow = dxws + R * D;                 /* R row losses */
-    tl_tensor wt = view2d(w->data, w->dtype, D, C, w->strides[1], w->strides[0]); /* W^T */
+    tl_tensor wt = tl_view2d(w->data, w->dtype, TL_CPU, 0, D, C, w->strides[1], w->strides[0]); /* W^T */
 
     for (int64_t i0 = 0; i0 < N; i0 += R) {
         const int64_t rows = N - i0 < R ? N - i0 : R;
-        tl_tensor xr = row_block(x, i0, rows);
-        tl_tensor z = view2d(zbuf, TL_FLOAT32, rows, C, C, 1);
+        tl_tensor xr = tl_row_block(x, i0, rows);
+        tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CPU, 0, rows, C, C, 1);
         if ((st = tl_gemm_cpu(&xr, &wt, bias, &z, 1.0f, 0.0f, NULL, nt))) goto done;
 
 #pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 32768) schedule(static)
@@ -622,8 +597,8 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
                 tl_store_f(loss->data, (i0 + r) * loss->strides[0], loss->dtype, lrow[r]);
 
         if (dx) {
-            tl_tensor dxr = row_block(dx, i0, rows);
-            tl_tensor dxw1 = view2d(dxws, TL_FLOAT32, 1, rows * D, rows * D, 1);
+            tl_tensor dxr = tl_row_block(dx, i0, rows);
+            tl_tensor dxw1 = tl_view2d(dxws, TL_FLOAT32, TL_CPU, 0, 1, rows * D, rows * D, 1);
             dxw1.ndim = 1;
             dxw1.shape[0] = rows * D;
             dxw1.strides[0] = 1;
@@ -631,7 +606,7 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
             if ((st = tl_gemm_cpu(&z, w, NULL, &dxr, 1.0f, 0.0f, &dxw1, nt))) goto done;
         }
         if (dw) {
-            tl_tensor zt = view2d(zbuf, TL_FLOAT32, C, rows, 1, C); /* dZ^T */
+            tl_tensor zt = tl_view2d(zbuf, TL_FLOAT32, TL_CPU, 0, C, rows, 1, C); /* dZ^T */
             if ((st = tl_gemm_cpu(&zt, &xr, NULL, dw, 1.0f, i0 == 0 ? 0.0f : 1.0f, NULL, nt))) goto done;
         }
         if (db) {

@@ -102,4 +102,16 @@ store_f32(__half *p, float v)
     *p = __float2half(v);
 }
 
+/* A CUDA tensor of `ndim` dims on device `dev` whose memory is there when it has elements. */
+static inline tl_status
+tl_cuda_check_tensor(const tl_tensor *t, int ndim, int dev)
+{
+    if (t->device != TL_CUDA || t->device_id != dev) return TL_ERR_DEVICE;
+    if (t->ndim != ndim) return TL_ERR_SHAPE;
+    for (int i = 0; i < ndim; i++)
+        if (t->shape[i] < 0 || t->strides[i] < 0) return TL_ERR_SHAPE;
+    if (tl_numel(t) > 0 && t->data == NULL) return TL_ERR_VALUE;
+    return TL_OK;
+}
+
 #endif /* TL_CUDA_COMMON_H */

@@ -20,12 +20,6 @@
 #define STRIP 32     /* columns per colsum block: one warp wide */
 #define ROW_LANES 32 /* rows summed in parallel per column in a colsum block: one warp wide */
 
-static int
-is_float_dtype(tl_dtype d)
-{
-    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
-}
-
 static cudaDataType_t
 cuda_dtype(tl_dtype d)
 {
@@ -34,18 +28,6 @@ cuda_dtype(tl_dtype d)
     case TL_FLOAT16: return CUDA_R_16F;
     default: return CUDA_R_32F;
     }
-}
-
-/* A 2-D CUDA tensor on `dev` whose memory is there when it has elements. */
-static tl_status
-check_tensor(const tl_tensor *t, int ndim, int dev)
-{
-    if (t->device != TL_CUDA || t->device_id != dev) return TL_ERR_DEVICE;
-    if (t->ndim != ndim) return TL_ERR_SHAPE;
-    for (int i = 0; i < ndim; i++)
-        if (t->shape[i] < 0 || t->strides[i] < 0) return TL_ERR_SHAPE;
-    if (tl_numel(t) > 0 && t->data == NULL) return TL_ERR_VALUE;
-    return TL_OK;
 }
 
 /* ---- kernels ------------------------------------------------------------------------------------ */
@@ -189,15 +171,15 @@ check_gemm(const tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, c
     if (!ctx || !a || !b || !c) return TL_ERR_VALUE;
     const int dev = c->device_id;
     if (ctx->device_id != dev) return TL_ERR_DEVICE;
-    if ((st = check_tensor(a, 2, dev)) || (st = check_tensor(b, 2, dev)) || (st = check_tensor(c, 2, dev)))
+    if ((st = tl_cuda_check_tensor(a, 2, dev)) || (st = tl_cuda_check_tensor(b, 2, dev)) || (st = tl_cuda_check_tensor(c, 2, dev)))
         return st;
-    if (!is_float_dtype(a->dtype) || b->dtype != a->dtype) return TL_ERR_DTYPE;
+    if (!tl_is_float_dtype(a->dtype) || b->dtype != a->dtype) return TL_ERR_DTYPE;
     if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype) return TL_ERR_DTYPE;
     if (a->shape[1] != b->shape[0] || c->shape[0] != a->shape[0] || c->shape[1] != b->shape[1])
         return TL_ERR_SHAPE;
     if (bias) {
-        if ((st = check_tensor(bias, 1, dev))) return st;
-        if (!is_float_dtype(bias->dtype)) return TL_ERR_DTYPE; /* any: a bf16 bias into float32 logits */
+        if ((st = tl_cuda_check_tensor(bias, 1, dev))) return st;
+        if (!tl_is_float_dtype(bias->dtype)) return TL_ERR_DTYPE; /* any: a bf16 bias into float32 logits */
         if (bias->shape[0] != c->shape[1]) return TL_ERR_SHAPE;
     }
     return TL_OK;
@@ -310,8 +292,8 @@ tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *stream)
     tl_status st;
     if (!x || !out) return TL_ERR_VALUE;
     const int dev = out->device_id;
-    if ((st = check_tensor(x, 2, dev)) || (st = check_tensor(out, 1, dev))) return st;
-    if (!is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
+    if ((st = tl_cuda_check_tensor(x, 2, dev)) || (st = tl_cuda_check_tensor(out, 1, dev))) return st;
+    if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
     if (out->dtype != TL_FLOAT32 && out->dtype != x->dtype) return TL_ERR_DTYPE;
     const int64_t N = x->shape[1];
     if (out->shape[0] != N) return TL_ERR_SHAPE;

@@ -317,57 +317,13 @@ scale_kernel(float *p, int64_t s0, int64_t s1, int64_t rows, int64_t cols, float
 
 /* ---- host side --------------------------------------------------------------------------------- */
 
-static int
-is_float_dtype(tl_dtype d)
-{
-    return d == TL_FLOAT32 || d == TL_BFLOAT16 || d == TL_FLOAT16;
-}
-
-/* A CUDA tensor of `ndim` dims on `dev` whose memory is there when it has elements. */
-static tl_status
-check_tensor(const tl_tensor *t, int ndim, int dev)
-{
-    if (t->device != TL_CUDA || t->device_id != dev) return TL_ERR_DEVICE;
-    if (t->ndim != ndim) return TL_ERR_SHAPE;
-    for (int i = 0; i < ndim; i++)
-        if (t->shape[i] < 0 || t->strides[i] < 0) return TL_ERR_SHAPE;
-    if (tl_numel(t) > 0 && t->data == NULL) return TL_ERR_VALUE;
-    return TL_OK;
-}
-
-static tl_tensor
-view2d(void *data, tl_dtype dt, int dev, int64_t rows, int64_t cols, int64_t s0, int64_t s1)
-{
-    tl_tensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.dtype = dt;
-    t.device = TL_CUDA;
-    t.device_id = dev;
-    t.ndim = 2;
-    t.shape[0] = rows;
-    t.shape[1] = cols;
-    t.strides[0] = s0;
-    t.strides[1] = s1;
-    return t;
-}
-
-/* Rows [i0, i0+rows) of a 2-D tensor, as a view. */
-static tl_tensor
-row_block(const tl_tensor *t, int64_t i0, int64_t rows)
-{
-    const size_t es = tl_dtype_size(t->dtype);
-    return view2d(t->data ? (char *)t->data + i0 * t->strides[0] * (int64_t)es : NULL, t->dtype,
-                  t->device_id, rows, t->shape[1], t->strides[0], t->strides[1]);
-}
-
 /* dZ as the backward GEMMs read it: float32 with row stride C, or rounded to x's dtype in place with
  * row stride 2C (in elements of that dtype). */
 static tl_tensor
 dz_view(float *z, tl_dtype xdt, int dev, int64_t rows, int64_t C, int transposed)
 {
     const int64_t ld = xdt == TL_FLOAT32 ? C : 2 * C;
-    return transposed ? view2d(z, xdt, dev, C, rows, 1, ld) : view2d(z, xdt, dev, rows, C, ld, 1);
+    return transposed ? tl_view2d(z, xdt, TL_CUDA, dev, C, rows, 1, ld) : tl_view2d(z, xdt, TL_CUDA, dev, rows, C, ld, 1);
 }
 
 static tl_status
@@ -379,28 +335,28 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
     tl_status st;
     if (!ctx || !x || !w || !target || !o || !ws) return TL_ERR_VALUE;
     const int dev = ctx->device_id;
-    if ((st = check_tensor(x, 2, dev)) || (st = check_tensor(w, 2, dev)) || (st = check_tensor(target, 1, dev)) ||
-        (st = check_tensor(ws, 1, dev)))
+    if ((st = tl_cuda_check_tensor(x, 2, dev)) || (st = tl_cuda_check_tensor(w, 2, dev)) || (st = tl_cuda_check_tensor(target, 1, dev)) ||
+        (st = tl_cuda_check_tensor(ws, 1, dev)))
         return st;
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
-    if (!is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
+    if (!tl_is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
     if (target->dtype != TL_INT64 && target->dtype != TL_INT32) return TL_ERR_DTYPE;
     if (w->shape[1] != D || target->shape[0] != N || C < 1) return TL_ERR_SHAPE;
     if (o->reduction < TL_REDUCE_MEAN || o->reduction > TL_REDUCE_NONE) return TL_ERR_VALUE;
     if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f)) return TL_ERR_VALUE;
     if (bias) {
-        if ((st = check_tensor(bias, 1, dev))) return st;
+        if ((st = tl_cuda_check_tensor(bias, 1, dev))) return st;
         if (bias->dtype != x->dtype) return TL_ERR_DTYPE;
         if (bias->shape[0] != C) return TL_ERR_SHAPE;
     }
     if (cw) {
-        if ((st = check_tensor(cw, 1, dev))) return st;
+        if ((st = tl_cuda_check_tensor(cw, 1, dev))) return st;
         if (cw->dtype != TL_FLOAT32 && cw->dtype != x->dtype) return TL_ERR_DTYPE;
         if (cw->shape[0] != C) return TL_ERR_SHAPE;
     }
     if (grad_rows) {
-        if ((st = check_tensor(grad_rows, 1, dev))) return st;
-        if (!is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
+        if ((st = tl_cuda_check_tensor(grad_rows, 1, dev))) return st;
+        if (!tl_is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
         if (grad_rows->shape[0] != N) return TL_ERR_SHAPE;
     }
     if (loss) {
@@ -412,17 +368,17 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
         if (o->reduction == TL_REDUCE_NONE && loss->strides[0] < 0) return TL_ERR_SHAPE;
     }
     if (dx) {
-        if ((st = check_tensor(dx, 2, dev))) return st;
+        if ((st = tl_cuda_check_tensor(dx, 2, dev))) return st;
         if (dx->dtype != TL_FLOAT32 && dx->dtype != x->dtype) return TL_ERR_DTYPE;
         if (dx->shape[0] != N || dx->shape[1] != D) return TL_ERR_SHAPE;
     }
     if (dw) {
-        if ((st = check_tensor(dw, 2, dev))) return st;
+        if ((st = tl_cuda_check_tensor(dw, 2, dev))) return st;
         if (dw->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
         if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
     }
     if (db) {
-        if ((st = check_tensor(db, 1, dev))) return st;
+        if ((st = tl_cuda_check_tensor(db, 1, dev))) return st;
         if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
         if (db->shape[0] != C) return TL_ERR_SHAPE;
     }
@@ -434,8 +390,8 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
      * fewer rows, which tl_gemm_cuda accepts whenever it accepts all of them), so that a layout it
      * cannot read is refused before anything is written. */
     float *zbuf = (float *)ws->data + TL_XENT_CUDA_WS_EXTRA;
-    const tl_tensor wt = view2d(w->data, w->dtype, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
-    const tl_tensor z = view2d(zbuf, TL_FLOAT32, dev, N, C, C, 1);
+    const tl_tensor wt = tl_view2d(w->data, w->dtype, TL_CUDA, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
+    const tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CUDA, dev, N, C, C, 1);
     if ((st = tl_gemm_cuda_validate(ctx, x, &wt, bias, &z, cublas_ws))) return st;
     if (dx) {
         const tl_tensor dz = dz_view(zbuf, x->dtype, dev, N, C, 0);
@@ -521,7 +477,7 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
         if (R < 1) R = 1;
         float *zbuf = wsf + TL_XENT_CUDA_WS_EXTRA; /* R x C logits, then dz */
         float *lrow = zbuf + R * C + R * D;        /* R row losses (R x D between them: unused here) */
-        const tl_tensor wt = view2d(w->data, w->dtype, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
+        const tl_tensor wt = tl_view2d(w->data, w->dtype, TL_CUDA, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
         const int rthreads = C >= ROW_THREADS ? ROW_THREADS : (int)((C + 31) / 32 * 32);
 
         row_args ra;
@@ -550,8 +506,8 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
 
         for (int64_t i0 = 0; i0 < N; i0 += R) {
             const int64_t rows = N - i0 < R ? N - i0 : R;
-            const tl_tensor xr = row_block(x, i0, rows);
-            tl_tensor z = view2d(zbuf, TL_FLOAT32, dev, rows, C, C, 1);
+            const tl_tensor xr = tl_row_block(x, i0, rows);
+            tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CUDA, dev, rows, C, C, 1);
             if ((st = tl_gemm_cuda(ctx, &xr, &wt, bias, &z, 1.0f, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
                                    stream)))
                 goto done;
@@ -575,7 +531,7 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
             }
             if (dx) {
                 const tl_tensor dz = dz_view(zbuf, x->dtype, dev, rows, C, 0);
-                tl_tensor dxr = row_block(dx, i0, rows);
+                tl_tensor dxr = tl_row_block(dx, i0, rows);
                 if ((st = tl_gemm_cuda(ctx, &dz, w, NULL, &dxr, su, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
                                        stream)))
                     goto done;
