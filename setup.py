@@ -85,7 +85,8 @@ if SANITIZE:
 if env_flag("TLTORCH_NATIVE"):
     C_FLAGS.append("-march=native")
 
-CPU_SOURCES = sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc/python/module.c"]
+CPU_SOURCES = (sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc/python/module.c"]
+               + sorted(glob.glob("csrc/python/bind_*.c")))
 
 
 class BuildExt(build_ext):

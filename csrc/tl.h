@@ -120,6 +120,99 @@ tl_status tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_te
                              tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws,
                              int64_t *bad_target, int nthreads);
 
+/* ---- LoRA (csrc/cpu/lora.c) -------------------------------------------------------------------- */
+
+/* Dropout without a stored mask: element (i, k) of an N x D input is kept iff
+ * tl_dropout_hash(seed, i * D + k) >= tl_dropout_threshold(p), and a kept element is scaled by
+ * 1 / (1 - p). The CPU and CUDA kernels share these two functions, so they drop the same elements. */
+#if defined(__CUDACC__)
+#define TL_HOSTDEV __host__ __device__
+#else
+#define TL_HOSTDEV
+#endif
+static inline TL_HOSTDEV uint32_t
+tl_dropout_hash(uint64_t seed, uint64_t idx)
+{
+    uint64_t z = seed + (idx + 1) * 0x9E3779B97F4A7C15ull; /* splitmix64's finaliser */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+static inline TL_HOSTDEV uint32_t
+tl_dropout_threshold(float p) /* p in [0, 1) */
+{
+    double t = (double)p * 4294967296.0;
+    return t <= 0.0 ? 0u : t >= 4294967295.0 ? 4294967295u : (uint32_t)t;
+}
+
+/* out[N, D] = dropout(x[N, D]) as above (p == 0: a copy). x: float32/bfloat16/float16, any strides;
+ * out: x's dtype or float32, any strides. */
+tl_status tl_dropout_cpu(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, int nthreads);
+
+/* The LoRA linear layer, forward:
+ *     su = scale * dropout(x) A^T          (N x r, kept by the caller for backward)
+ *     y  = x W^T + bias + su B^T           (one GEMM over the concatenated K = in + r)
+ * x: (N, in); w: (out, in); bias: NULL or (out,); a: (r, in); b: (out, r) — one float dtype, any
+ * strides. y: (N, out) and su: (N, r), both of x's dtype. Dropout is drawn with `seed`
+ * (tl_dropout_hash); p in [0, 1). ws: float32, contiguous, of >= tl_lora_forward_ws(...) elements
+ * (NULL when that is 0): the dropped x (in x's dtype) and the GEMMs' float32 partial sums. */
+static inline int64_t
+tl_lora_forward_ws(int64_t N, int64_t in, int64_t out, int64_t r, float p, tl_dtype dtype)
+{
+    int64_t n = p > 0.0f ? N * in : 0;                 /* dropout(x) */
+    if (dtype != TL_FLOAT32 && in > TL_GEMM_KC) n += N * r;      /* su's partial sums */
+    if (dtype != TL_FLOAT32 && in + r > TL_GEMM_KC) n += N * out; /* y's partial sums */
+    return n;
+}
+tl_status tl_lora_forward_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                              const tl_tensor *a, const tl_tensor *b, float scale, float p, uint64_t seed,
+                              tl_tensor *y, tl_tensor *su, tl_tensor *ws, int nthreads);
+
+/* Backward, from dy (N, out) and forward's su, with the same scale, p and seed:
+ *     sv = scale * dy B                     (N x r, computed once, in x's dtype)
+ *     dx = dy W + sv A                      (one GEMM over the concatenated K = out + r)
+ *     da = sv^T dropout(x),   db = dy^T su  (float32 (r, in) and (out, r))
+ * dy: x's dtype, any strides. Each of dx, da, db may be NULL (not wanted); W gets no gradient.
+ * dx: (N, in) of x's dtype. ws: float32 contiguous of >= tl_lora_backward_ws(...) elements. */
+static inline int64_t
+tl_lora_backward_ws(int64_t N, int64_t in, int64_t out, int64_t r, float p, tl_dtype dtype, int want_dx,
+                    int want_da)
+{
+    int64_t n = N * r;                                   /* sv (float32 room) */
+    if (dtype != TL_FLOAT32 && out > TL_GEMM_KC) n += N * r; /* sv's partial sums */
+    if (want_da && p > 0.0f) n += N * in;                /* dropout(x) */
+    if (want_dx && dtype != TL_FLOAT32 && out + r > TL_GEMM_KC) n += N * in; /* dx's partial sums */
+    return n;
+}
+tl_status tl_lora_backward_cpu(const tl_tensor *dy, const tl_tensor *x, const tl_tensor *w,
+                               const tl_tensor *a, const tl_tensor *b, const tl_tensor *su, float scale,
+                               float p, uint64_t seed, tl_tensor *dx, tl_tensor *da, tl_tensor *db,
+                               tl_tensor *ws, int nthreads);
+
+/* ---- the transfer-learning workflow (csrc/cpu/pool.c, csrc/cpu/adamw.c) ------------------------- */
+
+/* Pooling a sequence of hidden states into one vector per sequence:
+ *     TL_POOL_CLS: out[b] = h[b, 0];   TL_POOL_MEAN: the mean of h[b, t] over t with mask[b, t] != 0;
+ *     TL_POOL_MAX: their elementwise maximum. A row whose mask is all zero gives zeros (mean, max).
+ * h: (B, T, D) float32/bfloat16/float16, any strides; mask: NULL (every token counts) or (B, T) int64,
+ * int32, uint8 (bool) or h's float dtype, any strides; out: (B, D), h's dtype or float32, any strides.
+ * float32 accumulation. T == 0 with CLS: TL_ERR_SHAPE. */
+enum { TL_POOL_CLS = 0, TL_POOL_MEAN = 1, TL_POOL_MAX = 2 };
+tl_status tl_pool_cpu(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out, int nthreads);
+
+/* One AdamW step (torch.optim.AdamW's formula, maximize=False, amsgrad=False), in place, on n elements:
+ *     p -= lr * wd * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+ *     p -= (lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)
+ * param: 1-D float32/bfloat16/float16, any stride; grad: 1-D of n, param's dtype or float32;
+ * exp_avg, exp_avg_sq: 1-D of n float32 (any stride). step >= 1. Math in float32; a bfloat16/float16
+ * param is rounded once per step. */
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    int64_t step;
+} tl_adamw_opts;
+tl_status tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,
+                       const tl_adamw_opts *o, int nthreads);
+
 /* ---- CUDA (tltorch._cuda) ---------------------------------------------------------------------- */
 
 /* Opaque per-device state: the cuBLAS handle. Created lazily by tl_cuda_context_get. */
@@ -159,6 +252,24 @@ tl_status tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl
                               const tl_xent_opts *opts, const tl_tensor *grad_rows, tl_tensor *loss,
                               tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, void *cublas_ws,
                               size_t cublas_ws_bytes, int allow_tf32, int64_t *bad_target, void *stream);
+
+/* CUDA twins of the LoRA, pooling and AdamW kernels, on `stream`, with the CPU contracts above.
+ * LoRA: x, w, a, b, dy each need a unit stride in one of their two dims (tl_gemm_cuda's rule), y, su,
+ * dx, da, db a unit stride in dim 1; ws as on the CPU (device memory). The low-rank product is added
+ * to y (and dx) by a second GEMM with beta = 1 on the same output. */
+tl_status tl_dropout_cuda(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, void *stream);
+tl_status tl_lora_forward_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w,
+                               const tl_tensor *bias, const tl_tensor *a, const tl_tensor *b, float scale,
+                               float p, uint64_t seed, tl_tensor *y, tl_tensor *su, tl_tensor *ws,
+                               void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32, void *stream);
+tl_status tl_lora_backward_cuda(tl_cuda_context *ctx, const tl_tensor *dy, const tl_tensor *x,
+                                const tl_tensor *w, const tl_tensor *a, const tl_tensor *b,
+                                const tl_tensor *su, float scale, float p, uint64_t seed, tl_tensor *dx,
+                                tl_tensor *da, tl_tensor *db, tl_tensor *ws, void *cublas_ws,
+                                size_t cublas_ws_bytes, int allow_tf32, void *stream);
+tl_status tl_pool_cuda(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out, void *stream);
+tl_status tl_adamw_cuda(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,
+                        const tl_adamw_opts *o, void *stream);
 
 #ifdef __cplusplus
 }

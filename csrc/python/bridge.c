@@ -555,3 +555,12 @@ tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const t
     }
     return 0;
 }
+
+int
+tl_need_cpu(const tl_arg *a)
+{
+    if (a->t.device == TL_CPU) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' is on cuda:%d; tltorch._C runs on the CPU (CUDA "
+                 "tensors go to tltorch._cuda)", a->name, a->t.device_id);
+    return -1;
+}

@@ -71,6 +71,17 @@ int tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, con
                        const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
                        const tl_arg *dw, const tl_arg *db, int reduction);
 
+/* tltorch._C's pieces: its module state begins with its bridge; a tensor that is not on the CPU raises
+ * ValueError; the method tables of the binding files other than module.c (bind_*.c). */
+static inline tl_bridge *
+tl_cpu_bridge(PyObject *mod)
+{
+    return (tl_bridge *)PyModule_GetState(mod);
+}
+int tl_need_cpu(const tl_arg *a);
+extern PyMethodDef tl_lora_methods[];
+extern PyMethodDef tl_workflow_methods[];
+
 /* Raise the exception that fits `st`, naming the operation. Returns NULL for `return` chaining. */
 PyObject *tl_raise_status(tl_status st, const char *op);
 

@@ -11,23 +11,11 @@
 #include "../cpu/cpu.h"
 
 typedef struct {
-    tl_bridge bridge;
+    tl_bridge bridge; /* first: tl_cpu_bridge() reads it from the other binding files */
 } module_state;
 
-static tl_bridge *
-bridge_of(PyObject *mod)
-{
-    return &((module_state *)PyModule_GetState(mod))->bridge;
-}
-
-static int
-need_cpu(const tl_arg *a)
-{
-    if (a->t.device == TL_CPU) return 0;
-    PyErr_Format(PyExc_ValueError, "argument '%s' is on cuda:%d; tltorch._C runs on the CPU (CUDA "
-                 "tensors go to tltorch._cuda)", a->name, a->t.device_id);
-    return -1;
-}
+#define bridge_of tl_cpu_bridge
+#define need_cpu tl_need_cpu
 
 static void
 transpose2d(tl_tensor *t)
@@ -273,6 +261,9 @@ module_exec(PyObject *mod)
     (void)tl_cpu_level(); /* fix the SIMD level now, with the GIL held (it reads the environment) */
     if (PyModule_AddIntConstant(mod, "GEMM_KC", TL_GEMM_KC) < 0) return -1;
     if (PyModule_AddIntConstant(mod, "XENT_SKINNY_C", TL_XENT_SKINNY_C) < 0) return -1;
+    /* the kernels bound in the other csrc/python/bind_*.c files */
+    if (PyModule_AddFunctions(mod, tl_lora_methods) < 0) return -1;
+    if (PyModule_AddFunctions(mod, tl_workflow_methods) < 0) return -1;
     return 0;
 }
 
