@@ -190,6 +190,175 @@ def _linear_grad(ctx, grad):
 _linear_op.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
+# ---- LoRA linear -----------------------------------------------------------------------------------
+# y = x W^T + bias + s * dropout(x) A^T B^T, one kernel each way (csrc/cpu/lora.c, csrc/cuda/lora.cu).
+# The forward returns su = s * dropout(x) A^T (N x r) too, kept for backward. Dropout keeps no mask: the
+# kernels hash each element's index with a seed drawn here from torch's default generator (a 0-d int64
+# tensor, so that torch.compile traces the draw), and backward draws the same mask from the same seed.
+
+def next_dropout_seed() -> Tensor:
+    """A fresh dropout seed from torch's default CPU generator (torch.manual_seed makes it reproducible)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def _lora_ws(kind: int, n: int, d_in: int, d_out: int, r: int, p: float, dtype, device, want_dx=True,
+             want_da=True) -> Optional[Tensor]:
+    numel = _C.lora_workspace(kind, n, d_in, d_out, r, p, dtype is torch.float32, want_dx, want_da)
+    if numel == 0:
+        return None
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    """dropout(x) for a 2-D x, with the LoRA kernels' mask for `seed`."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.is_cuda:
+        cuda_module().dropout(x, out, p, seed)
+    else:
+        _C.dropout(x, out, p, seed, torch.get_num_threads())
+    return out
+
+
+def _lora_forward_impl(x2: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
+                       scale: float, p: float, seed: int) -> Tuple[Tensor, Tensor]:
+    n, d_in = x2.shape
+    d_out, r = b.shape
+    y = torch.empty(n, d_out, dtype=x2.dtype, device=x2.device)
+    su = torch.empty(n, r, dtype=x2.dtype, device=x2.device)
+    ws = _lora_ws(0, n, d_in, d_out, r, p, x2.dtype, x2.device)
+    if x2.is_cuda:
+        cublas_ws = torch.empty(_CUBLAS_WS_BYTES, dtype=torch.uint8, device=x2.device)
+        cuda_module().lora_forward(_cublas_ready(x2), _cublas_ready(weight), bias, _cublas_ready(a),
+                                   _cublas_ready(b), scale, p, seed, y, su, ws, cublas_ws,
+                                   bool(torch.backends.cuda.matmul.allow_tf32))
+    else:
+        _C.lora_forward(x2, weight, bias, a, b, scale, p, seed, y, su, ws, torch.get_num_threads())
+    return y, su
+
+
+def _lora_backward_impl(g2: Tensor, x2: Tensor, weight: Tensor, a: Tensor, b: Tensor, su: Tensor,
+                        scale: float, p: float, seed: int, need_x: bool, need_a: bool, need_b: bool):
+    n, d_in = x2.shape
+    d_out, r = b.shape
+    dev = x2.device
+    dx = torch.empty(n, d_in, dtype=x2.dtype, device=dev) if need_x else None
+    da = torch.empty(r, d_in, dtype=torch.float32, device=dev) if need_a else None
+    db = torch.empty(d_out, r, dtype=torch.float32, device=dev) if need_b else None
+    if dx is None and da is None and db is None:
+        return None, None, None
+    ws = _lora_ws(1, n, d_in, d_out, r, p, x2.dtype, dev, need_x, need_a)
+    if x2.is_cuda:
+        cublas_ws = torch.empty(_CUBLAS_WS_BYTES, dtype=torch.uint8, device=dev)
+        cuda_module().lora_backward(_cublas_ready(g2), _cublas_ready(x2), _cublas_ready(weight), _cublas_ready(a),
+                                    _cublas_ready(b), su, scale, p, seed, dx, da, db, ws, cublas_ws,
+                                    bool(torch.backends.cuda.matmul.allow_tf32))
+    else:
+        _C.lora_backward(g2, x2, weight, a, b, su, scale, p, seed, dx, da, db, ws, torch.get_num_threads())
+    if da is not None and a.dtype is not torch.float32:
+        da = da.to(a.dtype)
+    if db is not None and b.dtype is not torch.float32:
+        db = db.to(b.dtype)
+    return dx, da, db
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.dim() == 2 else t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale, p, seed):
+        x2 = _rows(x)
+        s = _seed_value(seed)
+        y, su = _lora_forward_impl(x2, weight, bias, a, b, scale, p, s)
+        ctx.save_for_backward(x2, weight, a, b, su)
+        ctx.args = (scale, p, s, x.shape, bias is not None)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, weight, a, b, su = ctx.saved_tensors
+        scale, p, s, x_shape, has_bias = ctx.args
+        nx, nw, nbias, na, nb = ctx.needs_input_grad[:5]
+        g2 = _rows(g)
+        dx, da, db = _lora_backward_impl(g2, x2, weight, a, b, su, scale, p, s, nx, na, nb)
+        dw = dbias = None
+        if nw or (nbias and has_bias):
+            _, dw, dbias = _linear_backward_impl(g2, x2, weight, False, nw, nbias and has_bias)
+        if dx is not None:
+            dx = dx.view(x_shape)
+        return dx, dw, dbias, da, db, None, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float,
+                p: float) -> Tensor:
+    seed = next_dropout_seed() if p > 0 else None
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return torch.ops.tltorch.lora_linear(x, weight, bias, a, b, scale, p, seed)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, b)):
+        return _LoRALinear.apply(x, weight, bias, a, b, scale, p, seed)
+    y, _ = _lora_forward_impl(_rows(x), weight, bias, a, b, scale, p, _seed_value(seed))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("tltorch::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float,
+                    p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    y, su = _lora_forward_impl(_rows(x), weight, bias, a, b, scale, p, _seed_value(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), su
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, a, b, scale, p, seed):
+    n = x.shape[:-1].numel()
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(n, a.shape[0])
+
+
+@torch.library.custom_op("tltorch::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, su: Tensor,
+                             scale: float, p: float, seed: Optional[Tensor], need_x: bool, need_a: bool,
+                             need_b: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = _lora_backward_impl(_rows(grad), _rows(x), weight, a, b, su, scale, p, _seed_value(seed),
+                                     need_x, need_a, need_b)
+    if dx is not None:
+        dx = dx.view(x.shape)
+    return tuple(grad.new_empty(0) if t is None else t for t in (dx, da, db))
+
+
+@_lora_linear_backward_op.register_fake
+def _(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b):
+    return (x.new_empty(x.shape) if need_x else grad.new_empty(0),
+            a.new_empty(a.shape) if need_a else grad.new_empty(0),
+            b.new_empty(b.shape) if need_b else grad.new_empty(0))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, a, b, scale, p, seed = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1], seed)
+    ctx.args = (scale, p, bias is not None)
+
+
+def _lora_grad(ctx, grad, _grad_su):
+    x, weight, a, b, su, seed = ctx.saved_tensors
+    scale, p, has_bias = ctx.args
+    nx, nw, nbias, na, nb = ctx.needs_input_grad[:5]
+    nbias = nbias and has_bias
+    dx, da, db = torch.ops.tltorch.lora_linear_backward(grad, x, weight, a, b, su, scale, p, seed, nx, na, nb)
+    dw = dbias = None
+    if nw or nbias:
+        _, dw, dbias = torch.ops.tltorch.linear_backward(grad, x, weight, False, nw, nbias)
+    return (dx if nx else None, dw if nw else None, dbias if nbias else None, da if na else None,
+            db if nb else None, None, None, None)
+
+
+_lora_linear_op.register_autograd(_lora_grad, setup_context=_lora_setup)
+
+
 # ---- linear + cross-entropy (the fused head) -----------------------------------------------------------
 # Eager: for mean/sum the forward pass computes the gradients too (one pass over the logits, a chunk of
 # rows at a time) and backward only scales them by the upstream gradient; for "none" backward recomputes
@@ -375,3 +544,58 @@ def _lce_grad(ctx, grad):
 
 
 _linear_cross_entropy_op.register_autograd(_lce_grad, setup_context=_lce_setup)
+
+
+# ---- pooling and AdamW ---------------------------------------------------------------------------------
+
+POOL_MODES = {"cls": 0, "mean": 1, "max": 2}
+
+
+def _pool_impl(h: Tensor, mask: Optional[Tensor], mode: int) -> Tensor:
+    out = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype, device=h.device)
+    if mask is not None and mask.dtype is torch.bool:
+        mask = mask.view(torch.uint8)  # DLPack's bool is not one tltorch reads; same bytes, 0 or 1
+    if h.is_cuda:
+        cuda_module().pool(h, mask, mode, out)
+    else:
+        _C.pool(h, mask, mode, out, torch.get_num_threads())
+    return out
+
+
+def pool(h: Tensor, mask: Optional[Tensor], mode: int) -> Tensor:
+    """(B, D) from h (B, T, D): its first token (mode 0), or the mean (1) or maximum (2) over the tokens
+    whose mask is nonzero (all tokens when mask is None); zeros for a row with none."""
+    if torch.compiler.is_compiling() or h.device.type == "meta":
+        return torch.ops.tltorch.pool(h, mask, mode)
+    return _pool_impl(h, mask, mode)
+
+
+@torch.library.custom_op("tltorch::pool", mutates_args=())
+def _pool_op(h: Tensor, mask: Optional[Tensor], mode: int) -> Tensor:
+    return _pool_impl(h, mask, mode)
+
+
+@_pool_op.register_fake
+def _(h, mask, mode):
+    return h.new_empty(h.shape[0], h.shape[2])
+
+
+def _flat_state(t: Tensor, name: str) -> Tensor:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    return t.detach().view(-1)
+
+
+def adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, beta1: float,
+           beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step in place (torch.optim.AdamW's formula; `step` counts from 1): param (float32,
+    bfloat16 or float16), exp_avg and exp_avg_sq (float32) contiguous, grad of param's numel in param's
+    dtype or float32."""
+    p = _flat_state(param, "param")
+    m = _flat_state(exp_avg, "exp_avg")
+    v = _flat_state(exp_avg_sq, "exp_avg_sq")
+    g = grad.detach().reshape(-1)
+    if p.is_cuda:
+        cuda_module().adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    else:
+        _C.adamw(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, torch.get_num_threads())

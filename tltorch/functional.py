@@ -54,6 +54,67 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return _ops.linear(x, weight, bias)
 
 
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                scaling: float = 1.0, dropout: float = 0.0) -> Tensor:
+    """A LoRA linear layer: ``x @ weight.T + bias + scaling * dropout(x) @ lora_A.T @ lora_B.T``.
+
+    x: (..., in_features); weight: (out_features, in_features), any strided view (a transformers Conv1D's
+    (in, out) weight passed as ``weight.t()`` costs no copy); bias: (out_features,) or None; lora_A:
+    (r, in_features); lora_B: (out_features, r). One dtype (float32, bfloat16 or float16) and one device.
+    The low-rank product is added inside the base GEMM, forward and backward; dropout (probability
+    `dropout`, in [0, 1)) keeps no mask: it is drawn from a seed taken from torch's default generator,
+    and backward draws the same one. Gradients flow to x, lora_A, lora_B and bias when they require
+    them, and to weight only if it does (a frozen base gets none).
+    """
+    _check_tensor("x", x)
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _check_tensor(name, t)
+        _check_same(name, t, "x", x)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features)")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {d_in} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if lora_A.shape[1] != d_in:
+        raise ValueError(f"lora_A must have shape (r, {d_in}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (d_out, lora_A.shape[0]):
+        raise ValueError(f"lora_B must have shape ({d_out}, {lora_A.shape[0]}) (out_features, r), got "
+                         f"{tuple(lora_B.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        _check_same("bias", bias, "x", x)
+        if tuple(bias.shape) != (d_out,):
+            raise ValueError(f"bias must have shape ({d_out},), got {tuple(bias.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a number, got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    x, weight, lora_A, lora_B = x.resolve_neg(), weight.resolve_neg(), lora_A.resolve_neg(), lora_B.resolve_neg()
+    bias = None if bias is None else bias.resolve_neg()
+    if x.dim() == 1:
+        return _ops.lora_linear(x.unsqueeze(0), weight, bias, lora_A, lora_B, float(scaling),
+                                float(dropout)).squeeze(0)
+    return _ops.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout))
+
+
+def lora_dropout(x: Tensor, p: float, seed) -> Tensor:
+    """What lora_linear's dropout does to a 2-D x with seed `seed` (an int, or the 0-d tensor that
+    ``tltorch._ops.next_dropout_seed()`` returns): ``x * mask / (1 - p)``. For tests and inspection."""
+    _check_tensor("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    return _ops.dropout(x.resolve_neg(), float(p), seed)
+
+
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -120,3 +181,51 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     class_weight = None if class_weight is None else class_weight.resolve_neg()
     return _ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index,
                                      float(label_smoothing), red)
+
+
+# Mask dtypes the kernels read as they are (besides hidden's own dtype); others are compared with 0.
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
+
+
+def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "mean") -> Tensor:
+    """One vector per sequence from a model's hidden states.
+
+    hidden: (B, T, D), float32, bfloat16 or float16, any strides. attention_mask: (B, T) or None; a
+    token counts where it is nonzero (bool, integer or float). mode: "cls" (the first token, whatever
+    the mask), "mean" (the mean over the counted tokens) or "max" (their elementwise maximum); a row with
+    no counted token gives zeros. Returns (B, D) in hidden's dtype, summed in float32. Meant for feature
+    extraction: it passes no gradient to hidden (raises if one is required).
+    """
+    _check_tensor("hidden", hidden)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D (batch, tokens, features), got shape {tuple(hidden.shape)}")
+    code = _ops.POOL_MODES.get(mode) if isinstance(mode, str) else None
+    if code is None:
+        raise ValueError(f"mode must be 'cls', 'mean' or 'max', got {mode!r}")
+    B, T, _ = hidden.shape
+    if code == 0 and T == 0:
+        raise ValueError("hidden has no tokens (hidden.shape[1] == 0); mode 'cls' takes the first one")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError("attention_mask must be a torch.Tensor or None, not "
+                            f"{type(attention_mask).__name__}")
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask has dtype {attention_mask.dtype}; expected bool, integer or "
+                            "float")
+        if attention_mask.device != hidden.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but hidden is on {hidden.device}")
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)} (hidden.shape[:2]), got "
+                             f"{tuple(attention_mask.shape)}")
+        if code == 0:
+            attention_mask = None  # the first token, whatever the mask says
+        elif attention_mask.dtype not in _MASK_DTYPES and attention_mask.dtype != hidden.dtype:
+            attention_mask = attention_mask != 0
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        raise RuntimeError("tltorch.functional.pool does not propagate gradients; call it under "
+                           "torch.no_grad() or torch.inference_mode(), or pass hidden.detach()")
+    # torch's lazy negation bit is not part of DLPack: materialise it (a no-op for ordinary tensors).
+    hidden = hidden.resolve_neg()
+    if attention_mask is not None:
+        attention_mask = attention_mask.resolve_neg()
+    return _ops.pool(hidden, attention_mask, code)

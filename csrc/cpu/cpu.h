@@ -102,5 +102,9 @@ int tl_cpu_level(void);
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
 int tl_threads(int nthreads);
+/* C = alpha * (A B + A2 B2) + beta C + bias (A2, B2 NULL: tl_gemm_cpu); ws as tl_gemm_cpu's for the
+ * summed K. Internal to the CPU core (gemm.c). */
+tl_status tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
+                       const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads);
 
 #endif /* TL_CPU_H */

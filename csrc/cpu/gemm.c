@@ -169,17 +169,18 @@ tl_cpu_isa(void)
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
-/* dst[s][k][r] = src[(i0 + s*MR + r), k0 + k] for the rows [i0, i0+mc), zero past mc. The loop runs
- * over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x faster than
- * row by row, whose writes stride by MR). */
+/* dst[s][koff + k][r] = src[(i0 + s*MR + r), k0 + k] for k < kc and the rows [i0, i0+mc), zero past
+ * mc; a sliver holds kstride values of k (a K block may be packed from two sources, each at its offset).
+ * The loop runs over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x
+ * faster than row by row, whose writes stride by MR). */
 static void
 pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
-       int64_t s_end, float *dst)
+       int64_t s_end, float *dst, int64_t kstride, int64_t koff)
 {
     const int64_t sa0 = a->strides[0], sa1 = a->strides[1];
     const int64_t es = (int64_t)tl_dtype_size(a->dtype);
     for (int64_t s = s_begin; s < s_end; s++) {
-        float *d = dst + s * mr * kc;
+        float *d = dst + s * mr * kstride + koff * mr;
         const int rn = (int)(mc - s * mr < mr ? mc - s * mr : mr);
         const char *rows[MR_MAX];
         for (int r = 0; r < rn; r++) rows[r] = (const char *)a->data + ((i0 + s * mr + r) * sa0 + k0 * sa1) * es;
@@ -202,16 +203,17 @@ pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int m
     }
 }
 
-/* dst[s][k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc; k outside,
- * the sliver's columns inside, as in pack_a. */
+/* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc; k
+ * outside, the sliver's columns inside, slivers of kstride values of k, as in pack_a. */
 static void
-pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst)
+pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst, int64_t kstride,
+       int64_t koff)
 {
     const int64_t sb0 = b->strides[0], sb1 = b->strides[1];
     const int64_t es = (int64_t)tl_dtype_size(b->dtype);
     const int64_t nsl = (nc + nr - 1) / nr;
     for (int64_t s = 0; s < nsl; s++) {
-        float *d = dst + s * nr * kc;
+        float *d = dst + s * nr * kstride + koff * nr;
         const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
         const char *col0 = (const char *)b->data + (k0 * sb0 + (j0 + s * nr) * sb1) * es;
         if (b->dtype == TL_FLOAT32 && sb1 == 1) { /* rows of B are contiguous: copy them */
@@ -242,15 +244,16 @@ pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int n
     }
 }
 
-/* The same blocks for the bfloat16 dot-product kernel: 32-bit (k, k+1) pairs, a zero after an odd K.
- * dst[s][k/2][r] = (A[i, k], A[i, k+1]) and dst[s][k/2][j] = (B[k, j], B[k+1, j]). */
+/* The same blocks for the bfloat16 dot-product kernel: 32-bit (k, k+1) pairs, a zero after an odd kc.
+ * dst[s][koff + k/2][r] = (A[i, k], A[i, k+1]) and dst[s][koff + k/2][j] = (B[k, j], B[k+1, j]);
+ * kstride and koff count pairs. */
 static void
 pack_a_pairs(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
-             int64_t s_end, uint16_t *dst)
+             int64_t s_end, uint16_t *dst, int64_t kstride, int64_t koff)
 {
     const int64_t sa0 = a->strides[0], sa1 = a->strides[1], kp = (kc + 1) / 2;
     for (int64_t s = s_begin; s < s_end; s++) {
-        uint16_t *d = dst + s * mr * 2 * kp;
+        uint16_t *d = dst + s * mr * 2 * kstride + koff * mr * 2;
         const int rn = (int)(mc - s * mr < mr ? mc - s * mr : mr);
         const uint16_t *rows[MR_MAX];
         for (int r = 0; r < rn; r++) rows[r] = (const uint16_t *)a->data + (i0 + s * mr + r) * sa0 + k0 * sa1;
@@ -268,12 +271,13 @@ pack_a_pairs(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc,
 }
 
 static void
-pack_b_pairs(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, uint16_t *dst)
+pack_b_pairs(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, uint16_t *dst,
+             int64_t kstride, int64_t koff)
 {
     const int64_t sb0 = b->strides[0], sb1 = b->strides[1], kp = (kc + 1) / 2;
     const int64_t nsl = (nc + nr - 1) / nr;
     for (int64_t s = 0; s < nsl; s++) {
-        uint16_t *d = dst + s * nr * 2 * kp;
+        uint16_t *d = dst + s * nr * 2 * kstride + koff * nr * 2;
         const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
         const uint16_t *cols[NR_MAX];
         for (int j = 0; j < jn; j++) cols[j] = (const uint16_t *)b->data + k0 * sb0 + (j0 + s * nr + j) * sb1;
@@ -391,21 +395,35 @@ scratch_alloc(size_t nfloats)
 }
 
 static tl_status
-check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, const tl_tensor *c,
-           const tl_tensor *ws)
+check_float_2d(const tl_tensor *t)
+{
+    tl_status st = tl_check_cpu(t, 2);
+    return st ? st : tl_is_float_dtype(t->dtype) ? TL_OK : TL_ERR_DTYPE;
+}
+
+static tl_status
+check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
+           const tl_tensor *bias, const tl_tensor *c, const tl_tensor *ws)
 {
     tl_status st;
-    if ((st = tl_check_cpu(a, 2)) || (st = tl_check_cpu(b, 2)) || (st = tl_check_cpu(c, 2))) return st;
-    if (!tl_is_float_dtype(a->dtype) || !tl_is_float_dtype(b->dtype)) return TL_ERR_DTYPE;
+    if ((st = check_float_2d(a)) || (st = check_float_2d(b)) || (st = tl_check_cpu(c, 2))) return st;
     if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype && c->dtype != b->dtype) return TL_ERR_DTYPE;
     if (a->shape[1] != b->shape[0] || c->shape[0] != a->shape[0] || c->shape[1] != b->shape[1])
         return TL_ERR_SHAPE;
+    int64_t K = a->shape[1];
+    if (!a2 != !b2) return TL_ERR_VALUE;
+    if (a2) {
+        if ((st = check_float_2d(a2)) || (st = check_float_2d(b2))) return st;
+        if (a2->shape[1] != b2->shape[0] || a2->shape[0] != c->shape[0] || b2->shape[1] != c->shape[1])
+            return TL_ERR_SHAPE;
+        K += a2->shape[1];
+    }
     if (bias) {
         if ((st = tl_check_cpu(bias, 1))) return st;
         if (!tl_is_float_dtype(bias->dtype)) return TL_ERR_DTYPE;
         if (bias->shape[0] != c->shape[1]) return TL_ERR_SHAPE;
     }
-    if (c->dtype != TL_FLOAT32 && a->shape[1] > KC && tl_numel(c) > 0) {
+    if (c->dtype != TL_FLOAT32 && K > KC && tl_numel(c) > 0) {
         if (!ws) return TL_ERR_VALUE;
         if ((st = tl_check_cpu(ws, 1))) return st;
         if (ws->dtype != TL_FLOAT32 || ws->strides[0] != 1 || ws->shape[0] < tl_numel(c))
@@ -414,13 +432,40 @@ check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, const 
     return TL_OK;
 }
 
-tl_status
-tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
-            float beta, tl_tensor *ws, int nthreads)
+/* The K blocks: segment 1's in steps of kc_blk; a short segment 2 (at most half a block) rides along in
+ * segment 1's last block, so that it costs no extra pass over C; a long one gets blocks of its own. */
+typedef struct {
+    int64_t k1, n1; /* [k1, k1+n1) of segment 1 */
+    int64_t k2, n2; /* [k2, k2+n2) of segment 2 */
+} kblock;
+
+static int64_t
+kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
 {
-    tl_status st = check_args(a, b, bias, c, ws);
+    const int ride = K2 > 0 && K2 <= kc_blk / 2 && K1 > 0;
+    int64_t n = 0;
+    for (int64_t pc = 0; pc < K1; pc += kc_blk, n++) {
+        kblock b = {pc, K1 - pc < kc_blk ? K1 - pc : kc_blk, 0, 0};
+        if (ride && pc + b.n1 == K1) b.n2 = K2;
+        if (out) out[n] = b;
+    }
+    if (!ride)
+        for (int64_t pc = 0; pc < K2; pc += kc_blk, n++)
+            if (out) out[n] = (kblock){0, 0, pc, K2 - pc < kc_blk ? K2 - pc : kc_blk};
+    return n;
+}
+
+/* C = alpha * (A B + A2 B2) + beta C + bias: a GEMM over the concatenation [A | A2] [B ; B2] of the two
+ * K ranges (A2 and B2 both NULL: a plain GEMM). The CPU core's LoRA kernels add their low-rank product
+ * inside the base GEMM this way. */
+tl_status
+tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
+             const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads)
+{
+    tl_status st = check_args(a, b, a2, b2, bias, c, ws);
     if (st) return st;
-    const int64_t M = a->shape[0], K = a->shape[1], N = b->shape[1];
+    const int64_t M = a->shape[0], K1 = a->shape[1], N = b->shape[1], K2 = a2 ? a2->shape[1] : 0;
+    const int64_t K = K1 + K2;
     gemm_job g = {a, b, bias, c, NULL, alpha, beta, M, N, K};
     if (M == 0 || N == 0) return TL_OK;
     if (K == 0) {
@@ -429,8 +474,10 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
 
-    const isa_desc *isa = select_isa(a->dtype == b->dtype ? a->dtype : TL_FLOAT32);
-    const int mr = isa->mr, nr = isa->nr;
+    tl_dtype dt = a->dtype == b->dtype ? a->dtype : TL_FLOAT32;
+    if (K2 && (a2->dtype != dt || b2->dtype != dt)) dt = TL_FLOAT32;
+    const isa_desc *isa = select_isa(dt);
+    const int mr = isa->mr, nr = isa->nr, pairs = isa->bf16_pairs;
     int nt = tl_threads(nthreads);
     /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */
     if ((double)M * N * K < 1e6) nt = 1;
@@ -449,26 +496,36 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     const int64_t nblk_m = (M + MC_MAX - 1) / MC_MAX;
     const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
     /* K blocks of KC floats, or of 2*KC bfloat16 (the same bytes) for the pair kernel: fewer passes
-     * over C, and no float32 partials at all for K <= 2*KC. */
-    const int64_t kc_blk = isa->bf16_pairs ? 2 * KC : KC;
-    const int64_t kc_max = K < kc_blk ? K : kc_blk;
-    const int64_t kstep_max = isa->bf16_pairs ? (kc_max + 1) / 2 : kc_max; /* floats per sliver row */
+     * over C, and no float32 partials at all for K <= 2*KC. A sliver row holds kstep floats (pairs). */
+    const int64_t kc_blk = pairs ? 2 * KC : KC;
+    const int64_t nkb = kblocks(K1, K2, kc_blk, NULL);
+    kblock *blocks = malloc((size_t)nkb * sizeof *blocks);
+    if (!blocks) return TL_ERR_NOMEM;
+    kblocks(K1, K2, kc_blk, blocks);
+    int64_t kstep_max = 0;
+    for (int64_t q = 0; q < nkb; q++) {
+        const int64_t ks = pairs ? (blocks[q].n1 + 1) / 2 + (blocks[q].n2 + 1) / 2 : blocks[q].n1 + blocks[q].n2;
+        if (ks > kstep_max) kstep_max = ks;
+    }
 
     float *apack = scratch_alloc((size_t)(mc_max * kstep_max));
     float *bpack = scratch_alloc((size_t)nt * (size_t)(kstep_max * nc));
     if (!apack || !bpack) {
         free(apack);
         free(bpack);
+        free(blocks);
         return TL_ERR_NOMEM;
     }
 
     for (int64_t ic = 0; ic < M; ic += mc_max) {
         const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
         const int64_t nsl_a = (mc + mr - 1) / mr;
-        for (int64_t pc = 0; pc < K; pc += kc_blk) {
-            const int64_t kc = K - pc < kc_blk ? K - pc : kc_blk;
-            const int first = pc == 0, last = pc + kc == K;
-            const int64_t kstep = isa->bf16_pairs ? (kc + 1) / 2 : kc; /* floats per sliver row */
+        for (int64_t q = 0; q < nkb; q++) {
+            const kblock kb = blocks[q];
+            const int first = q == 0, last = q == nkb - 1;
+            const int64_t kp1 = pairs ? (kb.n1 + 1) / 2 : kb.n1; /* segment 2's offset in a sliver row */
+            const int64_t kstep = kp1 + (pairs ? (kb.n2 + 1) / 2 : kb.n2);
+            const int64_t kc_kernel = pairs ? 2 * kstep : kstep; /* the pair kernel runs (kc+1)/2 steps */
 #pragma omp parallel num_threads(nt) if (nt > 1)
             {
 #ifdef _OPENMP
@@ -478,10 +535,13 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
 #endif
                 /* Pack A: contiguous shares of the slivers. */
                 int64_t s0 = nsl_a * tid / nth, s1 = nsl_a * (tid + 1) / nth;
-                if (isa->bf16_pairs)
-                    pack_a_pairs(a, ic, mc, pc, kc, mr, s0, s1, (uint16_t *)apack);
-                else
-                    pack_a(a, ic, mc, pc, kc, mr, s0, s1, apack);
+                if (pairs) {
+                    if (kb.n1) pack_a_pairs(a, ic, mc, kb.k1, kb.n1, mr, s0, s1, (uint16_t *)apack, kstep, 0);
+                    if (kb.n2) pack_a_pairs(a2, ic, mc, kb.k2, kb.n2, mr, s0, s1, (uint16_t *)apack, kstep, kp1);
+                } else {
+                    if (kb.n1) pack_a(a, ic, mc, kb.k1, kb.n1, mr, s0, s1, apack, kstep, 0);
+                    if (kb.n2) pack_a(a2, ic, mc, kb.k2, kb.n2, mr, s0, s1, apack, kstep, kp1);
+                }
 #pragma omp barrier
                 float *bp = bpack + (size_t)tid * (size_t)(kstep_max * nc);
                 float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
@@ -491,19 +551,21 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
                     const int64_t j0 = jb * nc, ncw = N - j0 < nc ? N - j0 : nc;
                     const int64_t is0 = nsl_a * part / msplit, is1 = nsl_a * (part + 1) / msplit;
                     if (is0 == is1) continue;
-                    if (isa->bf16_pairs)
-                        pack_b_pairs(b, pc, kc, j0, ncw, nr, (uint16_t *)bp);
-                    else
-                        pack_b(b, pc, kc, j0, ncw, nr, bp);
+                    if (pairs) {
+                        if (kb.n1) pack_b_pairs(b, kb.k1, kb.n1, j0, ncw, nr, (uint16_t *)bp, kstep, 0);
+                        if (kb.n2) pack_b_pairs(b2, kb.k2, kb.n2, j0, ncw, nr, (uint16_t *)bp, kstep, kp1);
+                    } else {
+                        if (kb.n1) pack_b(b, kb.k1, kb.n1, j0, ncw, nr, bp, kstep, 0);
+                        if (kb.n2) pack_b(b2, kb.k2, kb.n2, j0, ncw, nr, bp, kstep, kp1);
+                    }
                     const int64_t nsl_b = (ncw + nr - 1) / nr;
                     for (int64_t is = is0; is < is1; is++) {
-                        /* a sliver is mr x kc floats, or mr x kc_even bf16 = mr x kc_even/2 floats */
                         const float *ap = apack + is * mr * kstep;
                         const int mn = (int)(mc - is * mr < mr ? mc - is * mr : mr);
                         for (int64_t js = 0; js < nsl_b; js++) {
                             const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
                             prefetch_tile(c, ic + is * mr, j0 + js * nr, mn, nn);
-                            isa->kernel(kc, ap, bp + js * nr * kstep, tile);
+                            isa->kernel(kc_kernel, ap, bp + js * nr * kstep, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
                         }
                     }
@@ -513,7 +575,15 @@ tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_te
     }
     free(apack);
     free(bpack);
+    free(blocks);
     return TL_OK;
+}
+
+tl_status
+tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
+            float beta, tl_tensor *ws, int nthreads)
+{
+    return tl_gemm2_cpu(a, b, NULL, NULL, bias, c, alpha, beta, ws, nthreads);
 }
 
 /* ---- column sums (the bias gradient) ------------------------------------------------------------ */

@@ -564,3 +564,60 @@ tl_need_cpu(const tl_arg *a)
                  "tensors go to tltorch._cuda)", a->name, a->t.device_id);
     return -1;
 }
+
+int
+tl_get_seed(PyObject *o, uint64_t *out)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "argument 'seed' must be an int, not %.200s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "argument 'seed' must be in [0, 2**64)");
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+int
+tl_get_dropout(PyObject *o, float *out)
+{
+    if (tl_get_float(o, "p", out) < 0) return -1;
+    if (!(*out >= 0.0f && *out < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "argument 'p' (the dropout probability) must be in [0, 1)");
+        return -1;
+    }
+    return 0;
+}
+
+int
+tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b)
+{
+    if (tl_need_ndim(x, 2) || tl_need_ndim(w, 2) || tl_need_ndim(a, 2) || tl_need_ndim(b, 2)) return -1;
+    if (tl_need_float(x) || tl_need_dtype_of(w, x) || tl_need_dtype_of(a, x) || tl_need_dtype_of(b, x)) return -1;
+    if (tl_need_same_device(w, x) || tl_need_same_device(a, x) || tl_need_same_device(b, x)) return -1;
+    const int64_t in = x->t.shape[1], out = w->t.shape[0], r = a->t.shape[0];
+    if (tl_need_size(w, 1, in, "x's in_features") || tl_need_size(a, 1, in, "x's in_features") ||
+        tl_need_size(b, 0, out, "w's out_features") || tl_need_size(b, 1, r, "a's rank"))
+        return -1;
+    if (bias->via && (tl_need_ndim(bias, 1) || tl_need_dtype_of(bias, x) || tl_need_same_device(bias, x) ||
+                      tl_need_size(bias, 0, out, "w's out_features")))
+        return -1;
+    return 0;
+}
+
+int
+tl_check_lora_out(const tl_arg *t, const tl_arg *ref, int64_t rows, int64_t cols, int f32)
+{
+    if (!t->via) return 0;
+    if (tl_need_ndim(t, 2) || tl_need_same_device(t, ref) || tl_need_writable(t)) return -1;
+    if (f32 ? t->t.dtype != TL_FLOAT32 : t->t.dtype != ref->t.dtype) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be %s, not %s", t->name,
+                     f32 ? "float32" : tl_dtype_name(ref->t.dtype), tl_dtype_name(t->t.dtype));
+        return -1;
+    }
+    return tl_need_size(t, 0, rows, "rows") || tl_need_size(t, 1, cols, "columns") ? -1 : 0;
+}

@@ -71,6 +71,13 @@ int tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, con
                        const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
                        const tl_arg *dw, const tl_arg *db, int reduction);
 
+/* The LoRA kernels' scalar and tensor checks (shared by both modules): seed is an int in [0, 2**64),
+ * p a dropout probability in [0, 1). x, w, a, b imported; each optional output may have via == 0. */
+int tl_get_seed(PyObject *o, uint64_t *out);
+int tl_get_dropout(PyObject *o, float *out);
+int tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b);
+int tl_check_lora_out(const tl_arg *t, const tl_arg *ref_dtype, int64_t rows, int64_t cols, int f32);
+
 /* tltorch._C's pieces: its module state begins with its bridge; a tensor that is not on the CPU raises
  * ValueError; the method tables of the binding files other than module.c (bind_*.c). */
 static inline tl_bridge *
