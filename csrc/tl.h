@@ -88,6 +88,14 @@ int tl_cpu_default_threads(void);
 tl_status tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c,
                       float alpha, float beta, tl_tensor *ws, int nthreads);
 
+/* GEMM with a stored weight: as tl_gemm_cpu, with B also int8 and B[k, n] multiplied by b_scale[k]
+ * (scale_axis 0) or b_scale[n] (scale_axis 1) as it is read: a per-output-channel int8 weight
+ * W[out, in] * s[out] serves y = x W^T (B = W^T, axis 1) and dx = dy W (B = W, axis 0) with no
+ * dequantised copy. b_scale: NULL (float B only) or 1-D float32/bfloat16/float16. c: float32 or a's
+ * dtype. */
+tl_status tl_qgemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b_scale, int scale_axis,
+                       const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads);
+
 /* Column sums: out[N] = beta * out[N] + sum_m x[m, n], float32 accumulation.
  * x: 2-D float32/bfloat16/float16, any strides. out: 1-D of N, float32 or x's dtype. */
 tl_status tl_colsum_cpu(const tl_tensor *x, tl_tensor *out, float beta, int nthreads);

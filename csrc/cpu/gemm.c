@@ -203,20 +203,29 @@ pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int m
     }
 }
 
-/* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] for the columns [j0, j0+nc), zero past nc; k
- * outside, the sliver's columns inside, slivers of kstride values of k, as in pack_a. */
+/* A stored weight's per-channel scale, applied as B is packed: B[k, j] * scale[k] (axis 0) or
+ * B[k, j] * scale[j] (axis 1). */
+typedef struct {
+    const tl_tensor *t; /* NULL: no scale */
+    int axis;
+} bscale;
+
+/* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] (times its scale) for the columns [j0, j0+nc), zero
+ * past nc; k outside, the sliver's columns inside, slivers of kstride values of k, as in pack_a. B may
+ * also be int8 (a quantised weight, with its scale). */
 static void
-pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst, int64_t kstride,
-       int64_t koff)
+pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst,
+       int64_t kstride, int64_t koff)
 {
     const int64_t sb0 = b->strides[0], sb1 = b->strides[1];
     const int64_t es = (int64_t)tl_dtype_size(b->dtype);
     const int64_t nsl = (nc + nr - 1) / nr;
+    const tl_tensor *st = sc ? sc->t : NULL;
     for (int64_t s = 0; s < nsl; s++) {
         float *d = dst + s * nr * kstride + koff * nr;
         const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
         const char *col0 = (const char *)b->data + (k0 * sb0 + (j0 + s * nr) * sb1) * es;
-        if (b->dtype == TL_FLOAT32 && sb1 == 1) { /* rows of B are contiguous: copy them */
+        if (b->dtype == TL_FLOAT32 && sb1 == 1 && !st) { /* rows of B are contiguous: copy them */
             for (int64_t k = 0; k < kc; k++) {
                 memcpy(d + k * nr, col0 + k * sb0 * es, (size_t)jn * sizeof(float));
                 for (int j = jn; j < nr; j++) d[k * nr + j] = 0.0f;
@@ -224,7 +233,11 @@ pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int n
             continue;
         }
         const char *cols[NR_MAX];
-        for (int j = 0; j < jn; j++) cols[j] = col0 + j * sb1 * es;
+        float cs[NR_MAX];
+        for (int j = 0; j < jn; j++) {
+            cols[j] = col0 + j * sb1 * es;
+            cs[j] = st && sc->axis == 1 ? tl_load_f(st->data, (j0 + s * nr + j) * st->strides[0], st->dtype) : 1.0f;
+        }
         for (int64_t k = 0; k < kc; k++) {
             float *dk = d + k * nr;
             const int64_t off = k * sb0;
@@ -235,9 +248,18 @@ pack_b(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int n
             case TL_BFLOAT16:
                 for (int j = 0; j < jn; j++) dk[j] = tl_bf16_to_f32(((const uint16_t *)cols[j])[off]);
                 break;
+            case TL_INT8:
+                for (int j = 0; j < jn; j++) dk[j] = (float)((const int8_t *)cols[j])[off];
+                break;
             default:
                 for (int j = 0; j < jn; j++) dk[j] = tl_f16_to_f32(((const uint16_t *)cols[j])[off]);
                 break;
+            }
+            if (st && sc->axis == 1)
+                for (int j = 0; j < jn; j++) dk[j] *= cs[j];
+            else if (st) {
+                const float v = tl_load_f(st->data, (k0 + k) * st->strides[0], st->dtype);
+                for (int j = 0; j < jn; j++) dk[j] *= v;
             }
             for (int j = jn; j < nr; j++) dk[j] = 0.0f;
         }
@@ -402,12 +424,19 @@ check_float_2d(const tl_tensor *t)
 }
 
 static tl_status
-check_args(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
+check_args(const tl_tensor *a, const tl_tensor *b, const bscale *sc, const tl_tensor *a2, const tl_tensor *b2,
            const tl_tensor *bias, const tl_tensor *c, const tl_tensor *ws)
 {
     tl_status st;
-    if ((st = check_float_2d(a)) || (st = check_float_2d(b)) || (st = tl_check_cpu(c, 2))) return st;
-    if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype && c->dtype != b->dtype) return TL_ERR_DTYPE;
+    if ((st = check_float_2d(a)) || (st = tl_check_cpu(b, 2)) || (st = tl_check_cpu(c, 2))) return st;
+    if (!tl_is_float_dtype(b->dtype) && !(b->dtype == TL_INT8 && sc->t)) return TL_ERR_DTYPE;
+    if (c->dtype != TL_FLOAT32 && c->dtype != a->dtype && (c->dtype != b->dtype || !tl_is_float_dtype(b->dtype)))
+        return TL_ERR_DTYPE;
+    if (sc->t) {
+        if ((st = tl_check_cpu(sc->t, 1))) return st;
+        if (!tl_is_float_dtype(sc->t->dtype)) return TL_ERR_DTYPE;
+        if ((sc->axis != 0 && sc->axis != 1) || sc->t->shape[0] != b->shape[sc->axis]) return TL_ERR_SHAPE;
+    }
     if (a->shape[1] != b->shape[0] || c->shape[0] != a->shape[0] || c->shape[1] != b->shape[1])
         return TL_ERR_SHAPE;
     int64_t K = a->shape[1];
@@ -458,11 +487,11 @@ kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
 /* C = alpha * (A B + A2 B2) + beta C + bias: a GEMM over the concatenation [A | A2] [B ; B2] of the two
  * K ranges (A2 and B2 both NULL: a plain GEMM). The CPU core's LoRA kernels add their low-rank product
  * inside the base GEMM this way. */
-tl_status
-tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
-             const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads)
+static tl_status
+gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2, const tl_tensor *b2,
+         const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads)
 {
-    tl_status st = check_args(a, b, a2, b2, bias, c, ws);
+    tl_status st = check_args(a, b, &sc, a2, b2, bias, c, ws);
     if (st) return st;
     const int64_t M = a->shape[0], K1 = a->shape[1], N = b->shape[1], K2 = a2 ? a2->shape[1] : 0;
     const int64_t K = K1 + K2;
@@ -474,7 +503,7 @@ tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const 
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
 
-    tl_dtype dt = a->dtype == b->dtype ? a->dtype : TL_FLOAT32;
+    tl_dtype dt = a->dtype == b->dtype && !sc.t ? a->dtype : TL_FLOAT32;
     if (K2 && (a2->dtype != dt || b2->dtype != dt)) dt = TL_FLOAT32;
     const isa_desc *isa = select_isa(dt);
     const int mr = isa->mr, nr = isa->nr, pairs = isa->bf16_pairs;
@@ -555,8 +584,8 @@ tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const 
                         if (kb.n1) pack_b_pairs(b, kb.k1, kb.n1, j0, ncw, nr, (uint16_t *)bp, kstep, 0);
                         if (kb.n2) pack_b_pairs(b2, kb.k2, kb.n2, j0, ncw, nr, (uint16_t *)bp, kstep, kp1);
                     } else {
-                        if (kb.n1) pack_b(b, kb.k1, kb.n1, j0, ncw, nr, bp, kstep, 0);
-                        if (kb.n2) pack_b(b2, kb.k2, kb.n2, j0, ncw, nr, bp, kstep, kp1);
+                        if (kb.n1) pack_b(b, &sc, kb.k1, kb.n1, j0, ncw, nr, bp, kstep, 0);
+                        if (kb.n2) pack_b(b2, NULL, kb.k2, kb.n2, j0, ncw, nr, bp, kstep, kp1);
                     }
                     const int64_t nsl_b = (ncw + nr - 1) / nr;
                     for (int64_t is = is0; is < is1; is++) {
@@ -580,10 +609,25 @@ tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const 
 }
 
 tl_status
+tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,
+             const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads)
+{
+    return gemm_run(a, b, (bscale){NULL, 0}, a2, b2, bias, c, alpha, beta, ws, nthreads);
+}
+
+tl_status
 tl_gemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
             float beta, tl_tensor *ws, int nthreads)
 {
-    return tl_gemm2_cpu(a, b, NULL, NULL, bias, c, alpha, beta, ws, nthreads);
+    return gemm_run(a, b, (bscale){NULL, 0}, NULL, NULL, bias, c, alpha, beta, ws, nthreads);
+}
+
+tl_status
+tl_qgemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b_scale, int scale_axis,
+             const tl_tensor *bias, tl_tensor *c, float alpha, float beta, tl_tensor *ws, int nthreads)
+{
+    if (b->dtype == TL_INT8 && !b_scale) return TL_ERR_VALUE;
+    return gemm_run(a, b, (bscale){b_scale, scale_axis}, NULL, NULL, bias, c, alpha, beta, ws, nthreads);
 }
 
 /* ---- column sums (the bias gradient) ------------------------------------------------------------ */

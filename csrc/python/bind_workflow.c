@@ -1,6 +1,199 @@
-/* bind_workflow.c: tltorch._C's workflow kernels. */
+/* bind_workflow.c: tltorch._C's workflow kernels: sequence pooling and the fused AdamW step. */
 #include "bridge.h" /* first: it brings Python.h */
 
+#include <math.h>
+
+#include "../cpu/cpu.h"
+
+/* The bytes [lo, hi) that a tensor's elements span (lo == hi when it is empty). */
+static void
+span(const tl_tensor *t, uintptr_t *lo, uintptr_t *hi)
+{
+    const int64_t es = (int64_t)tl_dtype_size(t->dtype);
+    int64_t a = 0, b = 0;
+    if (tl_numel(t) == 0 || !t->data) {
+        *lo = *hi = 0;
+        return;
+    }
+    for (int i = 0; i < t->ndim; i++) {
+        const int64_t ext = (t->shape[i] - 1) * t->strides[i];
+        if (ext < 0) a += ext;
+        else b += ext;
+    }
+    *lo = (uintptr_t)((const char *)t->data + a * es);
+    *hi = (uintptr_t)((const char *)t->data + (b + 1) * es);
+}
+
+/* `out` is written while `in` is read (or written) by other threads: their memory must not meet. */
+static int
+need_apart(const tl_arg *out, const tl_arg *in)
+{
+    uintptr_t l1, h1, l2, h2;
+    span(&out->t, &l1, &h1);
+    span(&in->t, &l2, &h2);
+    if (l1 == h1 || l2 == h2 || h1 <= l2 || h2 <= l1) return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' overlaps argument '%s' in memory; pass separate tensors",
+                 out->name, in->name);
+    return -1;
+}
+
+/* pool(h, mask, mode, out, nthreads): out[b] = cls / masked mean / masked max of h[b] over tokens, in
+ * place. mode: 0 cls, 1 mean, 2 max; mask may be None. */
+static PyObject *
+py_pool(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = tl_cpu_bridge(mod);
+    tl_arg h = TL_ARG_INIT("h"), mask = TL_ARG_INIT("mask"), out = TL_ARG_INIT("out");
+    PyObject *ret = NULL;
+    int mode, nthreads;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 5, "pool(h, mask, mode, out, nthreads)") < 0) return NULL;
+    if (tl_get_int(args[2], "mode", &mode) < 0 || tl_get_threads(args[4], &nthreads) < 0) return NULL;
+    if (mode != TL_POOL_CLS && mode != TL_POOL_MEAN && mode != TL_POOL_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument 'mode' must be 0 (cls), 1 (mean) or 2 (max), got %d", mode);
+        return NULL;
+    }
+    if (tl_arg_import(br, args[0], &h) < 0 || tl_arg_import(br, args[3], &out) < 0) goto fail;
+    if (args[1] != Py_None && tl_arg_import(br, args[1], &mask) < 0) goto fail;
+
+    if (tl_need_cpu(&h) || tl_need_cpu(&out) || (mask.via && tl_need_cpu(&mask))) goto fail;
+    if (tl_need_ndim(&h, 3) || tl_need_ndim(&out, 2) || tl_need_float(&h) || tl_need_dtype_f32_or(&out, &h))
+        goto fail;
+    const int64_t B = h.t.shape[0], T = h.t.shape[1], D = h.t.shape[2];
+    if (tl_need_size(&out, 0, B, "h.shape[0]") || tl_need_size(&out, 1, D, "h.shape[2]") ||
+        tl_need_writable(&out) || need_apart(&out, &h))
+        goto fail;
+    if (mask.via) {
+        const tl_dtype md = mask.t.dtype;
+        if (md != TL_INT64 && md != TL_INT32 && md != TL_UINT8 && md != h.t.dtype) {
+            PyErr_Format(PyExc_TypeError, "argument 'mask' has dtype %s; expected int64, int32, uint8 (bool) "
+                         "or %s (the dtype of 'h')", tl_dtype_name(md), tl_dtype_name(h.t.dtype));
+            goto fail;
+        }
+        if (tl_need_ndim(&mask, 2) || tl_need_size(&mask, 0, B, "h.shape[0]") ||
+            tl_need_size(&mask, 1, T, "h.shape[1]") || need_apart(&out, &mask))
+            goto fail;
+    }
+    if (mode == TL_POOL_CLS && T == 0 && B > 0 && D > 0) {
+        PyErr_SetString(PyExc_ValueError, "argument 'h' has no tokens (h.shape[1] == 0); cls pooling takes "
+                        "the first one");
+        goto fail;
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_pool_cpu(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, nthreads);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        tl_raise_status(st, "tltorch._C.pool");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&h);
+    tl_arg_release(&mask);
+    tl_arg_release(&out);
+    return ret;
+}
+
+static int
+get_step(PyObject *o, int64_t *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError))
+            PyErr_SetString(PyExc_ValueError, "argument 'step' is out of range");
+        else
+            PyErr_Format(PyExc_TypeError, "argument 'step' must be an int, not %.200s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (v < 1) {
+        PyErr_Format(PyExc_ValueError, "argument 'step' must be >= 1 (the step being taken), got %lld", v);
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* The AdamW hyperparameters from Python numbers, each checked by name. */
+static int
+get_adamw_opts(PyObject *const *args, tl_adamw_opts *o)
+{
+    if (tl_get_float(args[0], "lr", &o->lr) < 0 || tl_get_float(args[1], "beta1", &o->beta1) < 0 ||
+        tl_get_float(args[2], "beta2", &o->beta2) < 0 || tl_get_float(args[3], "eps", &o->eps) < 0 ||
+        tl_get_float(args[4], "weight_decay", &o->weight_decay) < 0 || get_step(args[5], &o->step) < 0)
+        return -1;
+    const char *bad = !isfinite(o->lr)                          ? "argument 'lr' must be finite"
+                      : !(o->beta1 >= 0.0f && o->beta1 < 1.0f)  ? "argument 'beta1' must be in [0, 1)"
+                      : !(o->beta2 >= 0.0f && o->beta2 < 1.0f)  ? "argument 'beta2' must be in [0, 1)"
+                      : !(o->eps >= 0.0f && isfinite(o->eps))   ? "argument 'eps' must be finite and >= 0"
+                      : !isfinite(o->weight_decay)              ? "argument 'weight_decay' must be finite"
+                                                                : NULL;
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        return -1;
+    }
+    return 0;
+}
+
+/* adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, nthreads): one
+ * AdamW step in place on 1-D tensors (torch.optim.AdamW's formula; step counts from 1). */
+static PyObject *
+py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = tl_cpu_bridge(mod);
+    tl_arg p = TL_ARG_INIT("param"), g = TL_ARG_INIT("grad"), m = TL_ARG_INIT("exp_avg"),
+           v = TL_ARG_INIT("exp_avg_sq");
+    tl_arg *all[] = {&p, &g, &m, &v};
+    PyObject *ret = NULL;
+    tl_adamw_opts o;
+    int nthreads;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 11, "adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, "
+                    "weight_decay, step, nthreads)") < 0)
+        return NULL;
+    if (get_adamw_opts(args + 4, &o) < 0 || tl_get_threads(args[10], &nthreads) < 0) return NULL;
+    for (int k = 0; k < 4; k++)
+        if (tl_arg_import(br, args[k], all[k]) < 0) goto fail;
+    for (int k = 0; k < 4; k++)
+        if (tl_need_cpu(all[k]) || tl_need_ndim(all[k], 1)) goto fail;
+    if (tl_need_float(&p) || tl_need_dtype_f32_or(&g, &p)) goto fail;
+    for (int k = 2; k < 4; k++)
+        if (all[k]->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 (optimizer state is "
+                         "kept in float32)", all[k]->name, tl_dtype_name(all[k]->t.dtype));
+            goto fail;
+        }
+    const int64_t n = p.t.shape[0];
+    for (int k = 1; k < 4; k++)
+        if (tl_need_size(all[k], 0, n, "param's numel")) goto fail;
+    /* Each element is read and written by one thread: the three outputs must not share memory with
+     * each other or with the gradient. */
+    if (tl_need_writable(&p) || tl_need_writable(&m) || tl_need_writable(&v)) goto fail;
+    if (need_apart(&p, &m) || need_apart(&p, &v) || need_apart(&m, &v) || need_apart(&p, &g) ||
+        need_apart(&m, &g) || need_apart(&v, &g))
+        goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_adamw_cpu(&p.t, &g.t, &m.t, &v.t, &o, nthreads);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        tl_raise_status(st, "tltorch._C.adamw");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    for (int k = 0; k < 4; k++) tl_arg_release(all[k]);
+    return ret;
+}
+
 PyMethodDef tl_workflow_methods[] = {
+    {"pool", (PyCFunction)(void (*)(void))py_pool, METH_FASTCALL,
+     "pool(h, mask, mode, out, nthreads): out = h pooled over its tokens (mode 0 cls, 1 mean, 2 max; "
+     "mask None or (B, T), nonzero = counts), in place."},
+    {"adamw", (PyCFunction)(void (*)(void))py_adamw, METH_FASTCALL,
+     "adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, nthreads): one "
+     "AdamW step on 1-D tensors, in place."},
     {NULL, NULL, 0, NULL},
 };

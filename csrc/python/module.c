@@ -95,6 +95,85 @@ fail:
     return ret;
 }
 
+/* qgemm(a, b, scale, axis, c, bias, ws, nthreads, trans): c = op(a) @ (op(b) * scale along axis) + bias, in
+ * place: a stored (frozen) weight b of float32/bfloat16/float16, or int8 with its per-channel scale;
+ * axis 0 scales op(b)'s rows (K), 1 its columns (N). a may have another float dtype than b. */
+static PyObject *
+py_qgemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg a = TL_ARG_INIT("a"), b = TL_ARG_INIT("b"), sc = TL_ARG_INIT("scale"), c = TL_ARG_INIT("c"),
+           bias = TL_ARG_INIT("bias"), ws = TL_ARG_INIT("ws");
+    PyObject *ret = NULL;
+    int axis, nthreads, trans;
+    tl_status st;
+    if (tl_nargs_is(nargs, 9, "qgemm(a, b, scale, axis, c, bias, ws, nthreads, trans)") < 0) return NULL;
+    if (tl_get_int(args[3], "axis", &axis) < 0 || tl_get_threads(args[7], &nthreads) < 0 ||
+        tl_get_int(args[8], "trans", &trans) < 0)
+        return NULL;
+    if (axis != 0 && axis != 1) {
+        PyErr_Format(PyExc_ValueError, "argument 'axis' must be 0 or 1, got %d", axis);
+        return NULL;
+    }
+    if (trans < 0 || trans > 3) {
+        PyErr_Format(PyExc_ValueError, "argument 'trans' must be 0, 1, 2 or 3, got %d", trans);
+        return NULL;
+    }
+    if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
+        tl_arg_import(br, args[4], &c) < 0)
+        goto fail;
+    if (args[2] != Py_None && tl_arg_import(br, args[2], &sc) < 0) goto fail;
+    if (args[5] != Py_None && tl_arg_import(br, args[5], &bias) < 0) goto fail;
+    if (args[6] != Py_None && tl_arg_import(br, args[6], &ws) < 0) goto fail;
+    if (need_cpu(&a) || need_cpu(&b) || need_cpu(&c) || (sc.via && need_cpu(&sc)) || (bias.via && need_cpu(&bias)) ||
+        (ws.via && need_cpu(&ws)))
+        goto fail;
+    if (tl_need_ndim(&a, 2) || tl_need_ndim(&b, 2) || tl_need_ndim(&c, 2) || tl_need_float(&a)) goto fail;
+    if (trans & 1) transpose2d(&a.t);
+    if (trans & 2) transpose2d(&b.t);
+    if (b.t.dtype == TL_INT8 ? !sc.via : !tl_is_float_dtype(b.t.dtype)) {
+        PyErr_Format(PyExc_TypeError, "argument 'b' has dtype %s; expected float32, bfloat16, float16, or int8 "
+                     "with a scale", tl_dtype_name(b.t.dtype));
+        goto fail;
+    }
+    if (sc.via && (tl_need_ndim(&sc, 1) || tl_need_float(&sc) ||
+                   tl_need_size(&sc, 0, b.t.shape[axis], axis ? "b's columns" : "b's rows")))
+        goto fail;
+    if (tl_need_dtype_f32_or(&c, &a) || tl_need_size(&b, 0, a.t.shape[1], "a.shape[1]") ||
+        tl_need_size(&c, 0, a.t.shape[0], "a.shape[0]") || tl_need_size(&c, 1, b.t.shape[1], "b.shape[1]") ||
+        tl_need_writable(&c))
+        goto fail;
+    if (bias.via && (tl_need_ndim(&bias, 1) || tl_need_dtype_f32_or(&bias, &c) ||
+                     tl_need_size(&bias, 0, c.t.shape[1], "c.shape[1]")))
+        goto fail;
+    if (c.t.dtype != TL_FLOAT32 && a.t.shape[1] > TL_GEMM_KC && tl_numel(&c.t) > 0 &&
+        (!ws.via || tl_need_ndim(&ws, 1) || ws.t.dtype != TL_FLOAT32 || ws.t.strides[0] != 1 ||
+         ws.t.shape[0] < tl_numel(&c.t))) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least %lld "
+                         "elements when c is %s and K > %d", (long long)tl_numel(&c.t),
+                         tl_dtype_name(c.t.dtype), TL_GEMM_KC);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_qgemm_cpu(&a.t, &b.t, sc.via ? &sc.t : NULL, axis, bias.via ? &bias.t : NULL, &c.t, 1.0f, 0.0f,
+                      ws.via ? &ws.t : NULL, nthreads);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        tl_raise_status(st, "tltorch._C.qgemm");
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&a);
+    tl_arg_release(&b);
+    tl_arg_release(&sc);
+    tl_arg_release(&c);
+    tl_arg_release(&bias);
+    tl_arg_release(&ws);
+    return ret;
+}
+
 /* colsum(x, out, beta, nthreads): out = beta * out + x.sum(0), in place. */
 static PyObject *
 py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -243,6 +322,9 @@ static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
      "gemm(a, b, c, bias, ws, alpha, beta, nthreads[, trans]): c = alpha*op(a)@op(b) + beta*c + bias, "
      "in place; trans bit 0 transposes a, bit 1 b."},
+    {"qgemm", (PyCFunction)(void (*)(void))py_qgemm, METH_FASTCALL,
+     "qgemm(a, b, scale, axis, c, bias, ws, nthreads, trans): c = op(a) @ (op(b) * scale along axis) + bias "
+     "with a stored weight b (float, or int8 with its scale), in place."},
     {"colsum", (PyCFunction)(void (*)(void))py_colsum, METH_FASTCALL,
      "colsum(x, out, beta, nthreads): out = beta*out + x.sum(0), in place."},
     {"linear_xent", (PyCFunction)(void (*)(void))py_linear_xent, METH_FASTCALL,
