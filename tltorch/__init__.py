@@ -4,11 +4,15 @@
 """
 import torch  # noqa: F401  (torch's OpenMP runtime is loaded before ours, so they are one)
 
-from . import _C, _ops, functional, nn
+from . import _C, _ops, functional, nn, optim
+from .freeze import freeze
+from .lora import (LoraConfig, add_lora, disable_lora, load_adapter, merge_lora, save_adapter,
+                   trainable_parameters)
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "functional", "nn", "__version__"]
+__all__ = ["backend_info", "functional", "nn", "optim", "freeze", "__version__", "LoraConfig", "add_lora", "disable_lora",
+           "merge_lora", "save_adapter", "load_adapter", "trainable_parameters"]
 
 
 def backend_info() -> dict:

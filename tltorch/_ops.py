@@ -546,6 +546,86 @@ def _lce_grad(ctx, grad):
 _linear_cross_entropy_op.register_autograd(_lce_grad, setup_context=_lce_setup)
 
 
+# ---- frozen linear (a stored weight: bfloat16, float16, or int8 with a per-output-channel scale) ------
+# y = x (W * s)^T + bias and dx = dy (W * s), W read in its stored dtype and scaled as the GEMM packs it
+# (no dequantised copy on the CPU). There is never a weight gradient. On CUDA the weight is converted
+# to x's dtype for cuBLAS (a temporary the size of the layer's weight).
+
+def _dequant(weight: Tensor, scale: Optional[Tensor], dtype) -> Tensor:
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype)[:, None]
+
+
+def _qgemm(a: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], forward: bool) -> Tensor:
+    """forward: a (n, in) -> a (W*s)^T + bias; else a (n, out) -> a (W*s)."""
+    n = a.shape[0]
+    cols = weight.shape[0] if forward else weight.shape[1]
+    c = torch.empty(n, cols, dtype=a.dtype, device=a.device)
+    if a.is_cuda:
+        gemm(a, _dequant(weight, scale, a.dtype), c, None if bias is None else bias.to(a.dtype),
+             trans=2 if forward else 0)
+        return c
+    k = a.shape[1]
+    ws = torch.empty(c.numel(), dtype=torch.float32) if a.dtype is not torch.float32 and k > _GEMM_KC else None
+    _C.qgemm(a, weight, scale, 1 if forward else 0, c, bias, ws, torch.get_num_threads(), 2 if forward else 0)
+    return c
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias):
+        ctx.save_for_backward(weight, scale)
+        ctx.x_shape = x.shape
+        return _qgemm(_rows(x), weight, scale, bias, True).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        weight, scale = ctx.saved_tensors
+        return _qgemm(_rows(g), weight, scale, None, False).view(ctx.x_shape), None, None, None
+
+
+def frozen_linear(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return torch.ops.tltorch.frozen_linear(x, weight, scale, bias)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, weight, scale, bias)
+    return _qgemm(_rows(x), weight, scale, bias, True).view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("tltorch::frozen_linear", mutates_args=())
+def _frozen_linear_op(x: Tensor, weight: Tensor, scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _qgemm(_rows(x), weight, scale, bias, True).view(*x.shape[:-1], weight.shape[0])
+
+
+@_frozen_linear_op.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("tltorch::frozen_linear_backward", mutates_args=())
+def _frozen_linear_backward_op(grad: Tensor, weight: Tensor, scale: Optional[Tensor]) -> Tensor:
+    return _qgemm(_rows(grad), weight, scale, None, False).view(*grad.shape[:-1], weight.shape[1])
+
+
+@_frozen_linear_backward_op.register_fake
+def _(grad, weight, scale):
+    return grad.new_empty(*grad.shape[:-1], weight.shape[1])
+
+
+def _frozen_setup(ctx, inputs, output):
+    x, weight, scale, bias = inputs
+    ctx.save_for_backward(weight, scale)
+
+
+def _frozen_grad(ctx, grad):
+    weight, scale = ctx.saved_tensors
+    return torch.ops.tltorch.frozen_linear_backward(grad, weight, scale), None, None, None
+
+
+_frozen_linear_op.register_autograd(_frozen_grad, setup_context=_frozen_setup)
+
+
 # ---- pooling and AdamW ---------------------------------------------------------------------------------
 
 POOL_MODES = {"cls": 0, "mean": 1, "max": 2}

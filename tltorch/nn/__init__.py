@@ -1,4 +1,6 @@
 """Drop-in modules built on tltorch's kernels."""
+from .frozen import FrozenLinear
 from .head import LinearCrossEntropy
+from .lora import LoRALinear
 
-__all__ = ["LinearCrossEntropy"]
+__all__ = ["FrozenLinear", "LinearCrossEntropy", "LoRALinear"]

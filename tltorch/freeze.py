@@ -1,0 +1,72 @@
+"""freeze: keep a pretrained body fixed (and, optionally, compact) while something small trains."""
+import fnmatch
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn.frozen import STORAGES, FrozenLinear
+
+_BN = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _keep_eval(module: nn.Module, args) -> None:
+    """A forward pre-hook: a frozen module runs in eval mode even after model.train() (BatchNorm uses and
+    keeps its running statistics; dropout is off)."""
+    module.training = False
+
+
+def _matches(name: str, patterns) -> bool:
+    """A module path matches a pattern that equals it, globs it (fnmatch), or names one of its parents."""
+    for p in patterns:
+        if name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + "."):
+            return True
+    return False
+
+
+def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage: Optional[str] = None) -> nn.Module:
+    """Freeze `model` in place, except the submodules named in `except_`, and return it.
+
+    Every parameter outside ``except_`` stops requiring grad, and every frozen module is put in eval mode
+    and kept there (a forward pre-hook), so BatchNorm statistics stay as pretrained and dropout stays off
+    even after ``model.train()``. ``except_``: module paths as ``named_modules`` gives them (``"classifier"``,
+    ``"encoder.layer.11"``) or globs (``"encoder.layer.1*"``); a named module's whole subtree stays trainable.
+    ``storage``: None keeps the weights as they are; "bfloat16", "float16" or "int8" also replaces each
+    frozen ``nn.Linear`` by a ``tltorch.nn.FrozenLinear`` holding its weight in that form (int8: a
+    per-output-channel absmax scale), which still passes gradients to its input, so trainable layers and
+    adapters below it keep learning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
+    patterns = (except_,) if isinstance(except_, str) else tuple(except_)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"except_ must hold module names (str), got {type(p).__name__}")
+    if storage is not None and storage not in STORAGES[1:]:
+        raise ValueError(f"storage must be None, 'bfloat16', 'float16' or 'int8', got {storage!r}")
+    names = [n for n, _ in model.named_modules()]
+    for p in patterns:
+        if not any(_matches(n, (p,)) for n in names if n):
+            raise ValueError(f"except_ names {p!r}, which matches no submodule of the model")
+
+    frozen = [(n, m) for n, m in model.named_modules() if not (n and _matches(n, patterns))]
+    kept = {n for n, _ in model.named_modules() if n and _matches(n, patterns)}
+    for name, module in frozen:
+        # parameters directly owned by a frozen module (children are visited on their own)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+        if not any(k.startswith(name + ".") or not name for k in kept):
+            module.eval()
+            if not getattr(module, "_tltorch_frozen", False):
+                module.register_forward_pre_hook(_keep_eval)
+                module._tltorch_frozen = True
+    if storage is not None:
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or (name and _matches(name, patterns)):
+                continue
+            if not name:
+                raise ValueError("storage= needs the model to contain layers; the model itself is an nn.Linear")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FrozenLinear.from_linear(module, storage))
+    return model

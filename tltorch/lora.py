@@ -1,0 +1,551 @@
+"""LoRA on an existing model, PEFT-compatible: LoraConfig, add_lora, disable_lora, merge_lora,
+save_adapter / load_adapter (PEFT's adapter_config.json + adapter_model.safetensors), trainable_parameters.
+
+The model stays the user's own object: targeted layers become tltorch.nn.LoRALinear in place and
+everything else is frozen. Unlike PEFT, modules_to_save are trained in place (no copy of the original
+is kept), so disable_lora turns off the low-rank updates only.
+"""
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .nn.lora import LoRALinear, check_lora_args, is_conv1d
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_BIAS = ("none", "all", "lora_only")
+_ATTR = "_tltorch_lora_config"
+
+# PEFT's defaults when target_modules is None, for the model families most often fine-tuned.
+_DEFAULT_TARGETS = {
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+# PEFT options whose adapters compute something LoRALinear does not: refused when a file sets them.
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
+                "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config")
+
+
+@dataclass
+class LoraConfig:
+    """Where and how to add LoRA adapters; field names and meanings are PEFT's.
+
+    target_modules: a list of names (each matches a module path or a dot-separated suffix of it), a
+    string (a regular expression that must match the whole path), "all-linear" (every Linear and
+    transformers Conv1D except the output head), or None (PEFT's default for the model's
+    config.model_type). modules_to_save: names (matched like target_modules) of modules trained in
+    full and saved with the adapter, e.g. a new classifier. bias: which biases train: "none", "all",
+    or "lora_only" (those of the adapted layers). task_type is only recorded, as PEFT does.
+    """
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[List[str], str]] = None
+    use_rslora: bool = False
+    modules_to_save: Optional[List[str]] = None
+    bias: str = "none"
+    init_lora_weights: Union[bool, str] = True
+    fan_in_fan_out: bool = False
+    task_type: Optional[str] = None
+
+    def __post_init__(self):
+        check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
+        self.target_modules = _name_list("target_modules", self.target_modules, regex_ok=True)
+        self.modules_to_save = _name_list("modules_to_save", self.modules_to_save, regex_ok=False)
+        if self.bias not in _BIAS:
+            raise ValueError(f"bias must be one of {', '.join(map(repr, _BIAS))}, got {self.bias!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, not {type(getattr(self, name)).__name__}")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise TypeError(f"task_type must be a str or None, not {type(self.task_type).__name__}")
+
+    def to_dict(self) -> dict:
+        """The adapter_config.json PEFT writes for this configuration (its core LoRA fields)."""
+        return {
+            "peft_type": "LORA", "task_type": self.task_type, "auto_mapping": None,
+            "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+            "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules, "use_rslora": self.use_rslora,
+            "modules_to_save": self.modules_to_save, "bias": self.bias,
+            "init_lora_weights": self.init_lora_weights, "fan_in_fan_out": self.fan_in_fan_out,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraConfig":
+        """A LoraConfig from a PEFT adapter_config.json dict; ValueError for other PEFT methods and for
+        LoRA variants that compute something else (DoRA, ...)."""
+        if d.get("peft_type") != "LORA":
+            raise ValueError(f"peft_type is {d.get('peft_type')!r}; only 'LORA' adapters can be loaded")
+        for key in _UNSUPPORTED:
+            if d.get(key):
+                raise ValueError(f"{key}={d[key]!r} is not supported (plain LoRA only)")
+        init = d.get("init_lora_weights", True)
+        if not (isinstance(init, bool) or init == "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r}: such adapters need the base weights PEFT changed at "
+                             "initialisation; only plain LoRA (True, False or 'gaussian') is supported")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**kw)
+
+
+def _name_list(what: str, v, regex_ok: bool):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if regex_ok:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{what} {v!r} is not a valid regular expression: {e}") from None
+            return v
+        return [v]
+    if isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in v):
+        out = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+        if not out:
+            raise ValueError(f"{what} is empty")
+        return out
+    raise TypeError(f"{what} must be a list of module names{' or a regex string' if regex_ok else ''}, "
+                    f"not {type(v).__name__}")
+
+
+# ---- finding modules ---------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model under torch.compile's OptimizedModule and (Distributed)DataParallel."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _name_matches(name: str, names: List[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in names)
+
+
+def _within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _modules_to_save(model: nn.Module, config: LoraConfig, strict: bool) -> List[str]:
+    """Paths of the modules named in modules_to_save (outermost ones only)."""
+    if not config.modules_to_save:
+        return []
+    paths = []
+    for name, _ in model.named_modules():
+        if name and _name_matches(name, config.modules_to_save) and not _within(name, paths):
+            paths.append(name)
+    if strict:
+        for t in config.modules_to_save:
+            if not any(p == t or p.endswith("." + t) for p in paths):
+                raise ValueError(f"modules_to_save: no module of the model is named {t!r}")
+    return paths
+
+
+def _output_heads(model: nn.Module, config: LoraConfig) -> set:
+    """The modules "all-linear" leaves alone: PEFT's rule (output embeddings, or the classifier of a
+    SEQ_CLS model)."""
+    head = None
+    if callable(getattr(model, "get_output_embeddings", None)):
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if head is None and config.task_type == "SEQ_CLS":
+        head = next((m for m in (getattr(model, "score", None), getattr(model, "classifier", None))
+                     if m is not None), None)
+    return {id(head)} if isinstance(head, nn.Module) else set()
+
+
+def _targets(model: nn.Module, config: LoraConfig, mts: List[str]) -> List[str]:
+    """Paths of the layers config.target_modules selects (an existing LoRALinear counts as its layer)."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in _DEFAULT_TARGETS:
+            raise ValueError("target_modules is None and there is no default for this model "
+                             f"(model_type {model_type!r}); pass target_modules, e.g. ['q_proj', 'v_proj'] "
+                             "or 'all-linear'")
+        targets = _DEFAULT_TARGETS[model_type]
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    heads = _output_heads(model, config) if all_linear else set()
+    found, inside = [], []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not name or _within(name, inside) or _within(name, mts):
+            continue
+        linear = isinstance(m, (nn.Linear, LoRALinear)) or is_conv1d(m)
+        if isinstance(m, LoRALinear):
+            inside.append(name)
+        if all_linear:
+            hit = linear and id(m) not in heads
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = _name_matches(name, targets)
+        if hit:
+            if not linear:
+                raise ValueError(f"target_modules selects {name!r}, a {type(m).__name__}; only torch.nn.Linear "
+                                 "and transformers Conv1D layers can take a LoRA adapter")
+            found.append(name)
+    return found
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _inject(model: nn.Module, config: LoraConfig, ranks: Dict[str, Tuple[int, float]], mts: List[str]) -> None:
+    """Replace each layer at ranks' paths by a LoRALinear of rank r and alpha, then freeze the rest."""
+    made = {}
+    for path, (r, alpha) in ranks.items():
+        base = model.get_submodule(path)
+        if id(base) not in made:  # a layer shared between paths gets one adapter
+            made[id(base)] = LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                                        use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+        _set_module(model, path, made[id(base)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in made.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        if config.bias == "lora_only" and layer.base.bias is not None:
+            layer.base.bias.requires_grad_(True)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                p.requires_grad_(True)
+    for path in mts:
+        model.get_submodule(path).requires_grad_(True)
+    setattr(model, _ATTR, config)
+
+
+def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module:
+    """Put LoRA adapters on the layers config.target_modules selects and freeze everything else
+    (except modules_to_save and the biases config.bias names). Changes model in place and returns it.
+
+    Each selected nn.Linear (or transformers Conv1D) becomes a tltorch.nn.LoRALinear wrapping it.
+    ValueError when nothing matches or the model already has adapters."""
+    config = LoraConfig() if config is None else config
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a tltorch.LoraConfig, not {type(config).__name__}")
+    root = model
+    model = _unwrap(model)
+    if _lora_layers(model):
+        raise ValueError("the model already has LoRA adapters (one adapter per model); call "
+                         "tltorch.merge_lora(model, unload=True) first to start a new one")
+    mts = _modules_to_save(model, config, strict=True)
+    paths = _targets(model, config, mts)
+    if not paths:
+        linears = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))]
+        hint = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
+        raise ValueError(f"target_modules={config.target_modules!r} matches no Linear layer of the model "
+                         f"(its Linear layers: {hint or 'none'})")
+    _inject(model, config, {p: (config.r, config.lora_alpha) for p in paths}, mts)
+    return root
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_lora(model):`` the model computes without its LoRA updates (merged ones are taken
+    out for the duration); the adapters' state is restored on exit, exceptions included."""
+    layers = list(_lora_layers(_unwrap(model)).values())
+    state = [(m, m.disabled, m.merged) for m in layers]
+    try:
+        for m in layers:
+            m.unmerge()
+            m.disabled = True
+        yield model
+    finally:
+        for m, disabled, merged in state:
+            m.disabled = disabled
+            if merged:
+                m.merge()
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold every adapter into its base layer's weight. With unload=True, also replace each LoRALinear
+    by its (merged) base layer and return a plain torch model with no tltorch module left."""
+    root = model
+    model = _unwrap(model)
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge")
+    for m in layers.values():
+        m.merge()
+    if not unload:
+        return root
+    if isinstance(model, LoRALinear):
+        return model.base
+    _remove_layers(model)
+    return root
+
+
+def _remove_layers(model: nn.Module) -> None:
+    """Put each LoRALinear's base layer back in its place."""
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if name and isinstance(m, LoRALinear):
+            _set_module(model, name, m.base)
+    if hasattr(model, _ATTR):
+        delattr(model, _ATTR)
+
+
+def trainable_parameters(model: nn.Module, print_summary: bool = False) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; print_summary prints them on one line like PEFT's
+    print_trainable_parameters."""
+    trainable = total = 0
+    for p in _unwrap(model).parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    if print_summary:
+        pct = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}")
+    return trainable, total
+
+
+# ---- PEFT's files ------------------------------------------------------------------------------------
+
+def _model_config(model: nn.Module) -> LoraConfig:
+    """The config add_lora (or load_adapter) recorded; for hand-built LoRALinear layers, one read off them."""
+    cfg = getattr(model, _ATTR, None)
+    if isinstance(cfg, LoraConfig):
+        return cfg
+    layers = _lora_layers(model)
+    first = next(iter(layers.values()))
+    return LoraConfig(r=first.r, lora_alpha=first.lora_alpha, lora_dropout=first.lora_dropout,
+                      use_rslora=first.use_rslora, target_modules=sorted(layers))
+
+
+def _adapter_keys(model: nn.Module, config: LoraConfig, layers: Dict[str, LoRALinear]) -> Dict[str, str]:
+    """{key in PEFT's file: key in model.state_dict()} for everything an adapter file holds: lora_A/B
+    of each adapted layer, the biases config.bias trains, and the modules_to_save weights."""
+    def peft_key(model_key):
+        # A LoRALinear's base is PEFT's base_layer; its lora_A parameter is PEFT's lora_A (a Linear).
+        module, _, leaf = model_key.rpartition(".")
+        if module in layers:
+            return f"{_PREFIX}{module}.{leaf}.weight"
+        owner, _, sub = module.rpartition(".")
+        if sub == "base" and owner in layers:
+            return f"{_PREFIX}{owner}.base_layer.{leaf}"
+        return _PREFIX + model_key
+
+    state = model.state_dict(keep_vars=True)
+    keys = [f"{n}.{leaf}" for n in layers for leaf in ("lora_A", "lora_B")]
+    if config.bias == "lora_only":
+        keys += [f"{n}.base.bias" for n, m in layers.items() if m.base.bias is not None]
+    elif config.bias == "all":
+        keys += [k for k in state if k.rpartition(".")[2] == "bias"]
+    for path in _modules_to_save(model, config, strict=False):
+        keys += [k for k in state if k.startswith(path + ".")]
+    return {peft_key(k): k for k in dict.fromkeys(keys)}
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(tmp_path) into a temporary file beside path, then rename it over path."""
+    folder, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder or ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) leave 0600: unreadable to other users
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _pattern_key(patterns: dict, path: str):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a suffix of path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the model's adapter to folder `path` in PEFT's format (adapter_config.json and
+    adapter_model.safetensors), so that peft.PeftModel.from_pretrained(base_model, path) loads it.
+
+    Each file is written to a temporary file in the folder and renamed into place."""
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save (call tltorch.add_lora first)")
+    config = _model_config(model)
+    if len({m.use_rslora for m in layers.values()}) > 1:
+        raise ValueError("the adapters mix use_rslora=True and False; PEFT's format has one setting")
+    d = config.to_dict()
+    d["use_rslora"] = next(iter(layers.values())).use_rslora
+    # Layers whose rank or alpha differ from the config's are written as PEFT's per-layer patterns
+    # (regexes anchored at a path suffix, so an escaped full path names exactly one layer).
+    d["rank_pattern"] = {re.escape(n): m.r for n, m in layers.items() if m.r != config.r}
+    d["alpha_pattern"] = {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.lora_alpha}
+    targets = config.target_modules
+    try:
+        same = set(_targets(model, config, _modules_to_save(model, config, strict=False))) == set(layers)
+    except ValueError:
+        same = False
+    if not same or targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        # Spell out the layers' paths: PEFT resolves them to exactly these layers on any model.
+        d["target_modules"] = sorted(layers)
+    d["fan_in_fan_out"] = config.fan_in_fan_out or any(m.is_conv1d for m in layers.values())
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    d["base_model_name_or_path"] = name or None
+
+    state = model.state_dict(keep_vars=True)
+    tensors = {fk: state[mk].detach().to("cpu", copy=True).contiguous()
+               for fk, mk in _adapter_keys(model, config, layers).items()}
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(path, CONFIG_NAME), write_config)
+
+
+def _read_adapter(path: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter folder {path!r} does not exist")
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    w_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path!r} is missing: not a PEFT adapter folder")
+    if not os.path.isfile(w_path):
+        pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        raise FileNotFoundError(f"{w_path!r} is missing" + (
+            " (only adapter_model.bin, a pickle, is there: tltorch reads safetensors only; resave it with "
+            "PEFT's save_pretrained(..., safe_serialization=True))" if pickled else ""))
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_path!r} does not hold a JSON object")
+    try:
+        config = LoraConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path!r}: {e}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{w_path!r} is not a readable safetensors file: {e}") from None
+    bad = [k for k in tensors if not k.startswith(_PREFIX)]
+    if bad:
+        raise ValueError(f"{w_path!r}: key {bad[0]!r} does not start with {_PREFIX!r}; not a PEFT adapter")
+    # PEFT writes modules_to_save twice when bias="all" (as <m>.bias and <m>.modules_to_save.bias) and
+    # the untrained original too (<m>.original_module.bias): keep the one trained copy.
+    for k in list(tensors):
+        if ".original_module." in k:
+            del tensors[k]
+        elif ".modules_to_save." in k:
+            plain = k.replace(".modules_to_save.", ".", 1)
+            tensors.setdefault(plain, tensors[k])
+            del tensors[k]
+    return d, config, tensors
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load an adapter saved by save_adapter or by PEFT's save_pretrained into model; returns model.
+
+    A model without adapters first gets them, on the layers the file has weights for, with the file's
+    rank, alpha, dropout, bias and modules_to_save settings; a model with adapters must match the file
+    (same layers and shapes). ValueError/FileNotFoundError for a bad or mismatched file."""
+    root = model
+    model = _unwrap(model)
+    path = os.fspath(path)
+    d, config, tensors = _read_adapter(path)
+    w_path = os.path.join(path, WEIGHTS_NAME)
+    alpha_pattern = d.get("alpha_pattern") or {}
+    layers = _lora_layers(model)
+    if not layers:
+        ranks = {}
+        for k, t in tensors.items():
+            if k.endswith(".lora_A.weight"):
+                p = k[len(_PREFIX):-len(".lora_A.weight")]
+                try:
+                    m = model.get_submodule(p)
+                except AttributeError:
+                    raise ValueError(f"{w_path!r} has an adapter for {p!r}, which the model does not have") from None
+                if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+                    raise ValueError(f"{w_path!r} has an adapter for {p!r}, a {type(m).__name__}, not a Linear")
+                if t.dim() != 2 or t.shape[0] < 1:
+                    raise ValueError(f"{w_path!r}: {k!r} has shape {tuple(t.shape)}, not (r, in_features)")
+                key = _pattern_key(alpha_pattern, p)
+                ranks[p] = (t.shape[0], config.lora_alpha if key is None else alpha_pattern[key])
+        if not ranks:
+            raise ValueError(f"{w_path!r} holds no LoRA weights (no '*.lora_A.weight' key)")
+        grads = {p: p.requires_grad for p in model.parameters()}
+        _inject(model, config, ranks, _modules_to_save(model, config, strict=False))
+        try:
+            _copy_adapter(model, config, tensors, w_path)
+        except BaseException:
+            _remove_layers(model)  # leave the model as it was, not half-loaded
+            for p, g in grads.items():
+                p.requires_grad_(g)
+            raise
+        return root
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"{merged[0]!r} is merged; unmerge the adapters before loading new weights")
+    _copy_adapter(model, config, tensors, w_path)
+    for n, m in layers.items():
+        key = _pattern_key(alpha_pattern, n)
+        m.set_scaling(config.lora_alpha if key is None else alpha_pattern[key], config.use_rslora)
+    return root
+
+
+def _copy_adapter(model: nn.Module, config: LoraConfig, tensors: dict, w_path: str) -> None:
+    """Check that tensors are exactly the model's adapter weights (keys and shapes), then copy them in."""
+    expected = _adapter_keys(model, config, _lora_layers(model))
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{w_path!r} lacks {len(missing)} weight(s) the model's adapter needs, e.g. {missing[0]!r}")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise ValueError(f"{w_path!r} has {len(unexpected)} weight(s) that match nothing in the model's adapter, "
+                         f"e.g. {unexpected[0]!r}")
+    state = model.state_dict(keep_vars=True)
+    for fk, mk in expected.items():
+        if tensors[fk].shape != state[mk].shape:
+            raise ValueError(f"{w_path!r}: {fk!r} has shape {tuple(tensors[fk].shape)} but the model's "
+                             f"{mk!r} has {tuple(state[mk].shape)}")
+    with torch.no_grad():
+        for fk, mk in expected.items():
+            state[mk].copy_(tensors[fk])

@@ -1,0 +1,79 @@
+"""FrozenLinear: a linear layer that is never trained, its weight stored compact."""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import _ops
+
+STORAGES = ("float32", "bfloat16", "float16", "int8")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FrozenLinear(nn.Module):
+    """y = x W^T + b with W and b frozen: outputs and input gradients, never weight gradients.
+
+    The weight is kept as a buffer in `storage`: "bfloat16" or "float16" (half the bytes of float32), or
+    "int8" with one float32 scale per output channel (absmax / 127: a quarter of the bytes, plus
+    4 bytes a row). tltorch's kernels read it in that form and scale it as they go; no float32 copy is
+    made on the CPU. x may be float32, bfloat16 or float16; y has x's dtype. The bias (if any) is kept in
+    float32. Build one from a trained layer with ``FrozenLinear.from_linear(linear, storage)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, storage: str = "bfloat16",
+                 device=None):
+        super().__init__()
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.in_features, self.out_features, self.storage = in_features, out_features, storage
+        wdtype = torch.int8 if storage == "int8" else getattr(torch, storage)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device)
+                             if storage == "int8" else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device)
+                             if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, storage: str = "bfloat16") -> "FrozenLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, not {type(linear).__name__}")
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, storage, device=w.device)
+        with torch.no_grad():
+            if storage == "int8":
+                w32 = w.float()
+                scale = w32.abs().amax(dim=1) / 127.0
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+                m.weight.copy_(torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+                m.weight_scale.copy_(scale)
+            else:
+                m.weight.copy_(w)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def dequantized_weight(self, dtype=torch.float32) -> Tensor:
+        """The weight the layer computes with, as a dense tensor (for inspection and tests)."""
+        return _ops._dequant(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dim, got shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
+        x = x.resolve_neg()
+        if x.dim() == 1:
+            return _ops.frozen_linear(x.unsqueeze(0), self.weight, self.weight_scale, self.bias).squeeze(0)
+        return _ops.frozen_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def weight_bytes(self) -> int:
+        n = self.weight.numel() * self.weight.element_size()
+        return n + (0 if self.weight_scale is None else self.weight_scale.numel() * 4)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, storage={self.storage}")

@@ -1,0 +1,157 @@
+"""LoRALinear: a frozen Linear (or transformers Conv1D) plus a trainable low-rank update."""
+import math
+import numbers
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as TF
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers Conv1D (GPT-2's projections): a Linear whose weight is stored (in, out).
+
+    Recognised by class name so that tltorch never imports transformers."""
+    w = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
+
+
+def check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    """The ValueError/TypeError LoraConfig and LoRALinear raise for bad hyperparameters."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an int, not {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"r must be a positive int, got {r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be a number, not {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+        raise TypeError(f"lora_dropout must be a number, not {type(lora_dropout).__name__}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + s * dropout(x) @ lora_A.T @ lora_B.T``, with ``s = lora_alpha / r``
+    (``lora_alpha / sqrt(r)`` with ``use_rslora``), computed by tltorch's fused LoRA kernel.
+
+    base: an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored (in, out), read transposed in
+    place). It is kept as ``self.base`` and its parameters are left as they are: ``add_lora`` freezes
+    them, a hand-built LoRALinear leaves that to the caller. ``lora_A`` (r, in_features) and ``lora_B``
+    (out_features, r) take base's dtype and device.
+
+    init_lora_weights: True (lora_A Kaiming-uniform with a=sqrt(5), lora_B zeros) or "gaussian"
+    (lora_A ~ N(0, std=1/r), lora_B zeros) make the layer start as exactly ``base``; False draws both
+    like nn.Linear's weight (a nonzero update, for tests).
+
+    ``merge()`` folds the update into base's weight (then forward runs base alone), ``unmerge()``
+    takes it out again; ``disabled = True`` also runs base alone.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True):
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise TypeError("base is already a LoRALinear")
+        if isinstance(base, nn.Linear):
+            self.is_conv1d = False
+            out_features, in_features = base.weight.shape
+        elif is_conv1d(base):
+            self.is_conv1d = True
+            in_features, out_features = base.weight.shape
+        else:
+            raise TypeError(f"base must be a torch.nn.Linear or a transformers Conv1D, not {type(base).__name__}")
+        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        self.base = base
+        self.r = int(r)
+        self.lora_dropout = float(lora_dropout)
+        self.set_scaling(lora_alpha, use_rslora)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters(init_lora_weights)
+
+    def set_scaling(self, lora_alpha: float, use_rslora: bool = False) -> None:
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.scaling = float(lora_alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)  # PEFT's choice: std 1/r
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    @property
+    def weight(self) -> Tensor:
+        """base's weight, as base stores it ((in, out) for a Conv1D)."""
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def _weight_out_in(self) -> Tensor:
+        w = self.base.weight
+        return w.t() if self.is_conv1d else w
+
+    def delta_weight(self) -> Tensor:
+        """s * lora_B @ lora_A, (out, in), in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update to base's weight (rounded once to its dtype); a no-op when merged."""
+        if not self.merged:
+            w = self._weight_out_in()
+            w.copy_(w.float() + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from base's weight again; a no-op when not merged."""
+        if self.merged:
+            w = self._weight_out_in()
+            w.copy_(w.float() - self.delta_weight())
+            self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled:
+            return self.base(x)
+        p = self.lora_dropout if self.training else 0.0
+        return TF.lora_linear(x, self._weight_out_in(), self.base.bias, self.lora_A, self.lora_B,
+                              scaling=self.scaling, dropout=p)
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+             f"lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}")
+        if self.use_rslora:
+            s += ", use_rslora=True"
+        if self.lora_dropout:
+            s += f", lora_dropout={self.lora_dropout}"
+        if self.is_conv1d:
+            s += ", conv1d=True"
+        if self.merged:
+            s += ", merged=True"
+        if self.disabled:
+            s += ", disabled=True"
+        return s
