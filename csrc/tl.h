@@ -153,8 +153,8 @@ tl_dropout_threshold(float p) /* p in [0, 1) */
     return t <= 0.0 ? 0u : t >= 4294967295.0 ? 4294967295u : (uint32_t)t;
 }
 
-/* out[N, D] = dropout(x[N, D]) as above (p == 0: a copy). x: float32/bfloat16/float16, any strides;
- * out: x's dtype or float32, any strides. */
+/* out[N, D] = dropout(x[N, D]) as above (p == 0: a copy). x, out: float32/bfloat16/float16, any
+ * strides. */
 tl_status tl_dropout_cpu(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, int nthreads);
 
 /* The LoRA linear layer, forward:
@@ -178,7 +178,8 @@ tl_status tl_lora_forward_cpu(const tl_tensor *x, const tl_tensor *w, const tl_t
 
 /* Backward, from dy (N, out) and forward's su, with the same scale, p and seed:
  *     sv = scale * dy B                     (N x r, computed once, in x's dtype)
- *     dx = dy W + sv A                      (one GEMM over the concatenated K = out + r)
+ *     dx = dy W + sv A                      (p == 0: one GEMM over the concatenated K = out + r)
+ *     dx = dy W + dropout(sv A)             (p > 0: the same mask as forward's, on the low-rank term)
  *     da = sv^T dropout(x),   db = dy^T su  (float32 (r, in) and (out, r))
  * dy: x's dtype, any strides. Each of dx, da, db may be NULL (not wanted); W gets no gradient.
  * dx: (N, in) of x's dtype. ws: float32 contiguous of >= tl_lora_backward_ws(...) elements. */
@@ -188,8 +189,9 @@ tl_lora_backward_ws(int64_t N, int64_t in, int64_t out, int64_t r, float p, tl_d
 {
     int64_t n = N * r;                                   /* sv (float32 room) */
     if (dtype != TL_FLOAT32 && out > TL_GEMM_KC) n += N * r; /* sv's partial sums */
-    if (want_da && p > 0.0f) n += N * in;                /* dropout(x) */
-    if (want_dx && dtype != TL_FLOAT32 && out + r > TL_GEMM_KC) n += N * in; /* dx's partial sums */
+    /* one N x in region, used in turn for dropout(sv A), dx's partial sums and dropout(x) */
+    if ((p > 0.0f && (want_dx || want_da)) || (want_dx && dtype != TL_FLOAT32 && out + r > TL_GEMM_KC))
+        n += N * in;
     return n;
 }
 tl_status tl_lora_backward_cpu(const tl_tensor *dy, const tl_tensor *x, const tl_tensor *w,

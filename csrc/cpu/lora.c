@@ -64,7 +64,7 @@ tl_dropout_cpu(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, int n
     tl_status st;
     if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(out, 2))) return st;
     if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
-    if (out->dtype != x->dtype && out->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+    if (!tl_is_float_dtype(out->dtype)) return TL_ERR_DTYPE;
     if (out->shape[0] != x->shape[0] || out->shape[1] != x->shape[1]) return TL_ERR_SHAPE;
     if (!valid_p(p)) return TL_ERR_VALUE;
     const int64_t N = x->shape[0], D = x->shape[1];
@@ -268,7 +268,7 @@ tl_lora_backward_cpu(const tl_tensor *dy, const tl_tensor *x, const tl_tensor *w
     if ((st = check_ws(ws, tl_lora_backward_ws(N, in, out, r, p, x->dtype, dx != NULL, da != NULL)))) return st;
 
     int64_t off = 0;
-    tl_tensor sv_t, sv_part, dx_part, xd;
+    tl_tensor sv_t, sv_part, region, xd;
     const tl_tensor *xin;
     /* sv = scale * dy B (N x r, in x's dtype), as sv^T = scale * B^T dy^T: rank r as the GEMM's M. */
     sv_t = tl_view2d(ws ? ws->data : NULL, x->dtype, TL_CPU, 0, N, r, r, 1);
@@ -281,11 +281,28 @@ tl_lora_backward_cpu(const tl_tensor *dy, const tl_tensor *x, const tl_tensor *w
         if (!done && (st = tl_gemm2_cpu(&bT, &dyT, NULL, NULL, NULL, &svT, scale, 0.0f, sv_ws, nthreads)))
             return st;
     }
-    if (dx) { /* dx = [dy | sv] [W ; A] */
-        tl_tensor *dx_ws = x->dtype != TL_FLOAT32 && out + r > TL_GEMM_KC ? ws_take(ws, &off, N * in, &dx_part) : NULL;
+    /* The N x in region (tl_lora_backward_ws), used in turn. */
+    const int64_t region_off = off;
+    tl_tensor *dx_ws = x->dtype != TL_FLOAT32 && out + r > TL_GEMM_KC ? ws_take(ws, &off, N * in, &region) : NULL;
+    if (dx && p <= 0.0f) { /* dx = [dy | sv] [W ; A] */
         if ((st = tl_gemm2_cpu(dy, w, &sv_t, a, NULL, dx, 1.0f, 0.0f, dx_ws, nthreads))) return st;
+    } else if (dx && N * in > 0) {
+        /* The low-rank term went through dropout in forward: dx = dropout(sv A) + dy W, the mask drawn
+         * again from the seed. sv A goes to the region (float32), then masked into dx, then the base
+         * GEMM adds to it (beta = 1) with the region as its partial sums. */
+        tl_tensor t = tl_view2d((float *)ws->data + region_off, TL_FLOAT32, TL_CPU, 0, N, in, in, 1);
+        if ((st = tl_gemm2_cpu(&sv_t, a, NULL, NULL, NULL, &t, 1.0f, 0.0f, NULL, nthreads))) return st;
+        if ((st = tl_dropout_cpu(&t, dx, p, seed, nthreads))) return st;
+        tl_tensor part = t;
+        part.ndim = 1;
+        part.shape[0] = N * in;
+        part.strides[0] = 1;
+        if ((st = tl_gemm2_cpu(dy, w, NULL, NULL, NULL, dx, 1.0f, 1.0f, x->dtype != TL_FLOAT32 ? &part : NULL,
+                               nthreads)))
+            return st;
     }
     if (da) { /* da = sv^T dropout(x) */
+        off = region_off;
         if ((st = dropped_x(x, p, seed, ws, &off, &xd, &xin, nthreads))) return st;
         tl_tensor svT = transposed(&sv_t);
         if ((st = tl_gemm2_cpu(&svT, xin, NULL, NULL, NULL, da, 1.0f, 0.0f, NULL, nthreads))) return st;
