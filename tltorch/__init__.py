@@ -5,6 +5,7 @@
 import torch  # noqa: F401  (torch's OpenMP runtime is loaded before ours, so they are one)
 
 from . import _C, _ops, functional, nn, optim
+from .extract import extract_features
 from .fit import History, fit_head
 from .freeze import freeze
 from .lora import (LoraConfig, add_lora, disable_lora, load_adapter, merge_lora, save_adapter,
@@ -13,7 +14,8 @@ from .lora import (LoraConfig, add_lora, disable_lora, load_adapter, merge_lora,
 __version__ = "0.1.0"
 
 __all__ = ["backend_info", "functional", "nn", "optim", "freeze", "fit_head", "History", "__version__", "LoraConfig", "add_lora", "disable_lora",
-           "merge_lora", "save_adapter", "load_adapter", "trainable_parameters"]
+           "merge_lora", "save_adapter", "load_adapter", "trainable_parameters",
+           "extract_features"]
 
 
 def backend_info() -> dict:

@@ -102,6 +102,13 @@ int tl_cpu_level(void);
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
 int tl_threads(int nthreads);
+/* C = alpha * A M^T + beta * C + bias without packing, for a short side: A (N x K) float32 with
+ * unit-stride rows, M (R x K) any float dtype and strides (copied to float32 rows when it is not so),
+ * C (N x R) any float dtype and strides. Each output is a dot product of two rows, 4 x 4 at a time.
+ * Returns 1 when done, 0 when it does not apply (then use the GEMM: other dtypes, no AVX-512), -1 when
+ * out of memory. `force`: also when the packed GEMM would be faster (the caller knows R is small). */
+int tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_tensor *c, float alpha,
+                      float beta, int nthreads, int force);
 /* C = alpha * (A B + A2 B2) + beta C + bias (A2, B2 NULL: tl_gemm_cpu); ws as tl_gemm_cpu's for the
  * summed K. Internal to the CPU core (gemm.c). */
 tl_status tl_gemm2_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *a2, const tl_tensor *b2,

@@ -502,6 +502,12 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
         return TL_OK;
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
+    if (!a2 && !sc.t && (b->strides[0] == 1 || K == 1)) { /* B = M^T with M's rows contiguous */
+        const tl_tensor bT = {.data = b->data, .dtype = b->dtype, .device = b->device, .ndim = 2,
+                              .shape = {N, K}, .strides = {b->strides[1], b->strides[0]}};
+        const int done = tl_gemm_nt_direct(a, &bT, bias, c, alpha, beta, nthreads, 0);
+        if (done) return done < 0 ? TL_ERR_NOMEM : TL_OK;
+    }
 
     tl_dtype dt = a->dtype == b->dtype && !sc.t ? a->dtype : TL_FLOAT32;
     if (K2 && (a2->dtype != dt || b2->dtype != dt)) dt = TL_FLOAT32;
@@ -628,6 +634,109 @@ tl_qgemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b_scale, i
 {
     if (b->dtype == TL_INT8 && !b_scale) return TL_ERR_VALUE;
     return gemm_run(a, b, (bscale){b_scale, scale_axis}, NULL, NULL, bias, c, alpha, beta, ws, nthreads);
+}
+
+/* ---- without packing: C = alpha * A M^T (+ beta C + bias) for a short side -------------------------
+ * Each output is the dot product of a row of A and a row of M. Blocks of 4 rows of each and a 4 x 4
+ * block of accumulators: 8 loads per 16 FMAs, nothing packed, each row of M read from memory once
+ * (the j blocks are the outer loop, A's rows stay in cache). It wins when one side is short (a LoRA
+ * rank, a small batch through a linear layer) and packing would cost more than the arithmetic. */
+#ifdef TL_X86
+__attribute__((target("avx512f"))) static void
+direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const float *a, int64_t lda, const float *m,
+             int64_t ldm, float alpha, float beta, const tl_tensor *bias, const tl_tensor *c)
+{
+    const int64_t kfull = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1u);
+    for (int64_t j = j0; j < j1; j += 4) {
+        const float *mr[4];
+        for (int q = 0; q < 4; q++) mr[q] = m + (j + q < j1 ? j + q : j1 - 1) * ldm; /* clamped: not stored */
+        for (int64_t i = i0; i < i1; i += 4) {
+            const float *ar[4];
+            for (int q = 0; q < 4; q++) ar[q] = a + (i + q < i1 ? i + q : i1 - 1) * lda;
+            __m512 acc[4][4];
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++)
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) acc[q][u] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < kfull; k += 16) {
+                __m512 av[4];
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) av[q] = _mm512_loadu_ps(ar[q] + k);
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) {
+                    const __m512 mv = _mm512_loadu_ps(mr[u] + k);
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++) acc[q][u] = _mm512_fmadd_ps(av[q], mv, acc[q][u]);
+                }
+            }
+            if (tail) {
+                __m512 av[4];
+#pragma GCC unroll 4
+                for (int q = 0; q < 4; q++) av[q] = _mm512_maskz_loadu_ps(tail, ar[q] + kfull);
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) {
+                    const __m512 mv = _mm512_maskz_loadu_ps(tail, mr[u] + kfull);
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++) acc[q][u] = _mm512_fmadd_ps(av[q], mv, acc[q][u]);
+                }
+            }
+            for (int q = 0; q < 4 && i + q < i1; q++)
+                for (int u = 0; u < 4 && j + u < j1; u++) {
+                    const int64_t off = (i + q) * c->strides[0] + (j + u) * c->strides[1];
+                    float v = alpha * _mm512_reduce_add_ps(acc[q][u]);
+                    if (beta != 0.0f) v += beta * tl_load_f(c->data, off, c->dtype);
+                    if (bias) v += tl_load_f(bias->data, (j + u) * bias->strides[0], bias->dtype);
+                    tl_store_f(c->data, off, c->dtype, v);
+                }
+        }
+    }
+}
+#endif
+
+int
+tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_tensor *c, float alpha,
+                  float beta, int nthreads, int force)
+{
+#ifdef TL_X86
+    const int64_t N = a->shape[0], K = a->shape[1], R = m->shape[0];
+    if (tl_cpu_level() < 2 || a->dtype != TL_FLOAT32 || (a->strides[1] != 1 && K > 1) || N == 0 || R == 0 ||
+        K == 0 || !tl_is_float_dtype(m->dtype) || !tl_is_float_dtype(c->dtype))
+        return 0;
+    const int m_rows = m->dtype == TL_FLOAT32 && (m->strides[1] == 1 || K == 1);
+    /* Unforced, only where packing would dominate: a short side of A, and M already in float32 rows. */
+    if (!force && (N > 16 || !m_rows)) return 0;
+    const float *mp = m->data;
+    float *copy = NULL;
+    int64_t ldm = m->strides[0];
+    if (!m_rows) {
+        copy = malloc((size_t)(R * K) * sizeof(float));
+        if (!copy) return -1;
+        for (int64_t j = 0; j < R; j++)
+            for (int64_t k = 0; k < K; k++)
+                copy[j * K + k] = tl_load_f(m->data, j * m->strides[0] + k * m->strides[1], m->dtype);
+        mp = copy;
+        ldm = K;
+    }
+    int nt = tl_threads(nthreads);
+    if ((double)N * K * R < 1e6) nt = 1;
+    /* Share out whichever side is longer, in blocks of 64 rows (a multiple of 4). */
+    const int by_rows = N >= R;
+    const int64_t len = by_rows ? N : R, nblk = (len + 63) / 64;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t s0 = blk * 64, s1 = len - s0 < 64 ? len : s0 + 64;
+        if (by_rows)
+            direct_block(s0, s1, 0, R, K, a->data, a->strides[0], mp, ldm, alpha, beta, bias, c);
+        else
+            direct_block(0, N, s0, s1, K, a->data, a->strides[0], mp, ldm, alpha, beta, bias, c);
+    }
+    free(copy);
+    return 1;
+#else
+    (void)a, (void)m, (void)bias, (void)c, (void)alpha, (void)beta, (void)nthreads, (void)force;
+    return 0;
+#endif
 }
 
 /* ---- column sums (the bias gradient) ------------------------------------------------------------ */

@@ -5,14 +5,7 @@
  * dx = [dy | sv] [W ; A]. The scale is folded into the small N x r products su and sv, which are each
  * computed once and shared (su: y and db; sv: dx and da). Dropout keeps no mask: it is a hash of the
  * element's index and a seed (tl.h), drawn again in backward. */
-#include <stdlib.h>
-
 #include "cpu.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define TL_X86 1
-#endif
 
 /* t's transpose, as a view (no copy). */
 static tl_tensor
@@ -89,96 +82,13 @@ tl_dropout_cpu(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, int n
     return TL_OK;
 }
 
-/* ---- the rank-r products su and sv ---------------------------------------------------------------
- * out[i, j] = alpha * x[i, :] . m[j, :] with r (the j range) small: a GEMM would pad r up to its
- * micro-kernel's width and pack x first; this reads each row of x straight from memory once per block
- * of 4 rows of m, with a 4 x 4 block of accumulators (8 loads per 16 FMAs) and no packing. float32 rows of
- * unit stride; AVX-512 only (elsewhere the GEMM does it). */
-#ifdef TL_X86
-__attribute__((target("avx512f"))) static void
-skinny_block(int64_t i0, int64_t i1, int64_t K, int64_t r, const float *x, int64_t ldx, const float *m,
-             int64_t ldm, float alpha, const tl_tensor *out)
-{
-    const int64_t kfull = K / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1u);
-    for (int64_t i = i0; i < i1; i += 4) {
-        const float *xr[4];
-        for (int q = 0; q < 4; q++) xr[q] = x + (i + q < i1 ? i + q : i1 - 1) * ldx; /* clamp: computed, not stored */
-        for (int64_t j = 0; j < r; j += 4) {
-            const float *mr[4];
-            for (int q = 0; q < 4; q++) mr[q] = m + (j + q < r ? j + q : r - 1) * ldm;
-            __m512 acc[4][4];
-#pragma GCC unroll 4
-            for (int q = 0; q < 4; q++)
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) acc[q][u] = _mm512_setzero_ps();
-            for (int64_t k = 0; k < kfull; k += 16) {
-                __m512 xv[4];
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++) xv[q] = _mm512_loadu_ps(xr[q] + k);
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) {
-                    const __m512 mv = _mm512_loadu_ps(mr[u] + k);
-#pragma GCC unroll 4
-                    for (int q = 0; q < 4; q++) acc[q][u] = _mm512_fmadd_ps(xv[q], mv, acc[q][u]);
-                }
-            }
-            if (tail) {
-                __m512 xv[4];
-#pragma GCC unroll 4
-                for (int q = 0; q < 4; q++) xv[q] = _mm512_maskz_loadu_ps(tail, xr[q] + kfull);
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) {
-                    const __m512 mv = _mm512_maskz_loadu_ps(tail, mr[u] + kfull);
-#pragma GCC unroll 4
-                    for (int q = 0; q < 4; q++) acc[q][u] = _mm512_fmadd_ps(xv[q], mv, acc[q][u]);
-                }
-            }
-            for (int q = 0; q < 4 && i + q < i1; q++)
-                for (int u = 0; u < 4 && j + u < r; u++)
-                    tl_store_f(out->data, (i + q) * out->strides[0] + (j + u) * out->strides[1], out->dtype,
-                               alpha * _mm512_reduce_add_ps(acc[q][u]));
-        }
-    }
-}
-#endif
+/* ---- the rank-r products su and sv: tl_gemm_nt_direct (gemm.c) computes them without packing ---- */
 
-/* out (N x r) = alpha * x (N x K) m^T, m (r x K) given with any strides (copied once to unit-stride
- * float32 rows when it is not so already). Returns 1 when done, 0 when the GEMM must do it (not
- * float32 x with unit-stride rows, or no AVX-512), or -1 when out of memory. */
+/* out (N x r) = alpha * x (N x K) m^T. Returns 1 when done, 0 when the GEMM must do it, -1 out of memory. */
 static int
-skinny(const tl_tensor *x, const tl_tensor *m, float alpha, const tl_tensor *out, int nthreads)
+skinny(const tl_tensor *x, const tl_tensor *m, float alpha, tl_tensor *out, int nthreads)
 {
-#ifdef TL_X86
-    const int64_t N = x->shape[0], K = x->shape[1], r = m->shape[0];
-    if (tl_cpu_level() < 2 || x->dtype != TL_FLOAT32 || (x->strides[1] != 1 && K > 1) || r == 0 || N == 0 ||
-        K == 0)
-        return 0;
-    const float *mp = m->data;
-    float *copy = NULL;
-    int64_t ldm = m->strides[0];
-    if (m->dtype != TL_FLOAT32 || (m->strides[1] != 1 && K > 1)) {
-        copy = malloc((size_t)(r * K) * sizeof(float));
-        if (!copy) return -1;
-        for (int64_t j = 0; j < r; j++)
-            for (int64_t k = 0; k < K; k++)
-                copy[j * K + k] = tl_load_f(m->data, j * m->strides[0] + k * m->strides[1], m->dtype);
-        mp = copy;
-        ldm = K;
-    }
-    int nt = tl_threads(nthreads);
-    if ((double)N * K * r < 1e6) nt = 1;
-    const int64_t rows = 64, nblk = (N + rows - 1) / rows;
-#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
-    for (int64_t blk = 0; blk < nblk; blk++) {
-        const int64_t i0 = blk * rows, i1 = N - i0 < rows ? N : i0 + rows;
-        skinny_block(i0, i1, K, r, x->data, x->strides[0], mp, ldm, alpha, out);
-    }
-    free(copy);
-    return 1;
-#else
-    return 0;
-#endif
+    return tl_gemm_nt_direct(x, m, NULL, out, alpha, 0.0f, nthreads, 1);
 }
 
 /* ---- the layer ---------------------------------------------------------------------------------- */
