@@ -217,7 +217,7 @@ tl_status tl_pool_cpu(const tl_tensor *h, const tl_tensor *mask, int mode, tl_te
  * exp_avg, exp_avg_sq: 1-D of n float32 (any stride). step >= 1. Math in float32; a bfloat16/float16
  * param is rounded once per step. */
 typedef struct {
-    float lr, beta1, beta2, eps, weight_decay;
+    double lr, beta1, beta2, eps, weight_decay; /* as torch holds them; the kernels round once */
     int64_t step;
 } tl_adamw_opts;
 tl_status tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,

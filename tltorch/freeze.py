@@ -17,11 +17,10 @@ def _keep_eval(module: nn.Module, args) -> None:
 
 
 def _matches(name: str, patterns) -> bool:
-    """A module path matches a pattern that equals it, globs it (fnmatch), or names one of its parents."""
-    for p in patterns:
-        if name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + "."):
-            return True
-    return False
+    """A module path matches a pattern that names or globs (fnmatch) it or one of its parents."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(q == p or fnmatch.fnmatchcase(q, p) for p in patterns for q in prefixes)
 
 
 def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage: Optional[str] = None) -> nn.Module:
@@ -62,7 +61,9 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
                 module._tltorch_frozen = True
     if storage is not None:
         for name, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear) or (name and _matches(name, patterns)):
+            # exactly nn.Linear: subclasses (MultiheadAttention's out_proj) are read by their owners
+            # as plain weights
+            if type(module) is not nn.Linear or (name and _matches(name, patterns)):
                 continue
             if not name:
                 raise ValueError("storage= needs the model to contain layers; the model itself is an nn.Linear")

@@ -4,8 +4,7 @@
  *     p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps),   bc_k = 1 - b_k^step
  * in float32, each operation in the order torch.optim.AdamW (foreach=False) performs it, with the
  * scalars that torch forms in double (1 - lr wd, lr / bc1, sqrt(bc2)) formed in double and rounded
- * once. The hyperparameters themselves arrive as float32 (tl_adamw_opts): 1 - float32(0.999) is 1.3e-5
- * off torch's 1 - 0.999, which shows in exp_avg_sq and cancels in the update (v / bc2).
+ * once (the hyperparameters arrive as doubles, as torch holds them).
  * Touches 7 floats per element (4 read, 3 written): memory bound once vectorised, which the
  * contiguous float32 case is with AVX2 or AVX-512 (chosen at run time). */
 #include <math.h>
@@ -113,8 +112,8 @@ tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_ten
     if (exp_avg->dtype != TL_FLOAT32 || exp_avg_sq->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
     const int64_t n = param->shape[0];
     if (grad->shape[0] != n || exp_avg->shape[0] != n || exp_avg_sq->shape[0] != n) return TL_ERR_SHAPE;
-    if (!isfinite(o->lr) || !isfinite(o->eps) || !isfinite(o->weight_decay) || !(o->beta1 >= 0.0f) ||
-        !(o->beta1 < 1.0f) || !(o->beta2 >= 0.0f) || !(o->beta2 < 1.0f) || o->step < 1)
+    if (!isfinite(o->lr) || !isfinite(o->eps) || !isfinite(o->weight_decay) || !(o->beta1 >= 0.0) ||
+        !(o->beta1 < 1.0) || !(o->beta2 >= 0.0) || !(o->beta2 < 1.0) || o->step < 1)
         return TL_ERR_VALUE;
     if (n == 0) return TL_OK;
 
@@ -126,11 +125,11 @@ tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_ten
     const float w1 = (float)(1.0 - b1);
     c.lerp_from_m = fabsf(w1) < 0.5f;
     c.lerp_w = c.lerp_from_m ? w1 : -(1.0f - w1);
-    c.b2 = o->beta2;
+    c.b2 = (float)o->beta2;
     c.w2 = (float)(1.0 - b2);
     c.neg_step = (float)(-(lr / bc1));
     c.bc2_sqrt = (float)sqrt(bc2);
-    c.eps = o->eps;
+    c.eps = (float)o->eps;
 
     float *m = exp_avg->data, *v = exp_avg_sq->data;
     const int64_t ms = exp_avg->strides[0], vs = exp_avg_sq->strides[0];

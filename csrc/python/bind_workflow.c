@@ -96,46 +96,6 @@ fail:
     return ret;
 }
 
-static int
-get_step(PyObject *o, int64_t *out)
-{
-    long long v = PyLong_AsLongLong(o);
-    if (v == -1 && PyErr_Occurred()) {
-        if (PyErr_ExceptionMatches(PyExc_OverflowError))
-            PyErr_SetString(PyExc_ValueError, "argument 'step' is out of range");
-        else
-            PyErr_Format(PyExc_TypeError, "argument 'step' must be an int, not %.200s", Py_TYPE(o)->tp_name);
-        return -1;
-    }
-    if (v < 1) {
-        PyErr_Format(PyExc_ValueError, "argument 'step' must be >= 1 (the step being taken), got %lld", v);
-        return -1;
-    }
-    *out = (int64_t)v;
-    return 0;
-}
-
-/* The AdamW hyperparameters from Python numbers, each checked by name. */
-static int
-get_adamw_opts(PyObject *const *args, tl_adamw_opts *o)
-{
-    if (tl_get_float(args[0], "lr", &o->lr) < 0 || tl_get_float(args[1], "beta1", &o->beta1) < 0 ||
-        tl_get_float(args[2], "beta2", &o->beta2) < 0 || tl_get_float(args[3], "eps", &o->eps) < 0 ||
-        tl_get_float(args[4], "weight_decay", &o->weight_decay) < 0 || get_step(args[5], &o->step) < 0)
-        return -1;
-    const char *bad = !isfinite(o->lr)                          ? "argument 'lr' must be finite"
-                      : !(o->beta1 >= 0.0f && o->beta1 < 1.0f)  ? "argument 'beta1' must be in [0, 1)"
-                      : !(o->beta2 >= 0.0f && o->beta2 < 1.0f)  ? "argument 'beta2' must be in [0, 1)"
-                      : !(o->eps >= 0.0f && isfinite(o->eps))   ? "argument 'eps' must be finite and >= 0"
-                      : !isfinite(o->weight_decay)              ? "argument 'weight_decay' must be finite"
-                                                                : NULL;
-    if (bad) {
-        PyErr_SetString(PyExc_ValueError, bad);
-        return -1;
-    }
-    return 0;
-}
-
 /* adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, nthreads): one
  * AdamW step in place on 1-D tensors (torch.optim.AdamW's formula; step counts from 1). */
 static PyObject *
@@ -153,7 +113,7 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_nargs_is(nargs, 11, "adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, "
                     "weight_decay, step, nthreads)") < 0)
         return NULL;
-    if (get_adamw_opts(args + 4, &o) < 0 || tl_get_threads(args[10], &nthreads) < 0) return NULL;
+    if (tl_get_adamw_opts(args + 4, &o) < 0 || tl_get_threads(args[10], &nthreads) < 0) return NULL;
     for (int k = 0; k < 4; k++)
         if (tl_arg_import(br, args[k], all[k]) < 0) goto fail;
     for (int k = 0; k < 4; k++)

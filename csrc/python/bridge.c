@@ -9,6 +9,8 @@
  * own destructor leaves the tensor alone, and we call the deleter exactly once in tl_arg_release. */
 #include "bridge.h"
 
+#include <math.h>
+
 #include <limits.h>
 #include <string.h>
 
@@ -621,3 +623,58 @@ tl_check_lora_out(const tl_arg *t, const tl_arg *ref, int64_t rows, int64_t cols
     }
     return tl_need_size(t, 0, rows, "rows") || tl_need_size(t, 1, cols, "columns") ? -1 : 0;
 }
+
+/* ---- AdamW's hyperparameters -------------------------------------------------------------------- */
+
+static int
+get_double(PyObject *o, const char *name, double *out)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a real number, not %.200s", name, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int
+get_step(PyObject *o, int64_t *out)
+{
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError))
+            PyErr_SetString(PyExc_ValueError, "argument 'step' is out of range");
+        else
+            PyErr_Format(PyExc_TypeError, "argument 'step' must be an int, not %.200s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (v < 1) {
+        PyErr_Format(PyExc_ValueError, "argument 'step' must be >= 1 (the step being taken), got %lld", v);
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* The AdamW hyperparameters from Python numbers, each checked by name. */
+int
+tl_get_adamw_opts(PyObject *const *args, tl_adamw_opts *o)
+{
+    if (get_double(args[0], "lr", &o->lr) < 0 || get_double(args[1], "beta1", &o->beta1) < 0 ||
+        get_double(args[2], "beta2", &o->beta2) < 0 || get_double(args[3], "eps", &o->eps) < 0 ||
+        get_double(args[4], "weight_decay", &o->weight_decay) < 0 || get_step(args[5], &o->step) < 0)
+        return -1;
+    const char *bad = !isfinite(o->lr)                          ? "argument 'lr' must be finite"
+                      : !(o->beta1 >= 0.0 && o->beta1 < 1.0)  ? "argument 'beta1' must be in [0, 1)"
+                      : !(o->beta2 >= 0.0 && o->beta2 < 1.0)  ? "argument 'beta2' must be in [0, 1)"
+                      : !(o->eps >= 0.0 && isfinite(o->eps))   ? "argument 'eps' must be finite and >= 0"
+                      : !isfinite(o->weight_decay)              ? "argument 'weight_decay' must be finite"
+                                                                : NULL;
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        return -1;
+    }
+    return 0;
+}
+

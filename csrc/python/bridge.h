@@ -78,6 +78,9 @@ int tl_get_dropout(PyObject *o, float *out);
 int tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b);
 int tl_check_lora_out(const tl_arg *t, const tl_arg *ref_dtype, int64_t rows, int64_t cols, int f32);
 
+/* AdamW's (lr, beta1, beta2, eps, weight_decay, step) from args[0..5], each checked by name. */
+int tl_get_adamw_opts(PyObject *const *args, tl_adamw_opts *o);
+
 /* tltorch._C's pieces: its module state begins with its bridge; a tensor that is not on the CPU raises
  * ValueError; the method tables of the binding files other than module.c (bind_*.c). */
 static inline tl_bridge *

@@ -12,6 +12,7 @@
 #include "bridge.h" /* first: Python.h sets the feature macros */
 
 #include <limits.h>
+#include <math.h>
 
 #define STR(x) #x
 #define XSTR(x) STR(x)
@@ -321,6 +322,302 @@ fail:
     return ret;
 }
 
+/* ---- LoRA, dropout, pooling, AdamW ------------------------------------------------------------------ */
+
+/* step: an int >= 1 (of at most 64 bits). */
+
+/* The LoRA workspace: None when need == 0, else a contiguous float32 CUDA vector on x's device of at
+ * least `need` elements (lora.cu's use: the dropped x, sv; the CPU's larger sizes do too). */
+static int
+lora_workspace(const tl_arg *ws, const tl_arg *x, int64_t need)
+{
+    if (!ws->via) {
+        if (need == 0) return 0;
+        PyErr_Format(PyExc_ValueError, "argument 'ws' is required: a contiguous float32 vector of at least %lld "
+                     "elements", (long long)need);
+        return -1;
+    }
+    if (need_cuda_on(ws, x) || tl_need_ndim(ws, 1)) return -1;
+    if (ws->t.dtype != TL_FLOAT32 || (ws->t.strides[0] != 1 && ws->t.shape[0] > 1) || ws->t.shape[0] < need) {
+        PyErr_Format(PyExc_ValueError, "argument 'ws' must be a contiguous float32 vector of at least %lld "
+                     "elements", (long long)need);
+        return -1;
+    }
+    return need > 0 ? tl_need_writable(ws) : 0;
+}
+
+#define LORA_LAYOUT_HINT                                                                                 \
+    "x, w, a, b and dy each need a unit stride in one dim and a leading dimension covering the other; y, " \
+    "su, dx, da and db a unit stride in dim 1 and rows at least as far apart as they are long"
+
+/* dropout(x, out, p, seed): out = dropout(x) (tl.h's mask), in place, on the current stream. */
+static PyObject *
+py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), out = TL_ARG_INIT("out");
+    PyObject *ret = NULL;
+    void *stream = NULL;
+    float p;
+    uint64_t seed;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 4, "dropout(x, out, p, seed)") < 0) return NULL;
+    if (tl_get_dropout(args[2], &p) < 0 || tl_get_seed(args[3], &seed) < 0) return NULL;
+    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
+    if (need_cuda(&x) || need_cuda_on(&out, &x) || tl_need_ndim(&x, 2) || tl_need_float(&x)) goto fail;
+    if (tl_need_ndim(&out, 2) || tl_need_dtype_f32_or(&out, &x) || tl_need_writable(&out) ||
+        tl_need_size(&out, 0, x.t.shape[0], "x's rows") || tl_need_size(&out, 1, x.t.shape[1], "x's columns"))
+        goto fail;
+    if (work_stream(&x, &stream) < 0) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_dropout_cuda(&x.t, &out.t, p, seed, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.dropout", NULL);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&x);
+    tl_arg_release(&out);
+    return ret;
+}
+
+/* lora_forward(x, w, bias, a, b, scale, p, seed, y, su, ws, cublas_ws, allow_tf32): su = scale *
+ * dropout(x) a^T, y = x w^T + bias + su b^T, in place. bias, ws, cublas_ws may be None. */
+static PyObject *
+py_lora_forward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), bias = TL_ARG_INIT("bias"), a = TL_ARG_INIT("a"),
+           b = TL_ARG_INIT("b"), y = TL_ARG_INIT("y"), su = TL_ARG_INIT("su"), ws = TL_ARG_INIT("ws"),
+           cws = TL_ARG_INIT("cublas_ws");
+    tl_arg *req[] = {&x, &w, &a, &b, &y, &su}, *opt[] = {&bias, &ws, &cws};
+    const int req_pos[] = {0, 1, 3, 4, 8, 9}, opt_pos[] = {2, 10, 11};
+    PyObject *ret = NULL;
+    tl_cuda_context *ctx = NULL;
+    void *stream = NULL, *cws_data = NULL;
+    size_t cws_bytes = 0;
+    float scale, p;
+    uint64_t seed;
+    int tf32;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 13, "lora_forward(x, w, bias, a, b, scale, p, seed, y, su, ws, cublas_ws, "
+                    "allow_tf32)") < 0)
+        return NULL;
+    if (tl_get_float(args[5], "scale", &scale) < 0 || tl_get_dropout(args[6], &p) < 0 ||
+        tl_get_seed(args[7], &seed) < 0)
+        return NULL;
+    if ((tf32 = PyObject_IsTrue(args[12])) < 0) return NULL;
+    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
+        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
+
+    if (need_cuda(&x)) goto fail;
+    for (size_t k = 1; k < sizeof req / sizeof *req; k++)
+        if (need_cuda_on(req[k], &x)) goto fail;
+    if ((bias.via && need_cuda_on(&bias, &x)) || tl_check_lora_args(&x, &w, &bias, &a, &b) < 0) goto fail;
+    const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
+    if (tl_check_lora_out(&y, &x, N, out, 0) < 0 || tl_check_lora_out(&su, &x, N, r, 0) < 0) goto fail;
+    if (lora_workspace(&ws, &x, p > 0.0f ? N * in : 0) < 0) goto fail;
+    if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
+    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_lora_forward_cuda(ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &a.t, &b.t, scale, p, seed, &y.t, &su.t,
+                              ws.via ? &ws.t : NULL, cws_data, cws_bytes, tf32, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.lora_forward", LORA_LAYOUT_HINT);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    for (size_t k = 0; k < sizeof req / sizeof *req; k++) tl_arg_release(req[k]);
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    return ret;
+}
+
+/* lora_backward(dy, x, w, a, b, su, scale, p, seed, dx, da, db, ws, cublas_ws, allow_tf32): the LoRA
+ * layer's gradients (dx of x's dtype, da and db float32), in place; each of dx, da, db may be None (not
+ * wanted), and so may ws when nothing needs it and cublas_ws. */
+static PyObject *
+py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg dy = TL_ARG_INIT("dy"), x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), a = TL_ARG_INIT("a"),
+           b = TL_ARG_INIT("b"), su = TL_ARG_INIT("su"), dx = TL_ARG_INIT("dx"), da = TL_ARG_INIT("da"),
+           db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"), cws = TL_ARG_INIT("cublas_ws"),
+           nobias = TL_ARG_INIT("bias");
+    tl_arg *req[] = {&dy, &x, &w, &a, &b, &su}, *opt[] = {&dx, &da, &db, &ws, &cws};
+    const int req_pos[] = {0, 1, 2, 3, 4, 5}, opt_pos[] = {9, 10, 11, 12, 13};
+    PyObject *ret = NULL;
+    tl_cuda_context *ctx = NULL;
+    void *stream = NULL, *cws_data = NULL;
+    size_t cws_bytes = 0;
+    float scale, p;
+    uint64_t seed;
+    int tf32;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 15, "lora_backward(dy, x, w, a, b, su, scale, p, seed, dx, da, db, ws, cublas_ws, "
+                    "allow_tf32)") < 0)
+        return NULL;
+    if (tl_get_float(args[6], "scale", &scale) < 0 || tl_get_dropout(args[7], &p) < 0 ||
+        tl_get_seed(args[8], &seed) < 0)
+        return NULL;
+    if ((tf32 = PyObject_IsTrue(args[14])) < 0) return NULL;
+    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
+        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) goto fail;
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
+        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
+
+    if (need_cuda(&x)) goto fail;
+    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
+        if (req[k] != &x && need_cuda_on(req[k], &x)) goto fail;
+    for (size_t k = 0; k < 3; k++)
+        if (opt[k]->via && need_cuda_on(opt[k], &x)) goto fail;
+    if (tl_check_lora_args(&x, &w, &nobias, &a, &b) < 0) goto fail;
+    const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
+    if (tl_need_ndim(&dy, 2) || tl_need_dtype_of(&dy, &x) || tl_need_size(&dy, 0, N, "x's rows") ||
+        tl_need_size(&dy, 1, out, "w's out_features") || tl_need_ndim(&su, 2) || tl_need_dtype_of(&su, &x) ||
+        tl_need_size(&su, 0, N, "x's rows") || tl_need_size(&su, 1, r, "a's rank"))
+        goto fail;
+    if (tl_check_lora_out(&dx, &x, N, in, 0) < 0 || tl_check_lora_out(&da, &x, r, in, 1) < 0 ||
+        tl_check_lora_out(&db, &x, out, r, 1) < 0)
+        goto fail;
+    /* sv (N x r) when dx or da is wanted, and the dropped x (N x in) for da. */
+    const int64_t need = (dx.via || da.via ? N * r : 0) + (da.via && p > 0.0f ? N * in : 0);
+    if (lora_workspace(&ws, &x, need) < 0) goto fail;
+    if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
+    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_lora_backward_cuda(ctx, &dy.t, &x.t, &w.t, &a.t, &b.t, &su.t, scale, p, seed, dx.via ? &dx.t : NULL,
+                               da.via ? &da.t : NULL, db.via ? &db.t : NULL, ws.via ? &ws.t : NULL, cws_data,
+                               cws_bytes, tf32, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.lora_backward", LORA_LAYOUT_HINT);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    for (size_t k = 0; k < sizeof req / sizeof *req; k++) tl_arg_release(req[k]);
+    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    return ret;
+}
+
+/* pool(h, mask, mode, out): out[b] = the CLS token (mode 0), the masked mean (1) or max (2) of h[b], in
+ * place; mask may be None. */
+static PyObject *
+py_pool(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg h = TL_ARG_INIT("h"), mask = TL_ARG_INIT("mask"), out = TL_ARG_INIT("out");
+    PyObject *ret = NULL;
+    void *stream = NULL;
+    int mode;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 4, "pool(h, mask, mode, out)") < 0) return NULL;
+    if (tl_get_int(args[2], "mode", &mode) < 0) return NULL;
+    if (mode != TL_POOL_CLS && mode != TL_POOL_MEAN && mode != TL_POOL_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument 'mode' must be 0 (cls), 1 (mean) or 2 (max), got %d", mode);
+        return NULL;
+    }
+    if (tl_arg_import(br, args[0], &h) < 0 || tl_arg_import(br, args[3], &out) < 0) goto fail;
+    if (args[1] != Py_None && tl_arg_import(br, args[1], &mask) < 0) goto fail;
+    if (need_cuda(&h) || need_cuda_on(&out, &h) || (mask.via && need_cuda_on(&mask, &h))) goto fail;
+    if (tl_need_ndim(&h, 3) || tl_need_float(&h)) goto fail;
+    const int64_t B = h.t.shape[0], T = h.t.shape[1], D = h.t.shape[2];
+    if (mask.via) {
+        const tl_dtype md = mask.t.dtype;
+        if (tl_need_ndim(&mask, 2)) goto fail;
+        if (md != TL_INT64 && md != TL_INT32 && md != TL_UINT8 && md != h.t.dtype) {
+            PyErr_Format(PyExc_TypeError, "argument 'mask' has dtype %s; expected int64, int32, uint8 (bool) "
+                         "or %s (the dtype of 'h')", tl_dtype_name(md), tl_dtype_name(h.t.dtype));
+            goto fail;
+        }
+        if (tl_need_size(&mask, 0, B, "h.shape[0]") || tl_need_size(&mask, 1, T, "h.shape[1]")) goto fail;
+    }
+    if (tl_need_ndim(&out, 2) || tl_need_dtype_f32_or(&out, &h) || tl_need_size(&out, 0, B, "h.shape[0]") ||
+        tl_need_size(&out, 1, D, "h.shape[2]") || tl_need_writable(&out))
+        goto fail;
+    if (mode == TL_POOL_CLS && T == 0 && B > 0 && D > 0) {
+        PyErr_SetString(PyExc_ValueError, "argument 'h' has no tokens (h.shape[1] == 0); cls pooling takes "
+                        "the first one");
+        goto fail;
+    }
+    if (work_stream(&h, &stream) < 0) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_pool_cuda(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.pool", NULL);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    tl_arg_release(&h);
+    tl_arg_release(&mask);
+    tl_arg_release(&out);
+    return ret;
+}
+
+/* adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step): one AdamW step, in
+ * place (torch.optim.AdamW's formula; float32 states). */
+static PyObject *
+py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_bridge *br = bridge_of(mod);
+    tl_arg param = TL_ARG_INIT("param"), grad = TL_ARG_INIT("grad"), m = TL_ARG_INIT("exp_avg"),
+           v = TL_ARG_INIT("exp_avg_sq");
+    tl_arg *ts[] = {&param, &grad, &m, &v};
+    PyObject *ret = NULL;
+    void *stream = NULL;
+    tl_adamw_opts o;
+    tl_status st;
+
+    if (tl_nargs_is(nargs, 10, "adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, "
+                    "step)") < 0)
+        return NULL;
+    if (tl_get_adamw_opts(args + 4, &o) < 0) return NULL;
+    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++)
+        if (tl_arg_import(br, args[k], ts[k]) < 0) goto fail;
+    if (need_cuda(&param)) goto fail;
+    for (size_t k = 1; k < sizeof ts / sizeof *ts; k++)
+        if (need_cuda_on(ts[k], &param)) goto fail;
+    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++)
+        if (tl_need_ndim(ts[k], 1)) goto fail;
+    if (tl_need_float(&param) || tl_need_dtype_f32_or(&grad, &param)) goto fail;
+    const int64_t n = param.t.shape[0];
+    for (size_t k = 2; k < sizeof ts / sizeof *ts; k++)
+        if (ts[k]->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 (optimizer state)",
+                         ts[k]->name, tl_dtype_name(ts[k]->t.dtype));
+            goto fail;
+        }
+    for (size_t k = 1; k < sizeof ts / sizeof *ts; k++)
+        if (tl_need_size(ts[k], 0, n, "param.shape[0]")) goto fail;
+    if (tl_need_writable(&param) || tl_need_writable(&m) || tl_need_writable(&v)) goto fail;
+    if (work_stream(&param, &stream) < 0) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    st = tl_adamw_cuda(&param.t, &grad.t, &m.t, &v.t, &o, stream);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        raise_status(st, "tltorch._cuda.adamw", NULL);
+        goto fail;
+    }
+    ret = Py_NewRef(Py_None);
+fail:
+    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++) tl_arg_release(ts[k]);
+    return ret;
+}
+
 static PyObject *
 py_device_count(PyObject *mod, PyObject *unused)
 {
@@ -366,6 +663,24 @@ static PyMethodDef methods[] = {
      "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows, "
      "loss, dx, dw, db, ws, cublas_ws, allow_tf32): the fused linear + cross-entropy head, in place, on "
      "the current stream; ws: float32 of " XSTR(TL_XENT_CUDA_WS_EXTRA) " + rows * (C + D + 1) elements."},
+    {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_FASTCALL,
+     "dropout(x, out, p, seed): out = dropout(x) with the counter-based mask of tl.h (element i*D + k of x "
+     "(N, D) kept iff hash(seed, i*D + k) >= p * 2**32, kept elements scaled by 1/(1-p)), in place, on the "
+     "current stream; the CPU kernel drops the same elements."},
+    {"lora_forward", (PyCFunction)(void (*)(void))py_lora_forward, METH_FASTCALL,
+     "lora_forward(x, w, bias, a, b, scale, p, seed, y, su, ws, cublas_ws, allow_tf32): su = scale * "
+     "dropout(x) a^T and y = x w^T + bias + su b^T, in place, on the current stream; ws: float32 of "
+     "N*in elements when p > 0 (else None)."},
+    {"lora_backward", (PyCFunction)(void (*)(void))py_lora_backward, METH_FASTCALL,
+     "lora_backward(dy, x, w, a, b, su, scale, p, seed, dx, da, db, ws, cublas_ws, allow_tf32): the LoRA "
+     "layer's dx (x's dtype), da and db (float32), each None when not wanted, in place, on the current "
+     "stream; ws: float32 of N*r elements when dx or da is wanted, plus N*in for da when p > 0."},
+    {"pool", (PyCFunction)(void (*)(void))py_pool, METH_FASTCALL,
+     "pool(h, mask, mode, out): out[b] = h[b, 0] (mode 0), or the mean (1) or max (2) of h[b, t] over the "
+     "tokens whose mask is nonzero (all when mask is None), in place, on the current stream."},
+    {"adamw", (PyCFunction)(void (*)(void))py_adamw, METH_FASTCALL,
+     "adamw(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step): one "
+     "torch.optim.AdamW step, in place, on the current stream (float32 states and math)."},
     {"device_count", py_device_count, METH_NOARGS, "CUDA devices visible (0 with no driver or GPU)."},
     {"device_name", py_device_name, METH_O, "device_name(index): the CUDA device's name."},
     {NULL, NULL, 0, NULL},

@@ -42,7 +42,7 @@ class FrozenLinear(nn.Module):
         with torch.no_grad():
             if storage == "int8":
                 w32 = w.float()
-                scale = w32.abs().amax(dim=1) / 127.0
+                scale = (w32.abs().amax(dim=1) if w32.shape[1] else torch.zeros(w32.shape[0])) / 127.0
                 scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
                 m.weight.copy_(torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8))
                 m.weight_scale.copy_(scale)

@@ -1,0 +1,275 @@
+"""tltorch.fit_head: a linear head trained on fixed features with the fused head and the fused AdamW.
+
+The reference is a plain torch loop (F.cross_entropy + torch.optim.AdamW) that draws the same
+initialisation and the same shuffles; fit_head must follow it step for step.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tltorch
+from tltorch.nn import LinearCrossEntropy
+
+ACC_SAMPLE = 8192  # fit_head measures train accuracy on this many fixed rows (one extra randperm)
+
+
+def blobs(n, d, c, gen, spread=1.0, labels=None):
+    """n points around c well-separated centres in d dims (a fixed generator: the same centres per test)."""
+    centres = torch.randn(c, d, generator=torch.Generator().manual_seed(1234)) * 3
+    y = torch.randint(0, c, (n,), generator=gen) if labels is None else labels
+    return centres[y] + spread * torch.randn(n, d, generator=gen), y
+
+
+def fit(x, y, num_classes=None, *, init_seed=0, **kw):
+    """fit_head with torch's global RNG (the head's initialisation) seeded, quiet."""
+    torch.manual_seed(init_seed)
+    kw.setdefault("progress", False)
+    return tltorch.fit_head(x, y, num_classes, **kw)
+
+
+def lr_factor(schedule, step, total):
+    """The documented schedules: constant; cosine from 1 to 0 over all steps; onecycle as torch's
+    OneCycleLR's defaults (30% cosine warm-up from 1/25, cosine annealing to 1/25e4)."""
+    t = step / total
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return (1 + math.cos(math.pi * t)) / 2
+    lo, end = 1 / 25, 1 / 25e4
+    if t < 0.3:
+        return lo + (1 - lo) * (1 - math.cos(math.pi * t / 0.3)) / 2
+    return end + (1 - end) * (1 + math.cos(math.pi * (t - 0.3) / 0.7)) / 2
+
+
+def reference_fit(x, y, num_classes, *, epochs, lr, weight_decay, batch_size, schedule, seed,
+                  label_smoothing=0.0, class_weight=None):
+    n, d = x.shape
+    torch.manual_seed(seed)
+    head = LinearCrossEntropy(d, num_classes)  # draws the initialisation as fit_head does with seed=
+    w = head.weight.detach().clone().requires_grad_()
+    b = head.bias.detach().clone().requires_grad_()
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": weight_decay}, {"params": [b], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    if n > ACC_SAMPLE:
+        torch.randperm(n, generator=g)
+    steps = -(-n // batch_size)
+    total, step = epochs * steps, 0
+    losses = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        loss_sum = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(schedule, step, total)
+            step += 1
+            loss = F.cross_entropy(x[idx].float() @ w.t() + b, y[idx].long(), weight=cw,
+                                   label_smoothing=label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * idx.numel()
+        losses.append(loss_sum / n)
+    return w.detach(), b.detach(), losses
+
+
+@pytest.mark.parametrize("n,batch_size,epochs,schedule,options", [
+    (300, 64, 2, "cosine", {}),
+    (301, 50, 2, "onecycle", {"label_smoothing": 0.1}),
+    (257, 256, 3, "constant", {"class_weight": [0.5, 2.0, 1.0, 1.5]}),
+    (ACC_SAMPLE + 7, 2048, 1, "cosine", {"label_smoothing": 0.2, "class_weight": [1.0, 0.3, 2.0, 1.0]}),
+], ids=["cosine", "onecycle-smoothing", "constant-weights", "acc-sample"])
+def test_matches_torch_adamw_loop(n, batch_size, epochs, schedule, options, gen):
+    d, c, lr, wd = 12, 4, 3e-2, 0.1
+    x, y = blobs(n, d, c, gen, spread=3.0)
+    head, hist = fit(x, y, c, epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size, schedule=schedule,
+                     seed=7, **options)
+    w, b, losses = reference_fit(x, y, c, epochs=epochs, lr=lr, weight_decay=wd, batch_size=batch_size,
+                                 schedule=schedule, seed=7, **options)
+    # float32: a few ulps of each update (lr) per step, never a step's worth
+    torch.testing.assert_close(head.weight.detach(), w, rtol=1e-5, atol=1e-6 * lr * epochs * -(-n // batch_size))
+    torch.testing.assert_close(head.bias.detach(), b, rtol=1e-5, atol=1e-6 * lr * epochs * -(-n // batch_size))
+    torch.testing.assert_close(torch.tensor(hist.train_loss), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert hist.lr[-1] == pytest.approx(lr * lr_factor(schedule, epochs * -(-n // batch_size) - 1,
+                                                         epochs * -(-n // batch_size)), rel=1e-9)
+
+
+def test_separable_features_accuracy(gen):
+    x, y = blobs(2000, 16, 5, gen)
+    vx, vy = blobs(500, 16, 5, gen)
+    # the defaults (20 epochs, cosine, batch 256, num_classes from the labels) but lr: 160 steps of 1e-3
+    # are too few for 2000 rows
+    head, hist = fit(x, y, val=(vx, vy), lr=1e-2)
+    assert isinstance(head, LinearCrossEntropy) and head.num_classes == 5 and head.in_features == 16
+    assert hist.train_acc[-1] > 0.95 and hist.val_acc[-1] > 0.95
+    assert (head.predict(vx) == vy).float().mean() > 0.95
+    assert len(hist.train_loss) == len(hist.val_loss) == len(hist.lr) == len(hist.time) == 20
+    assert hist.train_loss[-1] < hist.train_loss[0] and hist.val_loss[-1] < hist.val_loss[0]
+    assert hist.best_epoch is None and hist["best_epoch"] is None
+    # val_loss and val_acc are those of the head after each epoch: the last one is the returned head's
+    with torch.no_grad():
+        assert hist.val_loss[-1] == pytest.approx(F.cross_entropy(head.logits(vx), vy).item(), rel=1e-5)
+    assert hist.val_acc[-1] == (head.predict(vx) == vy).float().mean().item()
+
+
+def test_progress_bar_runs(gen, capsys):
+    x, y = blobs(64, 4, 3, gen)
+    torch.manual_seed(0)
+    tltorch.fit_head(x, y, epochs=2)
+    assert "fit_head" in capsys.readouterr().err
+
+
+def test_schedules_lr_history(gen):
+    x, y = blobs(100, 6, 3, gen)
+    lr, epochs = 1e-2, 10  # 4 steps an epoch
+    hists = {s: fit(x, y, epochs=epochs, lr=lr, batch_size=25, schedule=s, seed=0)[1].lr
+             for s in ("constant", "cosine", "onecycle")}
+    assert hists["constant"] == [lr] * epochs
+    cos = hists["cosine"]
+    assert all(a > b for a, b in zip(cos, cos[1:])) and cos[0] > 0.9 * lr and cos[-1] < 0.01 * lr
+    one = hists["onecycle"]
+    peak = max(range(epochs), key=one.__getitem__)
+    assert 1 <= peak <= 4  # the warm-up is the first 30% of the steps
+    assert all(a < b for a, b in zip(one[:peak], one[1:peak + 1]))
+    assert all(a > b for a, b in zip(one[peak:], one[peak + 1:]))
+    assert one[peak] > 0.9 * lr and one[0] < 0.3 * lr and one[-1] < 0.01 * lr
+
+
+def test_weight_decay_on_weight_not_bias(gen):
+    """With all-zero features the weight's gradient is exactly zero, so its only change is AdamW's decay,
+    and the bias sees the same gradients with or without decay."""
+    n, d, c, lr, wd, epochs, bs = 90, 5, 3, 5e-2, 0.5, 3, 32
+    x = torch.zeros(n, d)
+    y = torch.randint(0, c, (n,), generator=gen)
+    torch.manual_seed(1)  # fit_head's seed= seeds the initial weights too
+    w0 = LinearCrossEntropy(d, c).weight.detach().clone()
+    plain, _ = fit(x, y, c, epochs=epochs, lr=lr, weight_decay=0.0, batch_size=bs, seed=1)
+    decayed, hist = fit(x, y, c, epochs=epochs, lr=lr, weight_decay=wd, batch_size=bs, seed=1)
+    assert torch.equal(plain.weight, w0)
+    assert torch.equal(plain.bias, decayed.bias)
+    total = epochs * -(-n // bs)
+    shrink = math.prod(1 - lr * lr_factor("cosine", s, total) * wd for s in range(total))
+    torch.testing.assert_close(decayed.weight.detach(), w0 * shrink, rtol=1e-5, atol=0)
+    # and on real features: a smaller weight, a bias left free
+    x, y = blobs(200, 8, 3, gen)
+    small, _ = fit(x, y, epochs=10, lr=5e-2, weight_decay=1.0, seed=2)
+    large, _ = fit(x, y, epochs=10, lr=5e-2, weight_decay=0.0, seed=2)
+    assert small.weight.norm() < 0.9 * large.weight.norm()
+
+
+def test_label_smoothing_and_class_weight_change_the_head(gen):
+    x, y = blobs(200, 8, 3, gen, spread=2.0)
+    kw = dict(epochs=3, lr=1e-2, seed=3)
+    base = fit(x, y, **kw)[0].weight
+    smooth = fit(x, y, label_smoothing=0.3, **kw)[0].weight
+    weighted = fit(x, y, class_weight=torch.tensor([1.0, 5.0, 0.2]), **kw)[0].weight
+    assert not torch.equal(base, smooth) and not torch.equal(base, weighted)
+    # unit class weights are no weights (the weighted mean is the mean)
+    torch.testing.assert_close(fit(x, y, class_weight=[1.0, 1.0, 1.0], **kw)[0].weight, base, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_restores_best_epoch(gen):
+    """Random labels on few rows and many features: the head memorises them, the validation loss rises."""
+    d, c, epochs, patience = 64, 2, 60, 3
+    x = torch.randn(40, d, generator=gen)
+    y = torch.randint(0, c, (40,), generator=gen)
+    vx = torch.randn(200, d, generator=gen)
+    vy = torch.randint(0, c, (200,), generator=gen)
+    kw = dict(num_classes=c, lr=1e-2, weight_decay=0.0, batch_size=16, schedule="constant", seed=4)
+    head, hist = fit(x, y, val=(vx, vy), epochs=epochs, early_stopping=patience, **kw)
+    n_run = len(hist.train_loss)
+    assert n_run < epochs and len(hist.val_loss) == n_run
+    best = hist.best_epoch
+    assert best == min(range(n_run), key=hist.val_loss.__getitem__) + 1
+    assert n_run == best + patience
+    assert hist.train_acc[-1] > hist.train_acc[best - 1] or hist.train_loss[-1] < hist.train_loss[best - 1]
+    with torch.no_grad():
+        assert F.cross_entropy(head.logits(vx), vy).item() == pytest.approx(hist.val_loss[best - 1], rel=1e-5)
+    # the kept head is the one a run of exactly `best` epochs ends with (constant lr: the same steps)
+    again, _ = fit(x, y, epochs=best, **kw)
+    assert torch.equal(head.weight, again.weight) and torch.equal(head.bias, again.bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_features(dtype, gen):
+    x, y = blobs(600, 16, 4, gen)
+    vx, vy = blobs(200, 16, 4, gen)
+    xh, vxh = x.to(dtype), vx.to(dtype)
+    head, hist = fit(xh, y, val=(vxh, vy), epochs=8, lr=1e-2, batch_size=64, seed=5)
+    assert head.weight.dtype == torch.float32
+    assert hist.train_acc[-1] > 0.95 and hist.val_acc[-1] > 0.95
+    # the features are widened to float32 per batch: the same run as on the widened cache
+    same, _ = fit(xh.float(), y, val=(vxh.float(), vy), epochs=8, lr=1e-2, batch_size=64, seed=5)
+    assert torch.equal(head.weight, same.weight) and torch.equal(head.bias, same.bias)
+
+
+def test_seeded_runs_are_reproducible(gen):
+    x, y = blobs(150, 8, 3, gen, spread=2.0)
+    kw = dict(epochs=3, lr=1e-2, batch_size=32)
+    a, ha = fit(x, y, init_seed=11, seed=5, **kw)
+    b, hb = fit(x, y, init_seed=11, seed=5, **kw)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert ha.train_loss == hb.train_loss
+    # seed= alone fixes the whole run, whatever torch's global generator holds
+    e, he = fit(x, y, init_seed=99, seed=5, **kw)
+    assert torch.equal(a.weight, e.weight) and ha.train_loss == he.train_loss
+    other, _ = fit(x, y, init_seed=11, seed=6, **kw)  # other initial weights and shuffles
+    assert not torch.equal(a.weight, other.weight)
+    # without seed=, the shuffles come from torch's global generator
+    c, _ = fit(x, y, init_seed=12, **kw)
+    d, _ = fit(x, y, init_seed=12, **kw)
+    assert torch.equal(c.weight, d.weight)
+
+
+def test_history_plot(gen, tmp_path):
+    x, y = blobs(80, 4, 3, gen)
+    vx, vy = blobs(40, 4, 3, gen)
+    _, hist = fit(x, y, val=(vx, vy), epochs=3)
+    assert isinstance(hist, tltorch.History) and hist.train_loss is hist["train_loss"]
+    with pytest.raises(AttributeError):
+        hist.no_such_record
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "history.png"
+    fig = hist.plot(str(path))
+    assert path.stat().st_size > 1000
+    import matplotlib.pyplot as plt
+    assert len(fig.axes) == 2 and all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
+    plt.close(fig)
+
+
+def test_bad_arguments(gen):
+    x, y = blobs(30, 4, 3, gen)
+    vx, vy = blobs(10, 4, 3, gen)
+    cases = [
+        (dict(labels=torch.full((30,), 3), num_classes=3), ValueError, "labels"),
+        (dict(labels=y - 1), ValueError, "labels"),
+        (dict(num_classes=2), ValueError, "labels"),
+        (dict(val=(vx, vy + 3), num_classes=3), ValueError, "val labels"),
+        (dict(features=x[0]), ValueError, "features"),
+        (dict(labels=y[:, None]), ValueError, "labels"),
+        (dict(labels=y[:29]), ValueError, "labels"),
+        (dict(features=x.long()), TypeError, "features"),
+        (dict(labels=y.float()), TypeError, "labels"),
+        (dict(features=x[:0], labels=y[:0]), ValueError, "rows"),
+        (dict(val=vx), TypeError, "val"),
+        (dict(val=(vx[:, :3], vy)), ValueError, "val"),
+        (dict(schedule="linear"), ValueError, "schedule"),
+        (dict(early_stopping=2), ValueError, "early_stopping"),
+        (dict(val=(vx, vy), early_stopping=0), ValueError, "early_stopping"),
+        (dict(val=(vx, vy), early_stopping=True), ValueError, "early_stopping"),
+        (dict(epochs=0), ValueError, "epochs"),
+        (dict(epochs=2.0), ValueError, "epochs"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(weight_decay=-1e-3), ValueError, "weight_decay"),
+        (dict(class_weight=[1.0, 2.0]), ValueError, "class_weight"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ]
+    for changes, exc, word in cases:
+        args = {"features": x, "labels": y, "epochs": 1, "progress": False, **changes}
+        with pytest.raises(exc, match=word):
+            tltorch.fit_head(args.pop("features"), args.pop("labels"), **args)
