@@ -30,7 +30,9 @@
 #define MR_MAX 12
 #define NR_MAX 32
 
-typedef void (*ukernel_fn)(int64_t kc, const void *ap, const void *bp, float *tile);
+/* tile = A sliver (packed) x B sliver: bp steps ldb elements per k (NR when packed; a row stride when B
+ * is read in place). */
+typedef void (*ukernel_fn)(int64_t kc, const void *ap, const void *bp, int64_t ldb, float *tile);
 
 typedef struct {
     int mr, nr;
@@ -42,12 +44,12 @@ typedef struct {
 /* ---- micro-kernels: tile[MR][NR] = sum_k ap[k][0:MR] (outer) bp[k][0:NR] ------------------------ */
 
 static void
-ukernel_portable(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
+ukernel_portable(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
 {
     const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 4, NR = 16 };
     float acc[MR][NR] = {{0}};
-    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR)
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb)
         for (int r = 0; r < MR; r++)
             for (int j = 0; j < NR; j++) acc[r][j] += ap[r] * bp[j];
     memcpy(tile, acc, sizeof acc);
@@ -55,13 +57,13 @@ ukernel_portable(int64_t kc, const void *ap_, const void *bp_, float *restrict t
 
 #ifdef TL_X86
 __attribute__((target("avx2,fma"))) static void
-ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
+ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
 {
     const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 6, NR = 16 };
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR) {
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
         __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8), a;
 #define ROW(r, x0, x1)                                                                                  \
     a = _mm256_broadcast_ss(ap + r);                                                                    \
@@ -76,7 +78,7 @@ ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
 }
 
 __attribute__((target("avx512f"))) static void
-ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
+ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
 {
     const float *restrict ap = ap_, *restrict bp = bp_;
     enum { MR = 12, NR = 32 };
@@ -84,9 +86,9 @@ ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, float *restrict til
     __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
     __m512 c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
     __m512 ca0 = z, ca1 = z, cb0 = z, cb1 = z;
-    for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR) {
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
         __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16), a;
-        _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
+        _mm_prefetch((const char *)(bp + 8 * ldb), _MM_HINT_T0);
 #define ROW(r, x0, x1)                                                                                  \
     a = _mm512_set1_ps(ap[r]);                                                                          \
     x0 = _mm512_fmadd_ps(a, b0, x0);                                                                    \
@@ -108,7 +110,7 @@ ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, float *restrict til
  * vdpbf16ps adds a[k]*b[k] + a[k+1]*b[k+1] to each float32 lane (bf16 products fit in float32). The
  * instruction reads bfloat16 subnormals (|x| < 1.2e-38) as zero, as torch's own bf16 CPU GEMM does. */
 __attribute__((target("avx512f,avx512bf16"))) static void
-ukernel_avx512_bf16(int64_t kc, const void *ap_, const void *bp_, float *restrict tile)
+ukernel_avx512_bf16(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
 {
     enum { MR = 12, NR = 32 };
     const uint32_t *restrict ap = ap_, *restrict bp = bp_;
@@ -116,9 +118,9 @@ ukernel_avx512_bf16(int64_t kc, const void *ap_, const void *bp_, float *restric
     __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
     __m512 c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
     __m512 ca0 = z, ca1 = z, cb0 = z, cb1 = z;
-    for (int64_t k = 0; k < (kc + 1) / 2; k++, ap += MR, bp += NR) {
+    for (int64_t k = 0; k < (kc + 1) / 2; k++, ap += MR, bp += ldb) {
         __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp), b1 = (__m512bh)_mm512_loadu_si512(bp + 16), a;
-        _mm_prefetch((const char *)(bp + 8 * NR), _MM_HINT_T0);
+        _mm_prefetch((const char *)(bp + 8 * ldb), _MM_HINT_T0);
 #define ROW(r, x0, x1)                                                                                  \
     a = (__m512bh)_mm512_set1_epi32((int)ap[r]);                                                        \
     x0 = _mm512_dpbf16_ps(x0, a, b0);                                                                   \
@@ -527,6 +529,10 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
     nc = (nc + nr - 1) / nr * nr;
     nblk = (N + nc - 1) / nc;
     const int64_t msplit = nblk >= nt ? 1 : (nt + nblk - 1) / nblk;
+    /* With few rows of A, packing B costs as much as multiplying by it: float32 B with contiguous rows
+     * is then read in place (full slivers; a partial last sliver is still packed). */
+    const int b_direct = !pairs && !sc.t && !a2 && b->dtype == TL_FLOAT32 && (b->strides[1] == 1 || N == 1) &&
+                         M <= 4 * mr;
     /* Row blocks of equal height, so that B is packed as few times as possible. */
     const int64_t nblk_m = (M + MC_MAX - 1) / MC_MAX;
     const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
@@ -586,7 +592,10 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                     const int64_t j0 = jb * nc, ncw = N - j0 < nc ? N - j0 : nc;
                     const int64_t is0 = nsl_a * part / msplit, is1 = nsl_a * (part + 1) / msplit;
                     if (is0 == is1) continue;
-                    if (pairs) {
+                    const int64_t nfull = b_direct ? ncw / nr * nr : 0; /* columns read in place */
+                    if (b_direct) {
+                        if (ncw > nfull) pack_b(b, &sc, kb.k1, kb.n1, j0 + nfull, ncw - nfull, nr, bp, kstep, 0);
+                    } else if (pairs) {
                         if (kb.n1) pack_b_pairs(b, kb.k1, kb.n1, j0, ncw, nr, (uint16_t *)bp, kstep, 0);
                         if (kb.n2) pack_b_pairs(b2, kb.k2, kb.n2, j0, ncw, nr, (uint16_t *)bp, kstep, kp1);
                     } else {
@@ -600,7 +609,11 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                         for (int64_t js = 0; js < nsl_b; js++) {
                             const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
                             prefetch_tile(c, ic + is * mr, j0 + js * nr, mn, nn);
-                            isa->kernel(kc_kernel, ap, bp + js * nr * kstep, tile);
+                            if (js * nr < nfull)
+                                isa->kernel(kc_kernel, ap, (const float *)b->data + kb.k1 * b->strides[0] + j0 + js * nr,
+                                            b->strides[0], tile);
+                            else
+                                isa->kernel(kc_kernel, ap, bp + (js - nfull / nr) * nr * kstep, nr, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
                         }
                     }
