@@ -1,4 +1,5 @@
-"""Shared helpers for tltorch's tests: tolerances, seeded inputs in every layout, reference checks.
+"""Shared helpers for tltorch's tests: tolerances, seeded inputs in every layout, reference checks,
+the CUDA tests' marks and CPU process groups for torch.distributed.
 
 Test files import the helpers with `from conftest import ...` (pytest puts tests/ on sys.path).
 
@@ -6,10 +7,15 @@ Convention: inputs are drawn in float32 from a per-test seeded generator, rounde
 test, and the reference is computed in float64 from the *rounded* values, so a test measures only the
 kernel's own error (accumulation and the final rounding), never the rounding of its inputs.
 """
+import os
+import socket
 import zlib
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -126,3 +132,60 @@ def names_arg(excinfo, name):
     """The exception message names argument `name` the way tltorch._C does: argument 'name'."""
     msg = str(excinfo.value)
     assert f"'{name}'" in msg, f"message does not name '{name}': {msg}"
+
+
+def dropout_keep_mask(seed, rows, cols, p):
+    """csrc/tl.h's dropout rule, written out independently of the kernels: element (i, k) of a (rows, cols)
+    input is kept iff tl_dropout_hash(seed, i * cols + k) >= tl_dropout_threshold((float)p)."""
+    with np.errstate(over="ignore"):
+        idx = np.arange(rows * cols, dtype=np.uint64)
+        z = np.uint64(seed) + (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+    t = float(np.float32(p)) * 4294967296.0
+    thr = 0 if t <= 0 else 4294967295 if t >= 4294967295.0 else int(t)
+    return torch.from_numpy(h >= np.uint64(thr)).reshape(rows, cols)
+
+
+# ---- the CUDA twins' tests ------------------------------------------------------------------------------
+
+def gpu_marks(have_gpu, *fixtures):
+    """A decorator for the tests that run a CUDA kernel: marked `cuda`, skipped unless `have_gpu`, run with
+    the named `fixtures` in use."""
+    def mark(f):
+        f = pytest.mark.skipif(not have_gpu, reason="needs a CUDA GPU and tltorch._cuda")(pytest.mark.cuda(f))
+        return pytest.mark.usefixtures(*fixtures)(f) if fixtures else f
+    return mark
+
+
+def host(t):
+    """t on the CPU (None stays None)."""
+    return None if t is None else t.to("cpu")
+
+
+# ---- torch.distributed ----------------------------------------------------------------------------------
+
+def run_ranks(worker, world, folder, *args):
+    """worker(rank, *args) in `world` spawned CPU processes joined in one gloo process group (one thread
+    each), and what each call returned, in rank order (handed back in files rank<r>.pt in `folder`).
+    `worker` must be a module-level function: the spawned processes import it."""
+    folder = os.fspath(folder)
+    mp.spawn(_rank_main, args=(worker, world, _free_port(), folder, args), nprocs=world, join=True)
+    return [torch.load(os.path.join(folder, f"rank{r}.pt")) for r in range(world)]
+
+
+def _rank_main(rank, worker, world, port, folder, args):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank, *args), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

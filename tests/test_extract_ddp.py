@@ -5,56 +5,40 @@ where each rank stopped, a rerun on both ranks runs nothing, and a single proces
 matrix from the same cache."""
 import json
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_ranks
 from test_extract import NB, Probe, token_batches, token_body
 from tltorch.extract import extract_features
 
 WORLD, KEPT = 2, 4
 
 
-def worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def worker(rank, out_dir):
+    body, batches = token_body(), token_batches(labels=True)
+    cache = os.path.join(out_dir, "cache")
+    probe = Probe(body)
+
+    def interrupted():  # both ranks stop after batch KEPT - 1: each has done its share of those
+        yield from batches[:KEPT]
+        raise KeyError("data failed")
     try:
-        body, batches = token_body(), token_batches(labels=True)
-        cache = os.path.join(out_dir, "cache")
-        probe = Probe(body)
-
-        def interrupted():  # both ranks stop after batch KEPT - 1: each has done its share of those
-            yield from batches[:KEPT]
-            raise KeyError("data failed")
-        try:
-            extract_features(body, interrupted(), pooling="mean", cache=cache, progress=False)
-        except KeyError:
-            pass
-        calls = [probe.calls]
-        first = extract_features(body, batches, pooling="mean", cache=cache, progress=False)
-        calls.append(probe.calls - sum(calls))
-        again = extract_features(body, batches, pooling="mean", cache=cache, progress=False)
-        calls.append(probe.calls - sum(calls))
-        uncached = extract_features(body, batches, pooling="mean", progress=False)
-        calls.append(probe.calls - sum(calls))
-        torch.save({"first": first, "again": again, "uncached": uncached, "calls": calls},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        extract_features(body, interrupted(), pooling="mean", cache=cache, progress=False)
+    except KeyError:
+        pass
+    calls = [probe.calls]
+    first = extract_features(body, batches, pooling="mean", cache=cache, progress=False)
+    calls.append(probe.calls - sum(calls))
+    again = extract_features(body, batches, pooling="mean", cache=cache, progress=False)
+    calls.append(probe.calls - sum(calls))
+    uncached = extract_features(body, batches, pooling="mean", progress=False)
+    calls.append(probe.calls - sum(calls))
+    return {"first": first, "again": again, "uncached": uncached, "calls": calls}
 
 
 def test_ranks_share_the_batches_and_the_cache(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(worker, WORLD, tmp_path, str(tmp_path))
 
     body, batches = token_body(), token_batches(labels=True)
     want, want_labels = extract_features(body, batches, pooling="mean", progress=False)

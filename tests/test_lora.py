@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, UNIT, assert_close, dtype_id, make2d, randn
+from conftest import DTYPES, UNIT, assert_close, dropout_keep_mask, dtype_id, make2d, randn
 from tltorch import _ops
 from tltorch.functional import lora_dropout, lora_linear
 
@@ -340,26 +340,12 @@ def test_rank_zero(IN, dtype, gen):
 
 # ---- dropout -------------------------------------------------------------------------------------------
 
-def header_keep_mask(seed, rows, cols, p):
-    """csrc/tl.h's rule, written out independently: (i, k) is kept iff
-    tl_dropout_hash(seed, i * cols + k) >= tl_dropout_threshold((float)p)."""
-    with np.errstate(over="ignore"):
-        idx = np.arange(rows * cols, dtype=np.uint64)
-        z = np.uint64(seed) + (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
-    t = float(np.float32(p)) * 4294967296.0
-    thr = 0 if t <= 0 else 4294967295 if t >= 4294967295.0 else int(t)
-    return torch.from_numpy(h >= np.uint64(thr)).reshape(rows, cols)
-
-
 @pytest.mark.parametrize("seed,p", [(0, 0.5), (12345, 0.1), ((1 << 64) - 1, 0.3), (0xDEADBEEF_CAFEF00D, 0.9),
                                     (7, 1e-9), (8, 0.999)])
 def test_dropout_mask_is_the_header_hash(seed, p):
     """The CPU and CUDA kernels share the mask through tl_dropout_hash: the CPU one follows it exactly,
     with 64-bit seeds and element indices i * D + k of the (N, D) input."""
-    assert torch.equal(dropout_mask(seed, 37, 53, p), header_keep_mask(seed, 37, 53, p))
+    assert torch.equal(dropout_mask(seed, 37, 53, p), dropout_keep_mask(seed, 37, 53, p))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

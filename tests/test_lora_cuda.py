@@ -2,7 +2,8 @@
 and their CPU twins (tltorch._C, the same inputs in the same layouts).
 
 dropout: the mask is tl.h's hash of (seed, i*D + k), element for element: checked against a rewrite of the
-hash here and against the CPU kernel, bit for bit; a kept element is x * (float)(1 / (1 - p)), rounded once.
+hash (conftest.dropout_keep_mask) and against the CPU kernel, bit for bit; a kept element is
+x * (float)(1 / (1 - p)), rounded once.
 LoRA: y, su and dx, da, db against float64 autograd of
     y = x W^T + bias + scale * (x * mask / (1 - p)) A^T B^T
 with the kernel's own mask (so dx carries the mask on its low-rank term), the dropped x, su and sv held in
@@ -18,47 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DTYPES, TOL, TWIN, dtype_id, empty2d, make2d, names_arg, randn, rel_err
-from test_cuda import HAVE_GPU, INFO, no_tf32, to_cuda  # noqa: F401  (no_tf32: a fixture, used below)
+from conftest import (DTYPES, TOL, TWIN, dropout_keep_mask, dtype_id, empty2d, gpu_marks, host, make2d, names_arg,
+                      randn, rel_err)
+from test_cuda import HAVE_GPU, INFO, no_tf32, to_cuda as on_device  # noqa: F401  (no_tf32: a fixture)
 from tltorch import _C, _ops
 
 NAN = float("nan")
 DEVICE = "cuda"
-
-
-def gpu_test(f):
-    """Marked `cuda`, skipped without a GPU, with full float32 products (no TF32)."""
-    for m in (pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU and tltorch._cuda"),
-              pytest.mark.usefixtures("no_tf32")):
-        f = m(f)
-    return f
+gpu_test = gpu_marks(HAVE_GPU, "no_tf32")  # full float32 products (no TF32)
 
 
 def kernels():
     return _ops.cuda_module()
-
-
-def on_device(t):
-    """t's values on the GPU in exactly t's layout (None stays None)."""
-    return to_cuda(t)
-
-
-def host(t):
-    return None if t is None else t.to("cpu")
-
-
-def keep_mask(seed, rows, cols, p):
-    """tl.h's rule, written out here: (i, k) is kept iff
-    tl_dropout_hash(seed, i * cols + k) >= tl_dropout_threshold((float)p)."""
-    with np.errstate(over="ignore"):
-        idx = np.arange(rows * cols, dtype=np.uint64)
-        z = np.uint64(seed) + (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = (z ^ (z >> np.uint64(31))) >> np.uint64(32)
-    t = float(np.float32(p)) * 4294967296.0
-    thr = 0 if t <= 0 else 4294967295 if t >= 4294967295.0 else int(t)
-    return torch.from_numpy(h >= np.uint64(thr)).reshape(rows, cols)
 
 
 def keep_scale(p):
@@ -92,7 +64,7 @@ def test_cuda_dropout_mask_and_values(xl, ol, p, out_f32, dtype, gen):
     odt = torch.float32 if out_f32 else dtype
     out = on_device(empty2d(N, D, ol, odt))
     kernels().dropout(on_device(x), out, p, seed)
-    keep = keep_mask(seed, N, D, p)
+    keep = dropout_keep_mask(seed, N, D, p)
     expect = torch.where(keep, (x.float() * keep_scale(p)).to(odt), torch.zeros((), dtype=odt))
     assert torch.equal(host(out) != 0, keep), "the mask is not tl.h's hash of (seed, i*D + k)"
     assert torch.equal(host(out), expect), "kept elements are not x * (float)(1/(1-p)) rounded once"
@@ -111,7 +83,7 @@ def test_cuda_dropout_shapes(shape, gen):
     x = nonzero_randn((N, D), torch.float32, gen)
     out = on_device(empty2d(N, D, "contig", torch.float32))
     kernels().dropout(on_device(x), out, p, seed)
-    assert torch.equal(host(out) != 0, keep_mask(seed, N, D, p))
+    assert torch.equal(host(out) != 0, dropout_keep_mask(seed, N, D, p))
     if N * D >= 10000:  # no structure: about half kept, in every half of the matrix
         kept = (host(out) != 0).double()
         assert abs(kept.mean().item() - 0.5) < 0.01
@@ -261,7 +233,7 @@ def test_cuda_lora_forward_backward(case, dtype, p, gen):
     x, w, bias, a, b, dy = make_layer(N, IN, OUT, R, layouts, dtype, gen, with_bias)
     seed = int(torch.randint(0, 2 ** 62, (), generator=gen))
     got = run_cuda(x, w, bias, a, b, dy, scale, p, seed, ol)
-    ref = reference(x, w, bias, a, b, scale, p, keep_mask(seed, N, IN, p), dy)
+    ref = reference(x, w, bias, a, b, scale, p, dropout_keep_mask(seed, N, IN, p), dy)
     check(got, ref, dtype, case_id(case), cpu=run_cpu(x, w, bias, a, b, dy, scale, p, seed))
 
 
@@ -274,7 +246,7 @@ def test_cuda_lora_grads_only_when_wanted(want, gen):
     dtype, p, N, IN, OUT, R = torch.bfloat16, 0.25, 23, 45, 31, 5
     x, w, bias, a, b, dy = make_layer(N, IN, OUT, R, ("t", "contig", "t", "contig"), dtype, gen)
     got = run_cuda(x, w, bias, a, b, dy, 1.5, p, 77, "contig", want)
-    ref = reference(x, w, bias, a, b, 1.5, p, keep_mask(77, N, IN, p), dy)
+    ref = reference(x, w, bias, a, b, 1.5, p, dropout_keep_mask(77, N, IN, p), dy)
     for name, g in zip(NAMES[2:], got[2:]):
         assert (g is None) == (name not in want), name
     check(got, ref, dtype, "+".join(want))

@@ -1,14 +1,10 @@
 """LoRA under DistributedDataParallel: 2 CPU processes (gloo), different data on each rank. After a few
 steps the adapters are identical on both ranks and equal to one process trained on the whole batch."""
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import tltorch
+from conftest import run_ranks
 
 WORLD, STEPS, ROWS = 2, 3, 6  # ROWS per rank
 
@@ -39,28 +35,15 @@ def lora_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        data = [(x[rank * ROWS:(rank + 1) * ROWS], y[rank * ROWS:(rank + 1) * ROWS]) for x, y in batches()]
-        train(model, data)
-        torch.save(lora_state(model.module), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    data = [(x[rank * ROWS:(rank + 1) * ROWS], y[rank * ROWS:(rank + 1) * ROWS]) for x, y in batches()]
+    train(model, data)
+    return lora_state(model.module)
 
 
 def test_ddp_matches_single_process(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(worker, WORLD, tmp_path)
 
     single = make_model()
     start = lora_state(single)

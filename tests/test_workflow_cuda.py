@@ -14,32 +14,18 @@ extension. Kernels are reached through kernels() and inputs moved with on_device
 import pytest
 import torch
 
-from conftest import DTYPES, LOW_PRECISION, TOL, assert_rounded_once, dtype_id, names_arg, randn, rel_err
-from test_cuda import HAVE_GPU, INFO, to_cuda
+from conftest import (DTYPES, LOW_PRECISION, TOL, assert_rounded_once, dtype_id, gpu_marks, host, names_arg, randn,
+                      rel_err)
+from test_cuda import HAVE_GPU, INFO, to_cuda as on_device
 from tltorch import _C, _ops
 
 NAN = float("nan")
 DEVICE = "cuda"
-
-
-def gpu_test(f):
-    """Marked `cuda` and skipped without a GPU."""
-    for m in (pytest.mark.cuda, pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU and tltorch._cuda")):
-        f = m(f)
-    return f
+gpu_test = gpu_marks(HAVE_GPU)
 
 
 def kernels():
     return _ops.cuda_module()
-
-
-def on_device(t):
-    """t's values on the GPU in exactly t's layout (None stays None)."""
-    return to_cuda(t)
-
-
-def host(t):
-    return None if t is None else t.to("cpu")
 
 
 # ---- pooling ------------------------------------------------------------------------------------------

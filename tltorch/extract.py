@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import functional
+from ._io import atomic_write
 
 __all__ = ["extract_features", "CacheError", "StaleCacheWarning"]
 
@@ -434,37 +435,6 @@ def _dtype_of(name: str) -> torch.dtype:
     return dtype
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened, and renames are durable anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Readers see the old file or all of the new one: write a temporary, fsync, rename over."""
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 def _stale_reasons(old: dict, new: dict) -> list:
     if old.get("format") != new["format"]:
         return [f"it has format version {old.get('format')!r}, this tltorch writes {new['format']}"]
@@ -616,7 +586,7 @@ class _Store:
                 else feats.numpy(), allow_pickle=False)
         blob = buf.getvalue()
         name = f"chunk-{self.pending[0][0]:08d}-{secrets.token_hex(6)}.npy"
-        _atomic_write(os.path.join(self.dir, name), blob)
+        atomic_write(os.path.join(self.dir, name), blob)
         entries, offset = [], 0
         for index, digest, f in self.pending:
             entries.append([index, digest, offset, f.shape[0]])
@@ -641,7 +611,7 @@ class _Store:
     def _write_manifest(self, name, chunks, complete, **extra):
         man = {"format": FORMAT, "fingerprint": self.fp, "complete": complete, "run": self.run, **extra,
                "chunks": chunks}
-        _atomic_write(os.path.join(self.dir, name), json.dumps(man, separators=(",", ":")).encode())
+        atomic_write(os.path.join(self.dir, name), json.dumps(man, separators=(",", ":")).encode())
 
     def _unlink(self, name):
         try:
@@ -732,8 +702,8 @@ class _Store:
                       "num_rows": sum(rows for rec in records for *_, rows in rec["batches"]),
                       "dim": first["dim"] if first else None, "dtype": first["dtype"] if first else None,
                       "chunks": records}
-        _atomic_write(os.path.join(self.dir, MANIFEST),
-                      json.dumps(self.final, separators=(",", ":")).encode())
+        atomic_write(os.path.join(self.dir, MANIFEST),
+                     json.dumps(self.final, separators=(",", ":")).encode())
         for name in os.listdir(self.dir):
             if _JOURNAL_RE.match(name) or (_CHUNK_RE.match(name) and name not in chunks):
                 self._unlink(name)

@@ -9,13 +9,13 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .nn.lora import LoRALinear, check_lora_args, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -365,23 +365,6 @@ def _adapter_keys(model: nn.Module, config: LoraConfig, layers: Dict[str, LoRALi
     return {peft_key(k): k for k in dict.fromkeys(keys)}
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(tmp_path) into a temporary file beside path, then rename it over path."""
-    folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) leave 0600: unreadable to other users
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _pattern_key(patterns: dict, path: str):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a suffix of path."""
     for key in patterns:
@@ -429,12 +412,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     os.makedirs(path, exist_ok=True)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
 
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(path, CONFIG_NAME), write_config)
+    # 0644: safetensors may leave 0600, unreadable to the other users of a shared model folder
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                 mode=0o644)
+    atomic_write(os.path.join(path, CONFIG_NAME), text.encode("utf-8"), mode=0o644)
 
 
 def _read_adapter(path: str):

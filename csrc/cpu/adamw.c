@@ -9,20 +9,11 @@
  * contiguous float32 case is with AVX2 or AVX-512 (chosen at run time). */
 #include <math.h>
 
+#include "../adamw_coefs.h"
 #include "cpu.h"
 
-typedef struct {
-    float decay;     /* 1 - lr wd */
-    float lerp_w;    /* torch's lerp(m, g, w), w = 1 - b1, in the form exact at its nearer end: */
-    int lerp_from_m; /* m + w (g - m) when |w| < 0.5, else g - (1 - w)(g - m) = g + lerp_w (g - m) */
-    float b2, w2;    /* b2 and 1 - b2 */
-    float neg_step;  /* -lr / bc1 */
-    float bc2_sqrt;
-    float eps;
-} coefs;
-
 static inline float
-adamw_one(float p, float g, float *m, float *v, const coefs *c)
+adamw_one(float p, float g, float *m, float *v, const tl_adamw_coefs *c)
 {
     float mm = *m, vv = *v;
     p *= c->decay;
@@ -38,9 +29,9 @@ adamw_one(float p, float g, float *m, float *v, const coefs *c)
  * FMA, so every path gives the same bits. */
 static void
 contig_f32(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
-           const coefs *c)
+           const tl_adamw_coefs *c)
 {
-    const coefs k = *c; /* a local copy: the stores below cannot alias it */
+    const tl_adamw_coefs k = *c; /* a local copy: the stores below cannot alias it */
     for (int64_t i = 0; i < n; i++) p[i] = adamw_one(p[i], g[i], &m[i], &v[i], &k);
 }
 
@@ -72,14 +63,14 @@ contig_f32(float *restrict p, const float *restrict g, float *restrict m, float 
 
 __attribute__((target("avx2"))) static void
 contig_f32_avx2(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-                int64_t n, const coefs *c)
+                int64_t n, const tl_adamw_coefs *c)
 {
     ADAMW_SIMD(8, __m256, PS256)
 }
 
 __attribute__((target("avx512f"))) static void
 contig_f32_avx512(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
-                  int64_t n, const coefs *c)
+                  int64_t n, const tl_adamw_coefs *c)
 {
     ADAMW_SIMD(16, __m512, PS512)
 }
@@ -88,7 +79,7 @@ contig_f32_avx512(float *restrict p, const float *restrict g, float *restrict m,
 /* Any dtype and strides: elements [i0, i1). */
 static void
 strided(tl_tensor *param, const tl_tensor *grad, float *m, int64_t ms, float *v, int64_t vs, int64_t i0,
-        int64_t i1, const coefs *c)
+        int64_t i1, const tl_adamw_coefs *c)
 {
     const int64_t ps = param->strides[0], gs = grad->strides[0];
     for (int64_t i = i0; i < i1; i++) {
@@ -106,30 +97,10 @@ tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_ten
     if ((st = tl_check_cpu(param, 1)) || (st = tl_check_cpu(grad, 1)) || (st = tl_check_cpu(exp_avg, 1)) ||
         (st = tl_check_cpu(exp_avg_sq, 1)))
         return st;
-    if (!o) return TL_ERR_VALUE;
-    if (!tl_is_float_dtype(param->dtype)) return TL_ERR_DTYPE;
-    if (grad->dtype != param->dtype && grad->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
-    if (exp_avg->dtype != TL_FLOAT32 || exp_avg_sq->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+    tl_adamw_coefs c;
+    if ((st = tl_adamw_setup(param, grad, exp_avg, exp_avg_sq, o, &c))) return st;
     const int64_t n = param->shape[0];
-    if (grad->shape[0] != n || exp_avg->shape[0] != n || exp_avg_sq->shape[0] != n) return TL_ERR_SHAPE;
-    if (!isfinite(o->lr) || !isfinite(o->eps) || !isfinite(o->weight_decay) || !(o->beta1 >= 0.0) ||
-        !(o->beta1 < 1.0) || !(o->beta2 >= 0.0) || !(o->beta2 < 1.0) || o->step < 1)
-        return TL_ERR_VALUE;
     if (n == 0) return TL_OK;
-
-    /* The scalars torch forms in Python (double) and hands to float32 kernels. */
-    const double lr = o->lr, b1 = o->beta1, b2 = o->beta2, step = (double)o->step;
-    const double bc1 = 1.0 - pow(b1, step), bc2 = 1.0 - pow(b2, step);
-    coefs c;
-    c.decay = (float)(1.0 - lr * (double)o->weight_decay);
-    const float w1 = (float)(1.0 - b1);
-    c.lerp_from_m = fabsf(w1) < 0.5f;
-    c.lerp_w = c.lerp_from_m ? w1 : -(1.0f - w1);
-    c.b2 = (float)o->beta2;
-    c.w2 = (float)(1.0 - b2);
-    c.neg_step = (float)(-(lr / bc1));
-    c.bc2_sqrt = (float)sqrt(bc2);
-    c.eps = (float)o->eps;
 
     float *m = exp_avg->data, *v = exp_avg_sq->data;
     const int64_t ms = exp_avg->strides[0], vs = exp_avg_sq->strides[0];
@@ -137,7 +108,7 @@ tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_ten
                        (param->strides[0] == 1 || n == 1) && (grad->strides[0] == 1 || n == 1) &&
                        (ms == 1 || n == 1) && (vs == 1 || n == 1);
     void (*kern)(float *restrict, const float *restrict, float *restrict, float *restrict, int64_t,
-                 const coefs *) = contig_f32;
+                 const tl_adamw_coefs *) = contig_f32;
 #if defined(__x86_64__) || defined(_M_X64)
     const int level = tl_cpu_level();
     if (level >= 2) kern = contig_f32_avx512;

@@ -146,14 +146,14 @@ check_operand(const tl_tensor *t, tl_dtype dt, int64_t rows, int64_t cols, int d
     return TL_OK;
 }
 
-tl_status
-tl_lora_forward_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
-                     const tl_tensor *a, const tl_tensor *b, float scale, float p, uint64_t seed, tl_tensor *y,
-                     tl_tensor *su, tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32,
-                     void *stream)
+/* What forward and backward check alike: x float on ctx's device; w (out x in), a (r x in), b (out x r),
+ * rows_out (N x out: y or dy) and su (N x r) of x's dtype on that device. */
+static tl_status
+check_lora(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *a,
+           const tl_tensor *b, const tl_tensor *rows_out, const tl_tensor *su)
 {
     tl_status st;
-    if (!ctx || !x || !w || !a || !b || !y || !su) return TL_ERR_VALUE;
+    if (!ctx || !x || !w || !a || !b || !rows_out || !su) return TL_ERR_VALUE;
     const int dev = ctx->device_id;
     if ((st = tl_cuda_check_tensor(x, 2, dev))) return st;
     const tl_dtype dt = x->dtype;
@@ -161,9 +161,23 @@ tl_lora_forward_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *
     const int64_t N = x->shape[0], in = x->shape[1], out = w->ndim == 2 ? w->shape[0] : -1,
                   r = a->ndim == 2 ? a->shape[0] : -1;
     if ((st = check_operand(w, dt, out, in, dev)) || (st = check_operand(a, dt, r, in, dev)) ||
-        (st = check_operand(b, dt, out, r, dev)) || (st = check_operand(y, dt, N, out, dev)) ||
+        (st = check_operand(b, dt, out, r, dev)) || (st = check_operand(rows_out, dt, N, out, dev)) ||
         (st = check_operand(su, dt, N, r, dev)))
         return st;
+    return TL_OK;
+}
+
+tl_status
+tl_lora_forward_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                     const tl_tensor *a, const tl_tensor *b, float scale, float p, uint64_t seed, tl_tensor *y,
+                     tl_tensor *su, tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32,
+                     void *stream)
+{
+    tl_status st = check_lora(ctx, x, w, a, b, y, su);
+    if (st) return st;
+    const int dev = ctx->device_id;
+    const tl_dtype dt = x->dtype;
+    const int64_t N = x->shape[0], in = x->shape[1], out = w->shape[0], r = a->shape[0];
     if (bias) {
         if ((st = tl_cuda_check_tensor(bias, 1, dev))) return st;
         if (bias->dtype != dt) return TL_ERR_DTYPE;
@@ -200,18 +214,11 @@ tl_lora_backward_cuda(tl_cuda_context *ctx, const tl_tensor *dy, const tl_tensor
                       uint64_t seed, tl_tensor *dx, tl_tensor *da, tl_tensor *db, tl_tensor *ws,
                       void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32, void *stream)
 {
-    tl_status st;
-    if (!ctx || !dy || !x || !w || !a || !b || !su) return TL_ERR_VALUE;
+    tl_status st = check_lora(ctx, x, w, a, b, dy, su);
+    if (st) return st;
     const int dev = ctx->device_id;
-    if ((st = tl_cuda_check_tensor(x, 2, dev))) return st;
     const tl_dtype dt = x->dtype;
-    if (!tl_is_float_dtype(dt)) return TL_ERR_DTYPE;
-    const int64_t N = x->shape[0], in = x->shape[1], out = w->ndim == 2 ? w->shape[0] : -1,
-                  r = a->ndim == 2 ? a->shape[0] : -1;
-    if ((st = check_operand(w, dt, out, in, dev)) || (st = check_operand(a, dt, r, in, dev)) ||
-        (st = check_operand(b, dt, out, r, dev)) || (st = check_operand(dy, dt, N, out, dev)) ||
-        (st = check_operand(su, dt, N, r, dev)))
-        return st;
+    const int64_t N = x->shape[0], in = x->shape[1], out = w->shape[0], r = a->shape[0];
     if (dx && (st = check_operand(dx, dt, N, in, dev))) return st;
     if (da && (st = check_operand(da, TL_FLOAT32, r, in, dev))) return st;
     if (db && (st = check_operand(db, TL_FLOAT32, out, r, dev))) return st;

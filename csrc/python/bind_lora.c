@@ -15,13 +15,6 @@ check_ws(const tl_arg *ws, int64_t need)
     return -1;
 }
 
-static PyObject *
-finish(tl_status st, const char *op)
-{
-    if (st) return tl_raise_status(st, op);
-    return Py_NewRef(Py_None);
-}
-
 /* dropout(x, out, p, seed, nthreads): out = dropout(x), the mask drawn from seed (tl.h). */
 static PyObject *
 py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -37,14 +30,11 @@ py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (tl_arg_import(tl_cpu_bridge(mod), args[0], &x) < 0 || tl_arg_import(tl_cpu_bridge(mod), args[1], &out) < 0)
         goto fail;
-    if (tl_need_cpu(&x) || tl_need_cpu(&out) || tl_need_ndim(&x, 2) || tl_need_float(&x) ||
-        tl_need_ndim(&out, 2) || tl_need_dtype_f32_or(&out, &x) || tl_need_writable(&out) ||
-        tl_need_size(&out, 0, x.t.shape[0], "x's rows") || tl_need_size(&out, 1, x.t.shape[1], "x's columns"))
-        goto fail;
+    if (tl_need_cpu(&x) || tl_need_cpu(&out) || tl_check_dropout_args(&x, &out) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_dropout_cpu(&x.t, &out.t, p, seed, nthreads);
     Py_END_ALLOW_THREADS
-    ret = finish(st, "tltorch._C.dropout");
+    ret = st ? tl_raise_status(st, "tltorch._C.dropout") : Py_NewRef(Py_None);
 fail:
     tl_arg_release(&x);
     tl_arg_release(&out);
@@ -78,16 +68,14 @@ py_lora_forward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         }
         if (tl_arg_import(br, args[pos[k]], all[k]) < 0 || tl_need_cpu(all[k])) goto fail;
     }
-    if (tl_check_lora_args(&x, &w, &bias, &a, &b) < 0) goto fail;
+    if (tl_check_lora_forward_args(&x, &w, &bias, &a, &b, &y, &su) < 0) goto fail;
     const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
-    if (tl_check_lora_out(&y, &x, N, out, 0) < 0 || tl_check_lora_out(&su, &x, N, r, 0) < 0 ||
-        check_ws(&ws, tl_lora_forward_ws(N, in, out, r, p, x.t.dtype)) < 0)
-        goto fail;
+    if (check_ws(&ws, tl_lora_forward_ws(N, in, out, r, p, x.t.dtype)) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_lora_forward_cpu(&x.t, &w.t, bias.via ? &bias.t : NULL, &a.t, &b.t, scale, p, seed, &y.t, &su.t,
                              ws.via ? &ws.t : NULL, nthreads);
     Py_END_ALLOW_THREADS
-    ret = finish(st, "tltorch._C.lora_forward");
+    ret = st ? tl_raise_status(st, "tltorch._C.lora_forward") : Py_NewRef(Py_None);
 fail:
     for (int k = 0; k < 8; k++) tl_arg_release(all[k]);
     return ret;
@@ -100,7 +88,7 @@ py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_bridge *br = tl_cpu_bridge(mod);
     tl_arg dy = TL_ARG_INIT("dy"), x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), a = TL_ARG_INIT("a"),
            b = TL_ARG_INIT("b"), su = TL_ARG_INIT("su"), dx = TL_ARG_INIT("dx"), da = TL_ARG_INIT("da"),
-           db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"), nobias = TL_ARG_INIT("bias");
+           db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws");
     tl_arg *all[] = {&dy, &x, &w, &a, &b, &su, &dx, &da, &db, &ws};
     const int pos[] = {0, 1, 2, 3, 4, 5, 9, 10, 11, 12};
     PyObject *ret = NULL;
@@ -121,21 +109,14 @@ py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         }
         if (tl_arg_import(br, args[pos[k]], all[k]) < 0 || tl_need_cpu(all[k])) goto fail;
     }
-    if (tl_check_lora_args(&x, &w, &nobias, &a, &b) < 0) goto fail;
+    if (tl_check_lora_backward_args(&dy, &x, &w, &a, &b, &su, &dx, &da, &db) < 0) goto fail;
     const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
-    if (!dy.via || tl_need_ndim(&dy, 2) || tl_need_dtype_of(&dy, &x) || tl_need_size(&dy, 0, N, "x's rows") ||
-        tl_need_size(&dy, 1, out, "w's out_features") || tl_need_ndim(&su, 2) || tl_need_dtype_of(&su, &x) ||
-        tl_need_size(&su, 0, N, "x's rows") || tl_need_size(&su, 1, r, "a's rank"))
-        goto fail;
-    if (tl_check_lora_out(&dx, &x, N, in, 0) < 0 || tl_check_lora_out(&da, &x, r, in, 1) < 0 ||
-        tl_check_lora_out(&db, &x, out, r, 1) < 0 ||
-        check_ws(&ws, tl_lora_backward_ws(N, in, out, r, p, x.t.dtype, dx.via != 0, da.via != 0)) < 0)
-        goto fail;
+    if (check_ws(&ws, tl_lora_backward_ws(N, in, out, r, p, x.t.dtype, dx.via != 0, da.via != 0)) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_lora_backward_cpu(&dy.t, &x.t, &w.t, &a.t, &b.t, &su.t, scale, p, seed, dx.via ? &dx.t : NULL,
                               da.via ? &da.t : NULL, db.via ? &db.t : NULL, ws.via ? &ws.t : NULL, nthreads);
     Py_END_ALLOW_THREADS
-    ret = finish(st, "tltorch._C.lora_backward");
+    ret = st ? tl_raise_status(st, "tltorch._C.lora_backward") : Py_NewRef(Py_None);
 fail:
     for (int k = 0; k < 10; k++) tl_arg_release(all[k]);
     return ret;

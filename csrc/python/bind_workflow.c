@@ -49,46 +49,19 @@ py_pool(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_status st;
 
     if (tl_nargs_is(nargs, 5, "pool(h, mask, mode, out, nthreads)") < 0) return NULL;
-    if (tl_get_int(args[2], "mode", &mode) < 0 || tl_get_threads(args[4], &nthreads) < 0) return NULL;
-    if (mode != TL_POOL_CLS && mode != TL_POOL_MEAN && mode != TL_POOL_MAX) {
-        PyErr_Format(PyExc_ValueError, "argument 'mode' must be 0 (cls), 1 (mean) or 2 (max), got %d", mode);
-        return NULL;
-    }
+    if (tl_get_pool_mode(args[2], &mode) < 0 || tl_get_threads(args[4], &nthreads) < 0) return NULL;
     if (tl_arg_import(br, args[0], &h) < 0 || tl_arg_import(br, args[3], &out) < 0) goto fail;
     if (args[1] != Py_None && tl_arg_import(br, args[1], &mask) < 0) goto fail;
 
     if (tl_need_cpu(&h) || tl_need_cpu(&out) || (mask.via && tl_need_cpu(&mask))) goto fail;
-    if (tl_need_ndim(&h, 3) || tl_need_ndim(&out, 2) || tl_need_float(&h) || tl_need_dtype_f32_or(&out, &h))
+    if (tl_check_pool_args(&h, &mask, &out, mode) < 0 || need_apart(&out, &h) ||
+        (mask.via && need_apart(&out, &mask)))
         goto fail;
-    const int64_t B = h.t.shape[0], T = h.t.shape[1], D = h.t.shape[2];
-    if (tl_need_size(&out, 0, B, "h.shape[0]") || tl_need_size(&out, 1, D, "h.shape[2]") ||
-        tl_need_writable(&out) || need_apart(&out, &h))
-        goto fail;
-    if (mask.via) {
-        const tl_dtype md = mask.t.dtype;
-        if (md != TL_INT64 && md != TL_INT32 && md != TL_UINT8 && md != h.t.dtype) {
-            PyErr_Format(PyExc_TypeError, "argument 'mask' has dtype %s; expected int64, int32, uint8 (bool) "
-                         "or %s (the dtype of 'h')", tl_dtype_name(md), tl_dtype_name(h.t.dtype));
-            goto fail;
-        }
-        if (tl_need_ndim(&mask, 2) || tl_need_size(&mask, 0, B, "h.shape[0]") ||
-            tl_need_size(&mask, 1, T, "h.shape[1]") || need_apart(&out, &mask))
-            goto fail;
-    }
-    if (mode == TL_POOL_CLS && T == 0 && B > 0 && D > 0) {
-        PyErr_SetString(PyExc_ValueError, "argument 'h' has no tokens (h.shape[1] == 0); cls pooling takes "
-                        "the first one");
-        goto fail;
-    }
 
     Py_BEGIN_ALLOW_THREADS
     st = tl_pool_cpu(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, nthreads);
     Py_END_ALLOW_THREADS
-    if (st) {
-        tl_raise_status(st, "tltorch._C.pool");
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = st ? tl_raise_status(st, "tltorch._C.pool") : Py_NewRef(Py_None);
 fail:
     tl_arg_release(&h);
     tl_arg_release(&mask);
@@ -117,20 +90,10 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     for (int k = 0; k < 4; k++)
         if (tl_arg_import(br, args[k], all[k]) < 0) goto fail;
     for (int k = 0; k < 4; k++)
-        if (tl_need_cpu(all[k]) || tl_need_ndim(all[k], 1)) goto fail;
-    if (tl_need_float(&p) || tl_need_dtype_f32_or(&g, &p)) goto fail;
-    for (int k = 2; k < 4; k++)
-        if (all[k]->t.dtype != TL_FLOAT32) {
-            PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 (optimizer state is "
-                         "kept in float32)", all[k]->name, tl_dtype_name(all[k]->t.dtype));
-            goto fail;
-        }
-    const int64_t n = p.t.shape[0];
-    for (int k = 1; k < 4; k++)
-        if (tl_need_size(all[k], 0, n, "param's numel")) goto fail;
+        if (tl_need_cpu(all[k])) goto fail;
+    if (tl_check_adamw_args(&p, &g, &m, &v) < 0) goto fail;
     /* Each element is read and written by one thread: the three outputs must not share memory with
      * each other or with the gradient. */
-    if (tl_need_writable(&p) || tl_need_writable(&m) || tl_need_writable(&v)) goto fail;
     if (need_apart(&p, &m) || need_apart(&p, &v) || need_apart(&m, &v) || need_apart(&p, &g) ||
         need_apart(&m, &g) || need_apart(&v, &g))
         goto fail;
@@ -138,11 +101,7 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     st = tl_adamw_cpu(&p.t, &g.t, &m.t, &v.t, &o, nthreads);
     Py_END_ALLOW_THREADS
-    if (st) {
-        tl_raise_status(st, "tltorch._C.adamw");
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = st ? tl_raise_status(st, "tltorch._C.adamw") : Py_NewRef(Py_None);
 fail:
     for (int k = 0; k < 4; k++) tl_arg_release(all[k]);
     return ret;

@@ -567,6 +567,8 @@ tl_need_cpu(const tl_arg *a)
     return -1;
 }
 
+/* ---- dropout and LoRA ---------------------------------------------------------------------------- */
+
 int
 tl_get_seed(PyObject *o, uint64_t *out)
 {
@@ -595,8 +597,8 @@ tl_get_dropout(PyObject *o, float *out)
     return 0;
 }
 
-int
-tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b)
+static int
+check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b)
 {
     if (tl_need_ndim(x, 2) || tl_need_ndim(w, 2) || tl_need_ndim(a, 2) || tl_need_ndim(b, 2)) return -1;
     if (tl_need_float(x) || tl_need_dtype_of(w, x) || tl_need_dtype_of(a, x) || tl_need_dtype_of(b, x)) return -1;
@@ -611,8 +613,9 @@ tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const t
     return 0;
 }
 
-int
-tl_check_lora_out(const tl_arg *t, const tl_arg *ref, int64_t rows, int64_t cols, int f32)
+/* An output of rows x cols, of ref's dtype or float32 (f32), on ref's device; via == 0: not wanted. */
+static int
+check_lora_out(const tl_arg *t, const tl_arg *ref, int64_t rows, int64_t cols, int f32)
 {
     if (!t->via) return 0;
     if (tl_need_ndim(t, 2) || tl_need_same_device(t, ref) || tl_need_writable(t)) return -1;
@@ -624,7 +627,82 @@ tl_check_lora_out(const tl_arg *t, const tl_arg *ref, int64_t rows, int64_t cols
     return tl_need_size(t, 0, rows, "rows") || tl_need_size(t, 1, cols, "columns") ? -1 : 0;
 }
 
-/* ---- AdamW's hyperparameters -------------------------------------------------------------------- */
+int
+tl_check_lora_forward_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b,
+                           const tl_arg *y, const tl_arg *su)
+{
+    if (check_lora_args(x, w, bias, a, b) < 0) return -1;
+    const int64_t N = x->t.shape[0], out = w->t.shape[0], r = a->t.shape[0];
+    return check_lora_out(y, x, N, out, 0) < 0 || check_lora_out(su, x, N, r, 0) < 0 ? -1 : 0;
+}
+
+int
+tl_check_lora_backward_args(const tl_arg *dy, const tl_arg *x, const tl_arg *w, const tl_arg *a, const tl_arg *b,
+                            const tl_arg *su, const tl_arg *dx, const tl_arg *da, const tl_arg *db)
+{
+    const tl_arg nobias = TL_ARG_INIT("bias");
+    if (check_lora_args(x, w, &nobias, a, b) < 0) return -1;
+    const int64_t N = x->t.shape[0], in = x->t.shape[1], out = w->t.shape[0], r = a->t.shape[0];
+    if (tl_need_ndim(dy, 2) || tl_need_dtype_of(dy, x) || tl_need_size(dy, 0, N, "x's rows") ||
+        tl_need_size(dy, 1, out, "w's out_features") || tl_need_ndim(su, 2) || tl_need_dtype_of(su, x) ||
+        tl_need_size(su, 0, N, "x's rows") || tl_need_size(su, 1, r, "a's rank"))
+        return -1;
+    if (check_lora_out(dx, x, N, in, 0) < 0 || check_lora_out(da, x, r, in, 1) < 0 ||
+        check_lora_out(db, x, out, r, 1) < 0)
+        return -1;
+    return 0;
+}
+
+int
+tl_check_dropout_args(const tl_arg *x, const tl_arg *out)
+{
+    if (tl_need_ndim(x, 2) || tl_need_float(x) || tl_need_ndim(out, 2) || tl_need_dtype_f32_or(out, x) ||
+        tl_need_writable(out) || tl_need_size(out, 0, x->t.shape[0], "x's rows") ||
+        tl_need_size(out, 1, x->t.shape[1], "x's columns"))
+        return -1;
+    return 0;
+}
+
+/* ---- pooling ------------------------------------------------------------------------------------- */
+
+int
+tl_get_pool_mode(PyObject *o, int *mode)
+{
+    if (tl_get_int(o, "mode", mode) < 0) return -1;
+    if (*mode != TL_POOL_CLS && *mode != TL_POOL_MEAN && *mode != TL_POOL_MAX) {
+        PyErr_Format(PyExc_ValueError, "argument 'mode' must be 0 (cls), 1 (mean) or 2 (max), got %d", *mode);
+        return -1;
+    }
+    return 0;
+}
+
+int
+tl_check_pool_args(const tl_arg *h, const tl_arg *mask, const tl_arg *out, int mode)
+{
+    if (tl_need_ndim(h, 3) || tl_need_ndim(out, 2) || tl_need_float(h) || tl_need_dtype_f32_or(out, h)) return -1;
+    const int64_t B = h->t.shape[0], T = h->t.shape[1], D = h->t.shape[2];
+    if (tl_need_size(out, 0, B, "h.shape[0]") || tl_need_size(out, 1, D, "h.shape[2]") || tl_need_writable(out))
+        return -1;
+    if (mask->via) {
+        const tl_dtype md = mask->t.dtype;
+        if (md != TL_INT64 && md != TL_INT32 && md != TL_UINT8 && md != h->t.dtype) {
+            PyErr_Format(PyExc_TypeError, "argument 'mask' has dtype %s; expected int64, int32, uint8 (bool) "
+                         "or %s (the dtype of 'h')", tl_dtype_name(md), tl_dtype_name(h->t.dtype));
+            return -1;
+        }
+        if (tl_need_ndim(mask, 2) || tl_need_size(mask, 0, B, "h.shape[0]") ||
+            tl_need_size(mask, 1, T, "h.shape[1]"))
+            return -1;
+    }
+    if (mode == TL_POOL_CLS && T == 0 && B > 0 && D > 0) {
+        PyErr_SetString(PyExc_ValueError, "argument 'h' has no tokens (h.shape[1] == 0); cls pooling takes "
+                        "the first one");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- AdamW --------------------------------------------------------------------------------------- */
 
 static int
 get_double(PyObject *o, const char *name, double *out)
@@ -678,3 +756,20 @@ tl_get_adamw_opts(PyObject *const *args, tl_adamw_opts *o)
     return 0;
 }
 
+int
+tl_check_adamw_args(const tl_arg *param, const tl_arg *grad, const tl_arg *exp_avg, const tl_arg *exp_avg_sq)
+{
+    const tl_arg *all[] = {param, grad, exp_avg, exp_avg_sq};
+    for (int k = 0; k < 4; k++)
+        if (tl_need_ndim(all[k], 1)) return -1;
+    if (tl_need_float(param) || tl_need_dtype_f32_or(grad, param)) return -1;
+    for (int k = 2; k < 4; k++)
+        if (all[k]->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 (optimizer state is "
+                         "kept in float32)", all[k]->name, tl_dtype_name(all[k]->t.dtype));
+            return -1;
+        }
+    for (int k = 1; k < 4; k++)
+        if (tl_need_size(all[k], 0, param->t.shape[0], "param's numel")) return -1;
+    return tl_need_writable(param) || tl_need_writable(exp_avg) || tl_need_writable(exp_avg_sq) ? -1 : 0;
+}

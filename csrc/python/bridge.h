@@ -71,15 +71,27 @@ int tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, con
                        const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
                        const tl_arg *dw, const tl_arg *db, int reduction);
 
-/* The LoRA kernels' scalar and tensor checks (shared by both modules): seed is an int in [0, 2**64),
- * p a dropout probability in [0, 1). x, w, a, b imported; each optional output may have via == 0. */
+/* The dropout and LoRA kernels' scalar and tensor checks (shared by both modules): seed is an int in
+ * [0, 2**64), p a dropout probability in [0, 1). The tensors imported (bias and the gradients dx, da, db
+ * may have via == 0: none, not wanted); the CPU or the GPU is each module's business, and so are the
+ * workspaces. */
 int tl_get_seed(PyObject *o, uint64_t *out);
 int tl_get_dropout(PyObject *o, float *out);
-int tl_check_lora_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a, const tl_arg *b);
-int tl_check_lora_out(const tl_arg *t, const tl_arg *ref_dtype, int64_t rows, int64_t cols, int f32);
+int tl_check_dropout_args(const tl_arg *x, const tl_arg *out);
+int tl_check_lora_forward_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *a,
+                               const tl_arg *b, const tl_arg *y, const tl_arg *su);
+int tl_check_lora_backward_args(const tl_arg *dy, const tl_arg *x, const tl_arg *w, const tl_arg *a,
+                                const tl_arg *b, const tl_arg *su, const tl_arg *dx, const tl_arg *da,
+                                const tl_arg *db);
 
-/* AdamW's (lr, beta1, beta2, eps, weight_decay, step) from args[0..5], each checked by name. */
+/* pool's mode (0 cls, 1 mean, 2 max) and its tensor checks (mask may have via == 0). */
+int tl_get_pool_mode(PyObject *o, int *mode);
+int tl_check_pool_args(const tl_arg *h, const tl_arg *mask, const tl_arg *out, int mode);
+
+/* AdamW's (lr, beta1, beta2, eps, weight_decay, step) from args[0..5], each checked by name, and its
+ * tensor checks (1-D, float32 states, one length; devices and overlaps are each module's business). */
 int tl_get_adamw_opts(PyObject *const *args, tl_adamw_opts *o);
+int tl_check_adamw_args(const tl_arg *param, const tl_arg *grad, const tl_arg *exp_avg, const tl_arg *exp_avg_sq);
 
 /* tltorch._C's pieces: its module state begins with its bridge; a tensor that is not on the CPU raises
  * ValueError; the method tables of the binding files other than module.c (bind_*.c). */

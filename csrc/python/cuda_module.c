@@ -58,6 +58,15 @@ raise_status(tl_status st, const char *op, const char *layout_hint)
         tl_raise_status(st, op);
 }
 
+/* None, or NULL with raise_status's exception: a binding's last step. */
+static PyObject *
+finish(tl_status st, const char *op, const char *layout_hint)
+{
+    if (!st) return Py_NewRef(Py_None);
+    raise_status(st, op, layout_hint);
+    return NULL;
+}
+
 /* The device's context, created on first use. The GIL is released while CUDA initialises (that can
  * take seconds), so another thread may have got there first: its context wins. */
 static int
@@ -192,13 +201,8 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     st = tl_gemm_cuda(ctx, &a.t, &b.t, bias.via ? &bias.t : NULL, &c.t, alpha, beta, ws_data, ws_bytes,
                       tf32, stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.gemm", "a and b each need a unit stride in one dim and a "
-                     "leading dimension covering the other; c a unit stride in dim 1 and rows at least "
-                     "c.shape[1] apart");
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.gemm", "a and b each need a unit stride in one dim and a leading "
+                 "dimension covering the other; c a unit stride in dim 1 and rows at least c.shape[1] apart");
 fail:
     tl_arg_release(&a);
     tl_arg_release(&b);
@@ -227,11 +231,7 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     st = tl_colsum_cuda(&x.t, &out.t, beta, stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.colsum", NULL);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.colsum", NULL);
 fail:
     tl_arg_release(&x);
     tl_arg_release(&out);
@@ -306,13 +306,9 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                      "ignore_index (%lld)", (long long)bad, (long long)C, (long long)o.ignore_index);
         goto fail;
     }
-    if (st) {
-        raise_status(st, "tltorch._cuda.linear_xent", "x and weight each need a unit stride in one dim and "
-                     "a leading dimension covering the other; dx and dw a unit stride in dim 1 and rows "
-                     "at least as far apart as they are long");
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.linear_xent", "x and weight each need a unit stride in one dim and a "
+                 "leading dimension covering the other; dx and dw a unit stride in dim 1 and rows at least "
+                 "as far apart as they are long");
 fail:
     tl_arg_release(&x);
     tl_arg_release(&w);
@@ -323,8 +319,6 @@ fail:
 }
 
 /* ---- LoRA, dropout, pooling, AdamW ------------------------------------------------------------------ */
-
-/* step: an int >= 1 (of at most 64 bits). */
 
 /* The LoRA workspace: None when need == 0, else a contiguous float32 CUDA vector on x's device of at
  * least `need` elements (lora.cu's use: the dropped x, sv; the CPU's larger sizes do too). */
@@ -350,6 +344,55 @@ lora_workspace(const tl_arg *ws, const tl_arg *x, int64_t need)
     "x, w, a, b and dy each need a unit stride in one dim and a leading dimension covering the other; y, " \
     "su, dx, da and db a unit stride in dim 1 and rows at least as far apart as they are long"
 
+/* What lora_forward and lora_backward take alike besides their tensors, and where they run. */
+typedef struct {
+    float scale, p;
+    uint64_t seed;
+    int tf32;
+    tl_cuda_context *ctx;
+    void *stream, *cws_data;
+    size_t cws_bytes;
+} lora_call;
+
+/* scale, p, seed from args[0..2]; allow_tf32 from tf32. */
+static int
+lora_scalars(PyObject *const *args, PyObject *tf32, lora_call *c)
+{
+    if (tl_get_float(args[0], "scale", &c->scale) < 0 || tl_get_dropout(args[1], &c->p) < 0 ||
+        tl_get_seed(args[2], &c->seed) < 0)
+        return -1;
+    return (c->tf32 = PyObject_IsTrue(tf32)) < 0 ? -1 : 0;
+}
+
+/* req[k] from args[req_pos[k]], opt[k] from args[opt_pos[k]] unless None; then every tensor on x's GPU
+ * but the last two of opt (ws and cublas_ws: their checks come with their sizes). */
+static int
+lora_import(PyObject *mod, PyObject *const *args, tl_arg *const *req, const int *req_pos, size_t nreq,
+            tl_arg *const *opt, const int *opt_pos, size_t nopt, const tl_arg *x)
+{
+    tl_bridge *br = bridge_of(mod);
+    for (size_t k = 0; k < nreq; k++)
+        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) return -1;
+    for (size_t k = 0; k < nopt; k++)
+        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) return -1;
+    if (need_cuda(x)) return -1;
+    for (size_t k = 0; k < nreq; k++)
+        if (req[k] != x && need_cuda_on(req[k], x)) return -1;
+    for (size_t k = 0; k + 2 < nopt; k++)
+        if (opt[k]->via && need_cuda_on(opt[k], x)) return -1;
+    return 0;
+}
+
+/* The workspaces (ws of `need` float32 elements, cws cuBLAS's), x's device's context and stream. */
+static int
+lora_setup(PyObject *mod, const tl_arg *x, const tl_arg *ws, int64_t need, const tl_arg *cws, lora_call *c)
+{
+    if (lora_workspace(ws, x, need) < 0 || cublas_workspace(cws, x, &c->cws_data, &c->cws_bytes) < 0) return -1;
+    return context_for(mod, x->t.device_id, &c->ctx) < 0 || work_stream(x, &c->stream) < 0 ? -1 : 0;
+}
+
+#define COUNT(arr) (sizeof(arr) / sizeof *(arr))
+
 /* dropout(x, out, p, seed): out = dropout(x) (tl.h's mask), in place, on the current stream. */
 static PyObject *
 py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -365,19 +408,12 @@ py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_nargs_is(nargs, 4, "dropout(x, out, p, seed)") < 0) return NULL;
     if (tl_get_dropout(args[2], &p) < 0 || tl_get_seed(args[3], &seed) < 0) return NULL;
     if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
-    if (need_cuda(&x) || need_cuda_on(&out, &x) || tl_need_ndim(&x, 2) || tl_need_float(&x)) goto fail;
-    if (tl_need_ndim(&out, 2) || tl_need_dtype_f32_or(&out, &x) || tl_need_writable(&out) ||
-        tl_need_size(&out, 0, x.t.shape[0], "x's rows") || tl_need_size(&out, 1, x.t.shape[1], "x's columns"))
-        goto fail;
+    if (need_cuda(&x) || need_cuda_on(&out, &x) || tl_check_dropout_args(&x, &out) < 0) goto fail;
     if (work_stream(&x, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_dropout_cuda(&x.t, &out.t, p, seed, stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.dropout", NULL);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.dropout", NULL);
 fail:
     tl_arg_release(&x);
     tl_arg_release(&out);
@@ -389,55 +425,33 @@ fail:
 static PyObject *
 py_lora_forward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    tl_bridge *br = bridge_of(mod);
     tl_arg x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), bias = TL_ARG_INIT("bias"), a = TL_ARG_INIT("a"),
            b = TL_ARG_INIT("b"), y = TL_ARG_INIT("y"), su = TL_ARG_INIT("su"), ws = TL_ARG_INIT("ws"),
            cws = TL_ARG_INIT("cublas_ws");
     tl_arg *req[] = {&x, &w, &a, &b, &y, &su}, *opt[] = {&bias, &ws, &cws};
     const int req_pos[] = {0, 1, 3, 4, 8, 9}, opt_pos[] = {2, 10, 11};
     PyObject *ret = NULL;
-    tl_cuda_context *ctx = NULL;
-    void *stream = NULL, *cws_data = NULL;
-    size_t cws_bytes = 0;
-    float scale, p;
-    uint64_t seed;
-    int tf32;
+    lora_call c = {0};
     tl_status st;
 
     if (tl_nargs_is(nargs, 13, "lora_forward(x, w, bias, a, b, scale, p, seed, y, su, ws, cublas_ws, "
-                    "allow_tf32)") < 0)
+                    "allow_tf32)") < 0 ||
+        lora_scalars(args + 5, args[12], &c) < 0)
         return NULL;
-    if (tl_get_float(args[5], "scale", &scale) < 0 || tl_get_dropout(args[6], &p) < 0 ||
-        tl_get_seed(args[7], &seed) < 0)
-        return NULL;
-    if ((tf32 = PyObject_IsTrue(args[12])) < 0) return NULL;
-    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
-        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) goto fail;
-    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
-        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
-
-    if (need_cuda(&x)) goto fail;
-    for (size_t k = 1; k < sizeof req / sizeof *req; k++)
-        if (need_cuda_on(req[k], &x)) goto fail;
-    if ((bias.via && need_cuda_on(&bias, &x)) || tl_check_lora_args(&x, &w, &bias, &a, &b) < 0) goto fail;
-    const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
-    if (tl_check_lora_out(&y, &x, N, out, 0) < 0 || tl_check_lora_out(&su, &x, N, r, 0) < 0) goto fail;
-    if (lora_workspace(&ws, &x, p > 0.0f ? N * in : 0) < 0) goto fail;
-    if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
-    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &x) < 0 ||
+        tl_check_lora_forward_args(&x, &w, &bias, &a, &b, &y, &su) < 0)
+        goto fail;
+    const int64_t N = x.t.shape[0], in = x.t.shape[1];
+    if (lora_setup(mod, &x, &ws, c.p > 0.0f ? N * in : 0, &cws, &c) < 0) goto fail;
 
     Py_BEGIN_ALLOW_THREADS
-    st = tl_lora_forward_cuda(ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &a.t, &b.t, scale, p, seed, &y.t, &su.t,
-                              ws.via ? &ws.t : NULL, cws_data, cws_bytes, tf32, stream);
+    st = tl_lora_forward_cuda(c.ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &a.t, &b.t, c.scale, c.p, c.seed, &y.t,
+                              &su.t, ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.lora_forward", LORA_LAYOUT_HINT);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.lora_forward", LORA_LAYOUT_HINT);
 fail:
-    for (size_t k = 0; k < sizeof req / sizeof *req; k++) tl_arg_release(req[k]);
-    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    for (size_t k = 0; k < COUNT(req); k++) tl_arg_release(req[k]);
+    for (size_t k = 0; k < COUNT(opt); k++) tl_arg_release(opt[k]);
     return ret;
 }
 
@@ -447,67 +461,36 @@ fail:
 static PyObject *
 py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    tl_bridge *br = bridge_of(mod);
     tl_arg dy = TL_ARG_INIT("dy"), x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), a = TL_ARG_INIT("a"),
            b = TL_ARG_INIT("b"), su = TL_ARG_INIT("su"), dx = TL_ARG_INIT("dx"), da = TL_ARG_INIT("da"),
-           db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"), cws = TL_ARG_INIT("cublas_ws"),
-           nobias = TL_ARG_INIT("bias");
+           db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"), cws = TL_ARG_INIT("cublas_ws");
     tl_arg *req[] = {&dy, &x, &w, &a, &b, &su}, *opt[] = {&dx, &da, &db, &ws, &cws};
     const int req_pos[] = {0, 1, 2, 3, 4, 5}, opt_pos[] = {9, 10, 11, 12, 13};
     PyObject *ret = NULL;
-    tl_cuda_context *ctx = NULL;
-    void *stream = NULL, *cws_data = NULL;
-    size_t cws_bytes = 0;
-    float scale, p;
-    uint64_t seed;
-    int tf32;
+    lora_call c = {0};
     tl_status st;
 
     if (tl_nargs_is(nargs, 15, "lora_backward(dy, x, w, a, b, su, scale, p, seed, dx, da, db, ws, cublas_ws, "
-                    "allow_tf32)") < 0)
+                    "allow_tf32)") < 0 ||
+        lora_scalars(args + 6, args[14], &c) < 0)
         return NULL;
-    if (tl_get_float(args[6], "scale", &scale) < 0 || tl_get_dropout(args[7], &p) < 0 ||
-        tl_get_seed(args[8], &seed) < 0)
-        return NULL;
-    if ((tf32 = PyObject_IsTrue(args[14])) < 0) return NULL;
-    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
-        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) goto fail;
-    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
-        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
-
-    if (need_cuda(&x)) goto fail;
-    for (size_t k = 0; k < sizeof req / sizeof *req; k++)
-        if (req[k] != &x && need_cuda_on(req[k], &x)) goto fail;
-    for (size_t k = 0; k < 3; k++)
-        if (opt[k]->via && need_cuda_on(opt[k], &x)) goto fail;
-    if (tl_check_lora_args(&x, &w, &nobias, &a, &b) < 0) goto fail;
-    const int64_t N = x.t.shape[0], in = x.t.shape[1], out = w.t.shape[0], r = a.t.shape[0];
-    if (tl_need_ndim(&dy, 2) || tl_need_dtype_of(&dy, &x) || tl_need_size(&dy, 0, N, "x's rows") ||
-        tl_need_size(&dy, 1, out, "w's out_features") || tl_need_ndim(&su, 2) || tl_need_dtype_of(&su, &x) ||
-        tl_need_size(&su, 0, N, "x's rows") || tl_need_size(&su, 1, r, "a's rank"))
-        goto fail;
-    if (tl_check_lora_out(&dx, &x, N, in, 0) < 0 || tl_check_lora_out(&da, &x, r, in, 1) < 0 ||
-        tl_check_lora_out(&db, &x, out, r, 1) < 0)
+    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &x) < 0 ||
+        tl_check_lora_backward_args(&dy, &x, &w, &a, &b, &su, &dx, &da, &db) < 0)
         goto fail;
     /* sv (N x r) when dx or da is wanted, and the dropped x (N x in) for da. */
-    const int64_t need = (dx.via || da.via ? N * r : 0) + (da.via && p > 0.0f ? N * in : 0);
-    if (lora_workspace(&ws, &x, need) < 0) goto fail;
-    if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
-    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+    const int64_t N = x.t.shape[0], in = x.t.shape[1], r = a.t.shape[0];
+    const int64_t need = (dx.via || da.via ? N * r : 0) + (da.via && c.p > 0.0f ? N * in : 0);
+    if (lora_setup(mod, &x, &ws, need, &cws, &c) < 0) goto fail;
 
     Py_BEGIN_ALLOW_THREADS
-    st = tl_lora_backward_cuda(ctx, &dy.t, &x.t, &w.t, &a.t, &b.t, &su.t, scale, p, seed, dx.via ? &dx.t : NULL,
-                               da.via ? &da.t : NULL, db.via ? &db.t : NULL, ws.via ? &ws.t : NULL, cws_data,
-                               cws_bytes, tf32, stream);
+    st = tl_lora_backward_cuda(c.ctx, &dy.t, &x.t, &w.t, &a.t, &b.t, &su.t, c.scale, c.p, c.seed,
+                               dx.via ? &dx.t : NULL, da.via ? &da.t : NULL, db.via ? &db.t : NULL,
+                               ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.lora_backward", LORA_LAYOUT_HINT);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.lora_backward", LORA_LAYOUT_HINT);
 fail:
-    for (size_t k = 0; k < sizeof req / sizeof *req; k++) tl_arg_release(req[k]);
-    for (size_t k = 0; k < sizeof opt / sizeof *opt; k++) tl_arg_release(opt[k]);
+    for (size_t k = 0; k < COUNT(req); k++) tl_arg_release(req[k]);
+    for (size_t k = 0; k < COUNT(opt); k++) tl_arg_release(opt[k]);
     return ret;
 }
 
@@ -523,44 +506,15 @@ py_pool(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     int mode;
     tl_status st;
 
-    if (tl_nargs_is(nargs, 4, "pool(h, mask, mode, out)") < 0) return NULL;
-    if (tl_get_int(args[2], "mode", &mode) < 0) return NULL;
-    if (mode != TL_POOL_CLS && mode != TL_POOL_MEAN && mode != TL_POOL_MAX) {
-        PyErr_Format(PyExc_ValueError, "argument 'mode' must be 0 (cls), 1 (mean) or 2 (max), got %d", mode);
-        return NULL;
-    }
+    if (tl_nargs_is(nargs, 4, "pool(h, mask, mode, out)") < 0 || tl_get_pool_mode(args[2], &mode) < 0) return NULL;
     if (tl_arg_import(br, args[0], &h) < 0 || tl_arg_import(br, args[3], &out) < 0) goto fail;
     if (args[1] != Py_None && tl_arg_import(br, args[1], &mask) < 0) goto fail;
     if (need_cuda(&h) || need_cuda_on(&out, &h) || (mask.via && need_cuda_on(&mask, &h))) goto fail;
-    if (tl_need_ndim(&h, 3) || tl_need_float(&h)) goto fail;
-    const int64_t B = h.t.shape[0], T = h.t.shape[1], D = h.t.shape[2];
-    if (mask.via) {
-        const tl_dtype md = mask.t.dtype;
-        if (tl_need_ndim(&mask, 2)) goto fail;
-        if (md != TL_INT64 && md != TL_INT32 && md != TL_UINT8 && md != h.t.dtype) {
-            PyErr_Format(PyExc_TypeError, "argument 'mask' has dtype %s; expected int64, int32, uint8 (bool) "
-                         "or %s (the dtype of 'h')", tl_dtype_name(md), tl_dtype_name(h.t.dtype));
-            goto fail;
-        }
-        if (tl_need_size(&mask, 0, B, "h.shape[0]") || tl_need_size(&mask, 1, T, "h.shape[1]")) goto fail;
-    }
-    if (tl_need_ndim(&out, 2) || tl_need_dtype_f32_or(&out, &h) || tl_need_size(&out, 0, B, "h.shape[0]") ||
-        tl_need_size(&out, 1, D, "h.shape[2]") || tl_need_writable(&out))
-        goto fail;
-    if (mode == TL_POOL_CLS && T == 0 && B > 0 && D > 0) {
-        PyErr_SetString(PyExc_ValueError, "argument 'h' has no tokens (h.shape[1] == 0); cls pooling takes "
-                        "the first one");
-        goto fail;
-    }
-    if (work_stream(&h, &stream) < 0) goto fail;
+    if (tl_check_pool_args(&h, &mask, &out, mode) < 0 || work_stream(&h, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_pool_cuda(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.pool", NULL);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.pool", NULL);
 fail:
     tl_arg_release(&h);
     tl_arg_release(&mask);
@@ -586,35 +540,18 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                     "step)") < 0)
         return NULL;
     if (tl_get_adamw_opts(args + 4, &o) < 0) return NULL;
-    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++)
+    for (size_t k = 0; k < COUNT(ts); k++)
         if (tl_arg_import(br, args[k], ts[k]) < 0) goto fail;
     if (need_cuda(&param)) goto fail;
-    for (size_t k = 1; k < sizeof ts / sizeof *ts; k++)
+    for (size_t k = 1; k < COUNT(ts); k++)
         if (need_cuda_on(ts[k], &param)) goto fail;
-    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++)
-        if (tl_need_ndim(ts[k], 1)) goto fail;
-    if (tl_need_float(&param) || tl_need_dtype_f32_or(&grad, &param)) goto fail;
-    const int64_t n = param.t.shape[0];
-    for (size_t k = 2; k < sizeof ts / sizeof *ts; k++)
-        if (ts[k]->t.dtype != TL_FLOAT32) {
-            PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %s; expected float32 (optimizer state)",
-                         ts[k]->name, tl_dtype_name(ts[k]->t.dtype));
-            goto fail;
-        }
-    for (size_t k = 1; k < sizeof ts / sizeof *ts; k++)
-        if (tl_need_size(ts[k], 0, n, "param.shape[0]")) goto fail;
-    if (tl_need_writable(&param) || tl_need_writable(&m) || tl_need_writable(&v)) goto fail;
-    if (work_stream(&param, &stream) < 0) goto fail;
+    if (tl_check_adamw_args(&param, &grad, &m, &v) < 0 || work_stream(&param, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     st = tl_adamw_cuda(&param.t, &grad.t, &m.t, &v.t, &o, stream);
     Py_END_ALLOW_THREADS
-    if (st) {
-        raise_status(st, "tltorch._cuda.adamw", NULL);
-        goto fail;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = finish(st, "tltorch._cuda.adamw", NULL);
 fail:
-    for (size_t k = 0; k < sizeof ts / sizeof *ts; k++) tl_arg_release(ts[k]);
+    for (size_t k = 0; k < COUNT(ts); k++) tl_arg_release(ts[k]);
     return ret;
 }
 
