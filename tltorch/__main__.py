@@ -1,8 +1,10 @@
-"""python -m tltorch [info|check]
+"""python -m tltorch [info|check|demo]
 
 info   print what this installation can run on (backend_info)
 check  (the default) print backend_info, check tltorch's linear (forward and gradients) against torch
        in float64 on every available device, and time it against torch.nn.functional.linear
+demo   train a classifier on a pretrained sentence encoder three ways (the body re-run every epoch,
+       extract_features + fit_head, LoRA) and compare accuracy and time; `demo --help` for its options
 """
 import argparse
 import statistics
@@ -60,9 +62,13 @@ def check(device: str) -> bool:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from . import demo
+        return demo.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tltorch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="check", choices=["info", "check"])
+    p.add_argument("command", nargs="?", default="check", choices=["info", "check", "demo"])
     args = p.parse_args(argv)
     info = tltorch.backend_info()
     print("tltorch backend_info:")

