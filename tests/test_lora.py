@@ -709,3 +709,23 @@ def test_device_mismatch_names_argument():
         kw[name] = t
         with pytest.raises(ValueError, match=rf"\b{name}\b"):
             lora_linear(x, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_rank_larger_than_outputs_one_k_block(dtype):
+    """out + r <= 384 with r > 192 (out = 10, r = 200): the low-rank K range must share the base's K
+    block. It once took a block of its own, and a float16 dx then summed partials into a workspace that
+    was (rightly) not there: a crash."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 100, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(10, 100, generator=g).to(dtype)
+    a = (torch.randn(200, 100, generator=g) / 10).to(dtype).requires_grad_()
+    b = (torch.randn(10, 200, generator=g) / 10).to(dtype).requires_grad_()
+    y = lora_linear(x, w, None, a, b, scaling=0.5)
+    y.sum().backward()
+    xr, ar, br = (t.detach().double().requires_grad_() for t in (x, a, b))
+    yr = xr @ w.double().T + 0.5 * (xr @ ar.T) @ br.T
+    yr.sum().backward()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for got, ref in ((y, yr), (x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < tol

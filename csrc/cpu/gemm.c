@@ -25,6 +25,9 @@
 #endif
 
 #define KC TL_GEMM_KC
+#ifndef KC_F32
+#define KC_F32 512 /* float32 K blocks (balanced, >= KC: K <= KC is always one block, so needs no ws) */
+#endif
 #define MC_MAX 4032 /* a multiple of every MR below; A's block (6 MB) sits in L3 */
 #define NC_MAX 320 /* a multiple of every NR below */
 #define MR_MAX 12
@@ -463,8 +466,9 @@ check_args(const tl_tensor *a, const tl_tensor *b, const bscale *sc, const tl_te
     return TL_OK;
 }
 
-/* The K blocks: segment 1's in steps of kc_blk; a short segment 2 (at most half a block) rides along in
- * segment 1's last block, so that it costs no extra pass over C; a long one gets blocks of its own. */
+/* The K blocks: segment 1's in equal steps of at most kc_blk; a short segment 2 (at most half a block,
+ * or all of K fitting one block) rides along in segment 1's last block, so that it costs no extra pass
+ * over C; a long one gets blocks of its own. */
 typedef struct {
     int64_t k1, n1; /* [k1, k1+n1) of segment 1 */
     int64_t k2, n2; /* [k2, k2+n2) of segment 2 */
@@ -473,10 +477,12 @@ typedef struct {
 static int64_t
 kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
 {
-    const int ride = K2 > 0 && K2 <= kc_blk / 2 && K1 > 0;
+    const int ride = K2 > 0 && K1 > 0 && (K2 <= kc_blk / 2 || K1 + K2 <= kc_blk); /* K <= KC: one block */
+    /* blocks of equal size, none above kc_blk: as few passes over C as the block size allows */
+    const int64_t nb1 = (K1 + kc_blk - 1) / kc_blk, step = nb1 ? (K1 + nb1 - 1) / nb1 : kc_blk;
     int64_t n = 0;
-    for (int64_t pc = 0; pc < K1; pc += kc_blk, n++) {
-        kblock b = {pc, K1 - pc < kc_blk ? K1 - pc : kc_blk, 0, 0};
+    for (int64_t pc = 0; pc < K1; pc += step, n++) {
+        kblock b = {pc, K1 - pc < step ? K1 - pc : step, 0, 0};
         if (ride && pc + b.n1 == K1) b.n2 = K2;
         if (out) out[n] = b;
     }
@@ -538,7 +544,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
     const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
     /* K blocks of KC floats, or of 2*KC bfloat16 (the same bytes) for the pair kernel: fewer passes
      * over C, and no float32 partials at all for K <= 2*KC. A sliver row holds kstep floats (pairs). */
-    const int64_t kc_blk = pairs ? 2 * KC : KC;
+    const int64_t kc_blk = pairs ? 2 * KC : KC_F32;
     const int64_t nkb = kblocks(K1, K2, kc_blk, NULL);
     kblock *blocks = malloc((size_t)nkb * sizeof *blocks);
     if (!blocks) return TL_ERR_NOMEM;
