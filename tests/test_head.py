@@ -552,6 +552,37 @@ def test_backward_twice_accumulates(reduction, scale, dtype, gen):
         assert torch.equal(t.grad, 2 * g1), f"d{name}: second backward differs from the first"
 
 
+@pytest.mark.parametrize("modified", ["weight", "x", "target"])
+def test_inplace_change_before_recompute_raises(modified, gen):
+    """A backward that recomputes (an upstream gradient other than 1) after an input was changed in
+    place raises as autograd does, instead of differentiating the changed values."""
+    N, D, C = 9, 7, 5
+    x = randn((N, D), torch.float32, gen).requires_grad_()
+    w = randn((C, D), torch.float32, gen).requires_grad_()
+    target = make_target((N,), C, gen)
+    xx = x * 1.0  # a non-leaf, so it can be changed in place
+    loss = lce(xx, w, target)
+    with torch.no_grad():
+        {"weight": w, "x": xx, "target": target}[modified].mul_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.tensor(2.0))
+
+
+def test_create_graph_first_order_only(gen):
+    """backward(create_graph=True) gives the right first-order gradients; differentiating them
+    again raises (the kernel has no second derivative) rather than returning zeros."""
+    N, D, C = 6, 5, 4
+    x = randn((N, D), torch.float32, gen).requires_grad_()
+    w = randn((C, D), torch.float32, gen).requires_grad_()
+    target = make_target((N,), C, gen)
+    (gx,) = torch.autograd.grad(lce(x, w, target), x, create_graph=True)
+    ref, xd, wd, _ = torch_head(x, w, None, target, None, torch.float64)
+    ref.backward()
+    assert_head_close(gx, xd.grad, torch.float32, what="dx under create_graph")
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|twice"):
+        gx.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_thread_count(reduction, dtype, gen):

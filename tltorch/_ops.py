@@ -43,6 +43,38 @@ def cuda_built() -> bool:
         return False
 
 
+def _once_differentiable(fn):
+    """torch.autograd.function.once_differentiable, without its cost on the usual path: backward runs
+    with grad mode off unless create_graph=True, and only then is the wrapper (an error if the returned
+    gradients are differentiated) needed."""
+    slow = torch.autograd.function.once_differentiable(fn)
+
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            return slow(ctx, *grads)
+        return fn(ctx, *grads)
+    backward.__doc__ = fn.__doc__
+    return backward
+
+
+def _keep_for_backward(ctx, *tensors) -> None:
+    """Keeps input tensors for a backward that may not need them (cheaper than save_for_backward on
+    the per-step path of a small head), with their version counters: _kept() raises as autograd does
+    if one was modified in place in between."""
+    ctx.kept = tensors
+    ctx.kept_versions = tuple(None if t is None else t._version for t in tensors)
+
+
+def _kept(ctx):
+    for t, v in zip(ctx.kept, ctx.kept_versions):
+        if t is not None and t._version != v:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {tuple(t.shape)} is at version {t._version}, expected "
+                f"version {v}")
+    return ctx.kept
+
+
 # ---- primitives -------------------------------------------------------------------------------------
 
 _CUBLAS_WS_BYTES = 4 << 20
@@ -436,7 +468,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         nb = nb and bias is not None
         x2, t1 = _flat(x, target)
         ctx.red, ctx.opts, ctx.x_shape = red, (ignore_index, label_smoothing), x.shape
-        ctx.save_for_backward(x2, weight, bias, t1, class_weight)
+        _keep_for_backward(ctx, x2, weight, bias, t1, class_weight)
         ctx.grads = None
         if red == 2:
             loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None, True,
@@ -448,11 +480,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable
     def backward(ctx, g):
         nx, nw, nb = ctx.needs_input_grad[:3]
-        x2, weight, bias, t1, class_weight = ctx.saved_tensors
-        nb = nb and bias is not None
         grads, ctx.grads = ctx.grads, None
         if grads is not None and g.is_cuda:
             # The gradients were computed with the loss: scale them in place by the upstream gradient
@@ -467,11 +497,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Reduction "none", another upstream gradient, or a second backward through a retained
             # graph: recompute with the upstream gradient folded into dz, exactly as the first pass
             # would have (so repeated backward passes agree bit for bit).
+            x2, weight, bias, t1, class_weight = _kept(ctx)
+            nb = nb and bias is not None
             _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, ctx.red,
                                   _upstream_rows(g, t1.shape[0]), False, nx, nw, nb)
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
-        return dx if nx else None, dw if nw else None, db if nb else None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],

@@ -172,6 +172,85 @@ axpy_avx512(float *y, float a, const float *x, int64_t n)
                                                          _mm512_maskz_loadu_ps(k, y + i)));
     }
 }
+/* Blocks of up to SK_RB rows for the few-classes path (C <= SKINNY_C): each 16-float slice of the rows
+ * of x is loaded once and used against every class (and each slice of W once for every row), so the
+ * row pass streams x and W from L1 instead of calling a dot product or axpy per (row, class). Rows and
+ * classes beyond rb and C are clamped duplicates whose results are dropped; a row's sums run in the
+ * same order whatever rb is. */
+#define SK_RB 4
+
+static inline __mmask16
+tail_mask16(int64_t left)
+{
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+/* z[r * SKINNY_C + c] = x_r . w_c for r < rb, c < C */
+__attribute__((target("avx512f"))) static void
+sk_logits_avx512(const float *const *xr, int rb, const float *w, int64_t ldw, int64_t C, int64_t D, float *z)
+{
+    for (int64_t c0 = 0; c0 < C; c0 += 4) {
+        const float *wc[4];
+        for (int j = 0; j < 4; j++) wc[j] = w + (c0 + j < C ? c0 + j : C - 1) * ldw;
+        const float *xp[SK_RB];
+        for (int r = 0; r < SK_RB; r++) xp[r] = xr[r < rb ? r : rb - 1];
+        __m512 acc[SK_RB][4];
+        for (int r = 0; r < SK_RB; r++)
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 k = tail_mask16(D - d);
+            __m512 wv[4];
+            for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(k, wc[j] + d);
+            for (int r = 0; r < SK_RB; r++) {
+                const __m512 xv = _mm512_maskz_loadu_ps(k, xp[r] + d);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+            }
+        }
+        float out[SK_RB][4]; /* constant indices only, so acc stays in registers */
+        for (int r = 0; r < SK_RB; r++)
+            for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+        for (int r = 0; r < rb; r++)
+            for (int j = 0; j < 4 && c0 + j < C; j++) z[r * TL_XENT_SKINNY_C + c0 + j] = out[r][j];
+    }
+}
+
+/* dx_r = sum_c z[r][c] w_c (overwritten) for r < rb */
+__attribute__((target("avx512f"))) static void
+sk_dx_avx512(const float *z, int rb, const float *w, int64_t ldw, int64_t C, int64_t D, float *const *dxr)
+{
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 k = tail_mask16(D - d);
+        __m512 acc[SK_RB];
+        for (int r = 0; r < SK_RB; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(k, w + c * ldw + d);
+            for (int r = 0; r < SK_RB; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(z[(r < rb ? r : 0) * TL_XENT_SKINNY_C + c]), wv, acc[r]);
+        }
+        for (int r = 0; r < SK_RB; r++) /* constant indices only, so acc stays in registers */
+            _mm512_mask_storeu_ps(dxr[r < rb ? r : rb - 1] + d, r < rb ? k : (__mmask16)0, acc[r]);
+    }
+}
+
+/* dw_c += sum_r z[r][c] x_r for c < C (rows r < rb; the rest weigh 0) */
+__attribute__((target("avx512f"))) static void
+sk_dw_avx512(const float *z, int rb, const float *const *xr, int64_t C, int64_t D, float *dw)
+{
+    const float *xp[SK_RB];
+    for (int r = 0; r < SK_RB; r++) xp[r] = xr[r < rb ? r : rb - 1];
+    for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 k = tail_mask16(D - d);
+        __m512 xv[SK_RB];
+        for (int r = 0; r < SK_RB; r++) xv[r] = _mm512_maskz_loadu_ps(k, xp[r] + d);
+        for (int64_t c = 0; c < C; c++) {
+            __m512 acc = _mm512_maskz_loadu_ps(k, dw + c * D + d);
+            for (int r = 0; r < SK_RB; r++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(r < rb ? z[r * TL_XENT_SKINNY_C + c] : 0.0f), xv[r], acc);
+            _mm512_mask_storeu_ps(dw + c * D + d, k, acc);
+        }
+    }
+}
+
 /* The same on AVX2 + FMA: 2^n is built in the exponent bits (n clamped to the normal range, so very
  * negative x gives a tiny normal number times a polynomial < 2 instead of 0: below 2^-125, harmless for
  * a softmax whose largest term is 1). */
@@ -300,11 +379,12 @@ row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *c
     z[t] = -INFINITY;
     const double sum_ex = ops->sumexp(z, C, m);
     z[t] = zt;
-    const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
+    const double et = exp((double)zt - m), sum = sum_ex + et;
     const float wt = cwf ? cwf[t] : 1.0f;
-    const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
+    const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + log(sum);
     double loss = (double)keep * wt * nll;
     if (epsc > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
+        const double logsum = log(sum);
         double sm = 0.0;
         if (cwf)
             for (int64_t c = 0; c < C; c++) sm += (double)cwf[c] * (((double)m - z[c]) + logsum);
@@ -335,6 +415,41 @@ row_scale(const tl_tensor *grad_rows, int64_t i, int reduction, float mean_scale
     const float r = reduction == TL_REDUCE_MEAN ? mean_scale : 1.0f;
     return grad_rows ? r * tl_load_f(grad_rows->data, i * grad_rows->strides[0], grad_rows->dtype) : r;
 }
+
+#ifdef TL_X86
+/* row_loss_grad for a row of C <= 16 classes, held in one vector: the same formulas, with the exps
+ * computed once and reused for dz. */
+__attribute__((target("avx512f"))) static float
+sk_row_avx512(float *z, int64_t C, int64_t t, const float *cwf, float keep, float epsc, float wall, int grads,
+              float s)
+{
+    const __mmask16 k = tail_mask16(C), kt = (__mmask16)(k & ~(1u << t));
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, z);
+    const float m = _mm512_reduce_max_ps(v), zt = z[t];
+    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(v, _mm512_set1_ps(m))));
+    float ev[16];
+    _mm512_storeu_ps(ev, e);
+    const double sum_ex = _mm512_mask_reduce_add_ps(kt, e), et = ev[t], sum = sum_ex + et;
+    const float wt = cwf ? cwf[t] : 1.0f;
+    const double nll = et > 0.0 ? log1p(sum_ex / et) : ((double)m - zt) + log(sum);
+    double loss = (double)keep * wt * nll;
+    if (epsc > 0.0f) {
+        const double logsum = log(sum);
+        double sm = 0.0;
+        for (int64_t c = 0; c < C; c++) sm += (cwf ? (double)cwf[c] : 1.0) * (((double)m - z[c]) + logsum);
+        loss += (double)epsc * sm;
+    }
+    if (grads) {
+        const double wall_eps = (double)epsc * wall;
+        const float sa = s * (float)(((double)keep * wt + wall_eps) / sum);
+        _mm512_mask_storeu_ps(z, k, _mm512_mul_ps(_mm512_set1_ps(sa), e));
+        z[t] = (float)(s * (wall_eps * et - (double)keep * wt * sum_ex) / sum);
+        if (epsc > 0.0f)
+            for (int64_t c = 0; c < C; c++) z[c] -= s * epsc * (cwf ? cwf[c] : 1.0f);
+    }
+    return (float)loss;
+}
+#endif
 
 /* ---- the fused head ----------------------------------------------------------------------------- */
 
@@ -404,11 +519,15 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
 
 /* Few classes (C <= SKINNY_C): one pass over the rows, no GEMM. Each row of x is read once (as float32)
  * for its C dot products, softmax, loss and dz, then dx_i = dz_i W and the row's share of dW and db.
- * dW and db gather in SKINNY_PARTS fixed row ranges and are added in range order at the end, so the
- * result does not depend on the thread count. Scratch (malloc): W and b as float32, and per range
- * C x D + C accumulators and two D-float rows. */
+ * Rows go in blocks of SK_RB (AVX-512) or one at a time. dW and db gather in SKINNY_PARTS fixed row
+ * ranges and are added in range order at the end, so the result does not depend on the thread count.
+ * Scratch (malloc): W as float32 unless it already is with unit column stride, b as float32, and per
+ * range C x D + C accumulators and 2 SK_RB rows of D floats. */
 #define SKINNY_C TL_XENT_SKINNY_C
 #define SKINNY_PARTS 8
+#ifndef SK_RB
+#define SK_RB 1
+#endif
 
 static tl_status
 xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const int64_t *tg,
@@ -417,65 +536,121 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
             int nt, double *total)
 {
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
-    const float keep = 1.0f - o->label_smoothing, epsc = o->label_smoothing / (float)C;
     const int grads = dx || dw || db;
+#ifdef TL_X86
+    const int blocked = tl_cpu_level() >= 2;
+#else
+    const int blocked = 0;
+#endif
+    const int rbmax = blocked ? SK_RB : 1;
     const int64_t parts = N < SKINNY_PARTS * 64 ? (N + 63) / 64 : SKINNY_PARTS;
-    const int64_t per_part = C * D + C + 2 * D;
-    float *wf = malloc(((size_t)(C * D + C) + (size_t)parts * (size_t)per_part + 1) * sizeof(float));
+    const int64_t per_part = C * D + C + 2 * SK_RB * D;
+    const int w_direct = w->dtype == TL_FLOAT32 && (w->strides[1] == 1 || D <= 1);
+    const int64_t wcopy = w_direct ? 0 : C * D;
+    float *wf = malloc(((size_t)(wcopy + C) + (size_t)parts * (size_t)per_part + 1) * sizeof(float));
     double *ploss = malloc(((size_t)parts + 1) * sizeof(double));
     if (!wf || !ploss) {
         free(wf);
         free(ploss);
         return TL_ERR_NOMEM;
     }
-    float *bf = wf + C * D, *acc = bf + C;
-    for (int64_t c = 0; c < C; c++) {
-        for (int64_t d = 0; d < D; d++) wf[c * D + d] = tl_load_f(w->data, c * w->strides[0] + d * w->strides[1], w->dtype);
-        bf[c] = bias ? tl_load_f(bias->data, c * bias->strides[0], bias->dtype) : 0.0f;
+    float *bf = wf + wcopy, *acc = bf + C;
+    const float *wp = wf;
+    int64_t ldw = D;
+    if (w_direct) {
+        wp = (const float *)w->data;
+        ldw = w->strides[0];
+    } else {
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t d = 0; d < D; d++) wf[c * D + d] = tl_load_f(w->data, c * w->strides[0] + d * w->strides[1], w->dtype);
     }
+    for (int64_t c = 0; c < C; c++) bf[c] = bias ? tl_load_f(bias->data, c * bias->strides[0], bias->dtype) : 0.0f;
+    const float keep = 1.0f - o->label_smoothing, epsc = o->label_smoothing / (float)C;
 
-#pragma omp parallel for num_threads(nt) if (nt > 1 && N * D * C >= 65536) schedule(static)
+#pragma omp parallel for num_threads(nt) if (nt > 1 && parts > 1 && N * D * C >= (1 << 17)) schedule(static)
     for (int64_t p = 0; p < parts; p++) {
-        float *pdw = acc + p * per_part, *pdb = pdw + C * D, *xr = pdb + C, *dxr = xr + D;
-        float z[SKINNY_C];
+        float *pdw = acc + p * per_part, *pdb = pdw + C * D, *xbuf = pdb + C, *dxbuf = xbuf + SK_RB * D;
+        float z[SK_RB * SKINNY_C];
         double lsum = 0.0;
         memset(pdw, 0, (size_t)(C * D + C) * sizeof(float));
         const int64_t r0 = N * p / parts, r1 = N * (p + 1) / parts;
-        for (int64_t i = r0; i < r1; i++) {
-            const int64_t t = tg[i]; /* validated; -1: ignored */
-            const float *xi = xr;
-            if (x->dtype == TL_FLOAT32 && x->strides[1] == 1) {
-                xi = (const float *)x->data + i * x->strides[0];
-            } else {
-                for (int64_t d = 0; d < D; d++)
-                    xr[d] = tl_load_f(x->data, i * x->strides[0] + d * x->strides[1], x->dtype);
+        for (int64_t i0 = r0; i0 < r1; i0 += rbmax) {
+            const int rb = (int)(r1 - i0 < rbmax ? r1 - i0 : rbmax);
+            const float *xi[SK_RB];
+            float *dxi[SK_RB];
+            for (int r = 0; r < rb; r++) {
+                const int64_t i = i0 + r;
+                if (x->dtype == TL_FLOAT32 && (x->strides[1] == 1 || D <= 1)) {
+                    xi[r] = (const float *)x->data + i * x->strides[0];
+                } else {
+                    float *xr = xbuf + r * D;
+                    for (int64_t d = 0; d < D; d++)
+                        xr[d] = tl_load_f(x->data, i * x->strides[0] + d * x->strides[1], x->dtype);
+                    xi[r] = xr;
+                }
             }
-            float li = 0.0f;
-            if (t < 0) {
-                for (int64_t c = 0; c < C; c++) z[c] = 0.0f;
-            } else {
-                for (int64_t c = 0; c < C; c++) z[c] = bf[c] + ops->dot(xi, wf + c * D, D);
-                li = row_loss_grad(ops, z, C, t, cwf, keep, epsc, wall, grads,
-                                   row_scale(grad_rows, i, o->reduction, mean_scale));
+#ifdef TL_X86
+            if (blocked)
+                sk_logits_avx512(xi, rb, wp, ldw, C, D, z);
+            else
+#endif
+                for (int r = 0; r < rb; r++)
+                    for (int64_t c = 0; c < C; c++) z[r * SKINNY_C + c] = ops->dot(xi[r], wp + c * ldw, D);
+            for (int r = 0; r < rb; r++) {
+                const int64_t i = i0 + r, t = tg[i]; /* validated; -1: ignored */
+                float *zr = z + r * SKINNY_C, li = 0.0f;
+                if (t < 0) {
+                    for (int64_t c = 0; c < C; c++) zr[c] = 0.0f;
+                } else {
+                    for (int64_t c = 0; c < C; c++) zr[c] += bf[c];
+                    const float sc = row_scale(grad_rows, i, o->reduction, mean_scale);
+#ifdef TL_X86
+                    if (blocked)
+                        li = sk_row_avx512(zr, C, t, cwf, keep, epsc, wall, grads, sc);
+                    else
+#endif
+                        li = row_loss_grad(ops, zr, C, t, cwf, keep, epsc, wall, grads, sc);
+                }
+                lsum += li;
+                if (loss && o->reduction == TL_REDUCE_NONE)
+                    tl_store_f(loss->data, i * loss->strides[0], loss->dtype, li);
             }
-            lsum += li;
-            if (loss && o->reduction == TL_REDUCE_NONE)
-                tl_store_f(loss->data, i * loss->strides[0], loss->dtype, li);
             if (!grads) continue;
             if (dx) {
-                const int direct = dx->dtype == TL_FLOAT32 && dx->strides[1] == 1;
-                float *dxi = direct ? (float *)dx->data + i * dx->strides[0] : dxr;
-                if (D > 0) memset(dxi, 0, (size_t)D * sizeof(float)); /* an empty dx may have no data */
-                for (int64_t c = 0; c < C; c++)
-                    if (z[c] != 0.0f) ops->axpy(dxi, z[c], wf + c * D, D);
+                const int direct = dx->dtype == TL_FLOAT32 && (dx->strides[1] == 1 || D <= 1);
+                for (int r = 0; r < rb; r++)
+                    dxi[r] = direct ? (float *)dx->data + (i0 + r) * dx->strides[0] : dxbuf + r * D;
+                if (D > 0) { /* an empty dx may have no data */
+#ifdef TL_X86
+                    if (blocked)
+                        sk_dx_avx512(z, rb, wp, ldw, C, D, dxi);
+                    else
+#endif
+                        for (int r = 0; r < rb; r++) {
+                            memset(dxi[r], 0, (size_t)D * sizeof(float));
+                            for (int64_t c = 0; c < C; c++)
+                                if (z[r * SKINNY_C + c] != 0.0f) ops->axpy(dxi[r], z[r * SKINNY_C + c], wp + c * ldw, D);
+                        }
+                    for (int r = 0; r < rb; r++)
+                        if (tg[i0 + r] < 0) memset(dxi[r], 0, (size_t)D * sizeof(float)); /* exactly 0 */
+                }
                 if (!direct)
-                    for (int64_t d = 0; d < D; d++)
-                        tl_store_f(dx->data, i * dx->strides[0] + d * dx->strides[1], dx->dtype, dxr[d]);
+                    for (int r = 0; r < rb; r++)
+                        for (int64_t d = 0; d < D; d++)
+                            tl_store_f(dx->data, (i0 + r) * dx->strides[0] + d * dx->strides[1], dx->dtype, dxi[r][d]);
             }
-            for (int64_t c = 0; c < C; c++) {
-                if (dw && z[c] != 0.0f) ops->axpy(pdw + c * D, z[c], xi, D);
-                pdb[c] += z[c];
+            if (dw && D > 0) {
+#ifdef TL_X86
+                if (blocked)
+                    sk_dw_avx512(z, rb, xi, C, D, pdw);
+                else
+#endif
+                    for (int r = 0; r < rb; r++)
+                        for (int64_t c = 0; c < C; c++)
+                            if (z[r * SKINNY_C + c] != 0.0f) ops->axpy(pdw + c * D, z[r * SKINNY_C + c], xi[r], D);
             }
+            for (int r = 0; r < rb; r++)
+                for (int64_t c = 0; c < C; c++) pdb[c] += z[r * SKINNY_C + c];
         }
         ploss[p] = lsum;
     }
@@ -483,12 +658,20 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
     for (int64_t p = 0; p < parts; p++) *total += ploss[p];
     if (dw || db)
         for (int64_t c = 0; c < C; c++) {
-            if (dw)
+            if (dw && parts > 0 && (dw->strides[1] == 1 || D <= 1)) { /* the same sums, unit-stride sweeps */
+                float *dst = (float *)dw->data + c * dw->strides[0];
+                for (int64_t d = 0; d < D; d++) dst[d] = 0.0f + acc[c * D + d];
+                for (int64_t p = 1; p < parts; p++) {
+                    const float *src = acc + p * per_part + c * D;
+                    for (int64_t d = 0; d < D; d++) dst[d] += src[d];
+                }
+            } else if (dw) {
                 for (int64_t d = 0; d < D; d++) {
                     float v = 0.0f;
                     for (int64_t p = 0; p < parts; p++) v += acc[p * per_part + c * D + d];
                     ((float *)dw->data)[c * dw->strides[0] + d * dw->strides[1]] = v;
                 }
+            }
             if (db) {
                 float v = 0.0f;
                 for (int64_t p = 0; p < parts; p++) v += acc[p * per_part + C * D + c];
