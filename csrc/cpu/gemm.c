@@ -109,6 +109,22 @@ ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float 
 #undef PUT
 }
 
+/* The same for a last sliver of at most 16 columns (C = 100 is 3 x 32 + 4): half the work of the full
+ * kernel; tile keeps its NR = 32 row stride and only its first 16 columns are written. */
+__attribute__((target("avx512f"))) static void
+ukernel_avx512_n16(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
+{
+    const float *restrict ap = ap_, *restrict bp = bp_;
+    enum { MR = 12 };
+    __m512 c[MR];
+    for (int r = 0; r < MR; r++) c[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
+        const __m512 b0 = _mm512_loadu_ps(bp);
+        for (int r = 0; r < MR; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[r]), b0, c[r]);
+    }
+    for (int r = 0; r < MR; r++) _mm512_storeu_ps(tile + 32 * r, c[r]);
+}
+
 /* bfloat16 operands packed in pairs along k: ap[k/2][r] and bp[k/2][j] are 32-bit (k, k+1) pairs, and
  * vdpbf16ps adds a[k]*b[k] + a[k+1]*b[k+1] to each float32 lane (bf16 products fit in float32). The
  * instruction reads bfloat16 subnormals (|x| < 1.2e-38) as zero, as torch's own bf16 CPU GEMM does. */
@@ -618,6 +634,10 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                             if (js * nr < nfull)
                                 isa->kernel(kc_kernel, ap, (const float *)b->data + kb.k1 * b->strides[0] + j0 + js * nr,
                                             b->strides[0], tile);
+#ifdef TL_X86
+                            else if (nn <= 16 && isa == &isa_avx512)
+                                ukernel_avx512_n16(kc_kernel, ap, bp + (js - nfull / nr) * nr * kstep, nr, tile);
+#endif
                             else
                                 isa->kernel(kc_kernel, ap, bp + (js - nfull / nr) * nr * kstep, nr, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
@@ -724,7 +744,7 @@ tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias,
         return 0;
     const int m_rows = m->dtype == TL_FLOAT32 && (m->strides[1] == 1 || K == 1);
     /* Unforced, only where packing would dominate: a short side of A, and M already in float32 rows. */
-    if (!force && (N > 16 || !m_rows)) return 0;
+    if (!force && ((N > 64 && R > 128) || !m_rows)) return 0;
     const float *mp = m->data;
     float *copy = NULL;
     int64_t ldm = m->strides[0];
