@@ -554,7 +554,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
     /* With few rows of A, packing B costs as much as multiplying by it: float32 B with contiguous rows
      * is then read in place (full slivers; a partial last sliver is still packed). */
     const int b_direct = !pairs && !sc.t && !a2 && b->dtype == TL_FLOAT32 && (b->strides[1] == 1 || N == 1) &&
-                         M <= 4 * mr;
+                         (M <= 4 * mr || (M <= 128 && N <= 1024));
     /* Row blocks of equal height, so that B is packed as few times as possible. */
     const int64_t nblk_m = (M + MC_MAX - 1) / MC_MAX;
     const int64_t mc_max = ((M + nblk_m - 1) / nblk_m + mr - 1) / mr * mr;
