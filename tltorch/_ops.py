@@ -57,6 +57,23 @@ def _once_differentiable(fn):
     return backward
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
+def _fast_apply(fn_cls):
+    """fn_cls.apply without its Python preamble (a pytree pass over the arguments) where that preamble
+    has nothing to do: no functorch transform active and no functorch-wrapped tensor among the inputs
+    given to check; otherwise the ordinary apply. Saves ~4 us per call of a small head."""
+    c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, fn_cls)
+
+    def apply(*args, check=()):
+        if _transforms_active() or any(t is not None and _is_wrapped(t) for t in check):
+            return fn_cls.apply(*args)
+        return c_apply(*args)
+    return apply
+
+
 def _keep_for_backward(ctx, *tensors) -> None:
     """Keeps input tensors for a backward that may not need them (cheaper than save_for_backward on
     the per-step path of a small head), with their version counters: _kept() raises as autograd does
@@ -482,8 +499,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_once_differentiable
     def backward(ctx, g):
-        nx, nw, nb = ctx.needs_input_grad[:3]
         grads, ctx.grads = ctx.grads, None
+        if grads is not None and not g.is_cuda and g.item() == 1.0:  # the usual case: loss.backward()
+            dx = grads[0]
+            if dx is not None and len(ctx.x_shape) != 2:
+                dx = dx.view(ctx.x_shape)
+            return dx, grads[1], grads[2], None, None, None, None, None
+        nx, nw, nb = ctx.needs_input_grad[:3]
         if grads is not None and g.is_cuda:
             # The gradients were computed with the loss: scale them in place by the upstream gradient
             # (no host sync to look at it) and hand them over (no copy: nothing else holds them).
@@ -491,8 +513,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for t in (dx, dw, db):
                 if t is not None:
                     t.mul_(g.to(t.dtype))
-        elif grads is not None and g.item() == 1.0:
-            dx, dw, db = grads  # the usual case: loss.backward()
         else:
             # Reduction "none", another upstream gradient, or a second backward through a retained
             # graph: recompute with the upstream gradient folded into dz, exactly as the first pass
@@ -506,6 +526,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
+_lce_apply = _fast_apply(_LinearCrossEntropy)
+
+
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                          class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
                          red: int) -> Tensor:
@@ -514,8 +537,8 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
                                                       label_smoothing, red)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return _LinearCrossEntropy.apply(x, weight, bias, target, class_weight, ignore_index,
-                                         label_smoothing, red)
+        return _lce_apply(x, weight, bias, target, class_weight, ignore_index, label_smoothing, red,
+                          check=(x, weight, bias, target, class_weight))
     x2, t1 = _flat(x, target)
     loss = _xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, None, True,
                  False, False, False)[0]
