@@ -681,15 +681,32 @@ tl_qgemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b_scale, i
  * (the j blocks are the outer loop, A's rows stay in cache). It wins when one side is short (a LoRA
  * rank, a small batch through a linear layer) and packing would cost more than the arithmetic. */
 #ifdef TL_X86
+/* [sum a, sum b, sum c, sum d] of four 16-float vectors: halves added, then horizontal pairs. */
+__attribute__((target("avx512f"))) static inline __m128
+reduce4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+    const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+    const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+    const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 __attribute__((target("avx512f"))) static void
 direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const float *a, int64_t lda, const float *m,
              int64_t ldm, float alpha, float beta, const tl_tensor *bias, const tl_tensor *c)
 {
     const int64_t kfull = K / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1u);
+    const int fast = c->dtype == TL_FLOAT32 && c->strides[1] == 1 && beta == 0.0f;
     for (int64_t j = j0; j < j1; j += 4) {
         const float *mr[4];
         for (int q = 0; q < 4; q++) mr[q] = m + (j + q < j1 ? j + q : j1 - 1) * ldm; /* clamped: not stored */
+        float bj[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (bias)
+            for (int u = 0; u < 4 && j + u < j1; u++) bj[u] = tl_load_f(bias->data, (j + u) * bias->strides[0], bias->dtype);
+        const __m128 bv = _mm_loadu_ps(bj);
         for (int64_t i = i0; i < i1; i += 4) {
             const float *ar[4];
             for (int q = 0; q < 4; q++) ar[q] = a + (i + q < i1 ? i + q : i1 - 1) * lda;
@@ -720,10 +737,28 @@ direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const fl
                     for (int q = 0; q < 4; q++) acc[q][u] = _mm512_fmadd_ps(av[q], mv, acc[q][u]);
                 }
             }
+            float sums[4][4];
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) _mm_storeu_ps(sums[q], reduce4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]));
+            if (fast) { /* float32 C with unit column stride, no beta: a row's 1-4 sums in one store */
+                const int64_t nj = j1 - j < 4 ? j1 - j : 4;
+                for (int q = 0; q < 4 && i + q < i1; q++) {
+                    const __m128 v = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(alpha), _mm_loadu_ps(sums[q])), bv);
+                    float *cp = (float *)c->data + (i + q) * c->strides[0] + j;
+                    if (nj == 4) {
+                        _mm_storeu_ps(cp, v);
+                    } else {
+                        float tmp[4];
+                        _mm_storeu_ps(tmp, v);
+                        for (int64_t u = 0; u < nj; u++) cp[u] = tmp[u];
+                    }
+                }
+                continue;
+            }
             for (int q = 0; q < 4 && i + q < i1; q++)
                 for (int u = 0; u < 4 && j + u < j1; u++) {
                     const int64_t off = (i + q) * c->strides[0] + (j + u) * c->strides[1];
-                    float v = alpha * _mm512_reduce_add_ps(acc[q][u]);
+                    float v = alpha * sums[q][u];
                     if (beta != 0.0f) v += beta * tl_load_f(c->data, off, c->dtype);
                     if (bias) v += tl_load_f(bias->data, (j + u) * bias->strides[0], bias->dtype);
                     tl_store_f(c->data, off, c->dtype, v);
