@@ -500,13 +500,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @_once_differentiable
     def backward(ctx, g):
         grads, ctx.grads = ctx.grads, None
-        if grads is not None and not g.is_cuda and g.item() == 1.0:  # the usual case: loss.backward()
-            dx = grads[0]
-            if dx is not None and len(ctx.x_shape) != 2:
-                dx = dx.view(ctx.x_shape)
-            return dx, grads[1], grads[2], None, None, None, None, None
-        nx, nw, nb = ctx.needs_input_grad[:3]
-        if grads is not None and g.is_cuda:
+        if grads is not None and not g.is_cuda and g.item() == 1.0:
+            dx, dw, db = grads  # the usual case: loss.backward()
+        elif grads is not None and g.is_cuda:
             # The gradients were computed with the loss: scale them in place by the upstream gradient
             # (no host sync to look at it) and hand them over (no copy: nothing else holds them).
             dx, dw, db = grads
@@ -517,6 +513,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Reduction "none", another upstream gradient, or a second backward through a retained
             # graph: recompute with the upstream gradient folded into dz, exactly as the first pass
             # would have (so repeated backward passes agree bit for bit).
+            nx, nw, nb = ctx.needs_input_grad[:3]
             x2, weight, bias, t1, class_weight = _kept(ctx)
             nb = nb and bias is not None
             _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, ctx.red,

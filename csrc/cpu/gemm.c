@@ -681,15 +681,19 @@ tl_qgemm_cpu(const tl_tensor *a, const tl_tensor *b, const tl_tensor *b_scale, i
  * (the j blocks are the outer loop, A's rows stay in cache). It wins when one side is short (a LoRA
  * rank, a small batch through a linear layer) and packing would cost more than the arithmetic. */
 #ifdef TL_X86
+/* The two 8-float halves of a vector, added. */
+__attribute__((target("avx512f"))) static inline __m256
+add_halves(__m512 a)
+{
+    return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
 /* [sum a, sum b, sum c, sum d] of four 16-float vectors: halves added, then horizontal pairs. */
 __attribute__((target("avx512f"))) static inline __m128
 reduce4(__m512 a, __m512 b, __m512 c, __m512 d)
 {
-    const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
-    const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
-    const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
-    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(add_halves(a), add_halves(b)),
+                                    _mm256_hadd_ps(add_halves(c), add_halves(d)));
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
@@ -760,7 +764,7 @@ direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const fl
                     const int64_t off = (i + q) * c->strides[0] + (j + u) * c->strides[1];
                     float v = alpha * sums[q][u];
                     if (beta != 0.0f) v += beta * tl_load_f(c->data, off, c->dtype);
-                    if (bias) v += tl_load_f(bias->data, (j + u) * bias->strides[0], bias->dtype);
+                    v += bj[u];
                     tl_store_f(c->data, off, c->dtype, v);
                 }
         }

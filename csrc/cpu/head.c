@@ -622,17 +622,17 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
                     dxi[r] = direct ? (float *)dx->data + (i0 + r) * dx->strides[0] : dxbuf + r * D;
                 if (D > 0) { /* an empty dx may have no data */
 #ifdef TL_X86
-                    if (blocked)
+                    if (blocked) {
                         sk_dx_avx512(z, rb, wp, ldw, C, D, dxi);
-                    else
+                        for (int r = 0; r < rb; r++) /* an ignored row's dx is exactly 0, as below */
+                            if (tg[i0 + r] < 0) memset(dxi[r], 0, (size_t)D * sizeof(float));
+                    } else
 #endif
                         for (int r = 0; r < rb; r++) {
                             memset(dxi[r], 0, (size_t)D * sizeof(float));
                             for (int64_t c = 0; c < C; c++)
                                 if (z[r * SKINNY_C + c] != 0.0f) ops->axpy(dxi[r], z[r * SKINNY_C + c], wp + c * ldw, D);
                         }
-                    for (int r = 0; r < rb; r++)
-                        if (tg[i0 + r] < 0) memset(dxi[r], 0, (size_t)D * sizeof(float)); /* exactly 0 */
                 }
                 if (!direct)
                     for (int r = 0; r < rb; r++)
