@@ -478,6 +478,14 @@ def _upstream_rows(g: Tensor, n: int) -> Tensor:
     return g.reshape(-1).expand(n) if g.dim() == 0 else g.reshape(n)
 
 
+def _scaled_(grads, g: Tensor):
+    """The gradients, each scaled in place by the scalar upstream gradient g (read on the device)."""
+    for t in grads:
+        if t is not None:
+            t.mul_(g.to(t.dtype))
+    return grads
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing, red):
@@ -505,19 +513,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif grads is not None and g.is_cuda:
             # The gradients were computed with the loss: scale them in place by the upstream gradient
             # (no host sync to look at it) and hand them over (no copy: nothing else holds them).
-            dx, dw, db = grads
-            for t in (dx, dw, db):
-                if t is not None:
-                    t.mul_(g.to(t.dtype))
+            dx, dw, db = _scaled_(grads, g)
         else:
             # Reduction "none", another upstream gradient, or a second backward through a retained
-            # graph: recompute with the upstream gradient folded into dz, exactly as the first pass
-            # would have (so repeated backward passes agree bit for bit).
+            # graph: recompute, exactly as the first pass would have, so repeated backward passes agree
+            # bit for bit. On the CPU the upstream gradient is folded into dz; on CUDA a scalar one
+            # scales the gradients afterwards, as the first pass did.
             nx, nw, nb = ctx.needs_input_grad[:3]
             x2, weight, bias, t1, class_weight = _kept(ctx)
             nb = nb and bias is not None
+            after = g.is_cuda and ctx.red != 2
             _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, ctx.red,
-                                  _upstream_rows(g, t1.shape[0]), False, nx, nw, nb)
+                                  None if after else _upstream_rows(g, t1.shape[0]), False, nx, nw, nb)
+            if after:
+                dx, dw, db = _scaled_((dx, dw, db), g)
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, None, None, None, None, None
