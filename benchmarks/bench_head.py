@@ -2,7 +2,7 @@
 
     python benchmarks/bench_head.py [--quick] [--classification] [--vocab] [--repeat N]
                                     [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                                    [--gpu-shapes] [--N 4096 --D 768 --C 30522,50257] [--x-grad]
+                                    [--gpu-shapes] [--N 4096 --D 768 --C 30522,50257] [--x-grad] [--no-bias]
 
 Both sides run forward + backward of the same loss on the same inputs:
     tltorch: tltorch.functional.linear_cross_entropy(x, weight, target, bias).backward()
@@ -91,7 +91,7 @@ def loss_fn(impl):
 def make_step(impl, x, w, b, t):
     """One training step of the head: fresh .grad, forward, backward."""
     f = loss_fn(impl)
-    leaves = [p for p in (x, w, b) if p.requires_grad]
+    leaves = [p for p in (x, w, b) if p is not None and p.requires_grad]
 
     def step():
         for p in leaves:
@@ -240,6 +240,8 @@ def child_vocab(args):
     if cuda:
         torch.cuda.init()
     x, w, b, t = make_inputs(n, d, c, dtype, device, args.x_grad, seed=args.seed)
+    if args.no_bias:
+        b = None
     step = make_step(args.impl, x, w, b, t)
     res = {"impl": args.impl, "N": n, "D": d, "C": c, "dtype": args.dtype, "device": device}
     gc.collect()
@@ -287,7 +289,7 @@ def child_vocab(args):
 def spawn_child(impl, n, d, c, args, dtype_name):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "vocab", "--impl", impl, "--N", str(n),
            "--D", str(d), "--C", str(c), "--dtype", dtype_name, "--device", args.device, "--repeat", "1",
-           "--seed", str(args.seed)] + (["--x-grad"] if args.x_grad else [])
+           "--seed", str(args.seed)] + (["--x-grad"] if args.x_grad else []) + (["--no-bias"] if args.no_bias else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -312,7 +314,7 @@ def bench_vocab(args, dtype):
     cuda = args.device.startswith("cuda")
     what = ("torch.cuda.max_memory_allocated above memory_allocated after inputs+params" if cuda else
             "process RSS high-water mark (VmHWM) above RSS after inputs+params")
-    print(f"\n## Vocabulary head, {dname} on {args.device}, x.grad = {'yes' if args.x_grad else 'no'}: one fwd+bwd "
+    print(f"\n## Vocabulary head, {dname} on {args.device}, x.grad = {'yes' if args.x_grad else 'no'}{', no bias' if args.no_bias else ''}: one fwd+bwd "
           f"per child process, {rounds} round(s) of (torch child, tltorch child) alternating order; "
           f"median time, largest peak")
     print(f"## peak = {what}; the .grad of weight and bias count in both; ratios = tltorch / torch "
@@ -387,6 +389,7 @@ def main():
     p.add_argument("--D", type=int, default=None, help="vocab: features (overrides the preset shapes)")
     p.add_argument("--C", default=None, help="vocab: classes, comma-separated (overrides the preset shapes)")
     p.add_argument("--x-grad", action="store_true", help="vocab: x requires grad too")
+    p.add_argument("--no-bias", action="store_true", help="vocab: a head without bias (as LM heads mostly are)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=["vocab"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["torch", "tltorch"], default=None, help=argparse.SUPPRESS)

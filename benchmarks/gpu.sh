@@ -2,7 +2,7 @@
 # On a machine with a CUDA GPU: build tltorch in place for that GPU, run the CUDA tests, then the GPU
 # benchmarks. Logs go to $OUT (default ./gpu-logs); the end of each step is printed.
 #
-#     bash benchmarks/gpu.sh [build] [tests] [head] [vocab] [lora] [gemm] [sanitize]   (no step: all of them)
+#     bash benchmarks/gpu.sh [build] [tests] [head] [vocab] [vocab-nobias] [vocab-xgrad] [lora] [gemm] [sanitize]   (no step: all of them)
 #
 # Extra pytest arguments for the tests step: TESTS="tests/test_head_cuda.py -k bf16".
 set -uo pipefail
@@ -40,6 +40,10 @@ for s in $steps; do
         step head 200 $PY benchmarks/bench_head.py --device cuda --classification ;;
     vocab)
         step vocab 300 $PY benchmarks/bench_head.py --device cuda --vocab --gpu-shapes ;;
+    vocab-nobias)
+        step vocab-nobias 300 $PY benchmarks/bench_head.py --device cuda --vocab --gpu-shapes --no-bias ;;
+    vocab-xgrad)
+        step vocab-xgrad 300 $PY benchmarks/bench_head.py --device cuda --vocab --gpu-shapes --no-bias --x-grad ;;
     lora)
         step lora 200 $PY benchmarks/bench_lora.py --device cuda --dtype bfloat16 --repeat 30 ;;
     gemm)

@@ -253,10 +253,30 @@ tl_status tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *s
  * so with bfloat16/float16 x the chunk's dZ is rounded to x's dtype, in place, for dX and dW (what
  * torch's own backward feeds its GEMMs); db sums the float32 dZ. The mean's 1/sum_w part of s_i is
  * applied as the GEMMs' alpha and to db at the end, so that float16 dZ is not flushed to zero by it.
- * ws is needed for every C (there is no single-pass path without a workspace here).
+ * ws is needed for every C (there is no single-pass path without a workspace here). dw may also be in
+ * x's dtype where the plan below writes each of its rows once (not with chunks of fewer than N rows).
  * When N > 0 the targets are checked on the device and `stream` is synchronised once, before anything
  * is written (the host needs the verdict): the call cannot be captured in a CUDA graph. */
 #define TL_XENT_CUDA_WS_EXTRA 64
+/* How tl_linear_xent_cuda goes through a batch, from its sizes and ws's (ws_floats elements):
+ *  - rows: chunks of `rows` rows, the CPU's layout above (rows == N: the whole batch at once, which a
+ *    workspace of TL_XENT_CUDA_WS_EXTRA + N * (C + D + 1) floats allows);
+ *  - blocks of classes (block > 0) when the whole batch does not fit but all N rows of `block` >= 64
+ *    classes (or all C) do: each row's statistics (7 floats), dX's float32 accumulator (N x D; only
+ *    when dx_acc: dx is bfloat16/float16) and N x block logits. Each row's log-sum-exp first, then
+ *    the logits are recomputed block by block for the gradients (one more X W^T, in exchange for a
+ *    workspace independent of C and dW written once per class, so in W's dtype if wanted).
+ * With chunks of fewer than N rows dW must be float32 (the chunks add up into it). */
+typedef struct {
+    int64_t rows;           /* rows per chunk; 0 with blocks of classes */
+    int64_t block;          /* classes per block; 0 with chunks of rows */
+    int64_t acc_off, z_off; /* blocks: where dX's accumulator (-1: none) and the logits start in ws */
+} tl_xent_cuda_plan;
+tl_xent_cuda_plan tl_xent_cuda_plan_for(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t ws_floats);
+/* The workspace (floats) to give tl_linear_xent_cuda: the whole batch at once if that fits in
+ * budget_floats, else blocks of classes (at most 4096, fewer if the budget says so), else chunks of rows
+ * within the budget. *dw_narrow: whether dW may then be in W's dtype (else float32). */
+int64_t tl_xent_cuda_workspace(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t budget_floats, int *dw_narrow);
 tl_status tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w,
                               const tl_tensor *bias, const tl_tensor *target, const tl_tensor *class_weight,
                               const tl_xent_opts *opts, const tl_tensor *grad_rows, tl_tensor *loss,

@@ -154,6 +154,31 @@ def test_cuda_head_scaled_and_twice(gen):
         assert torch.equal(t_.grad, 2 * g1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("plan", ["classes", "rows"])
+def test_cuda_head_plans(plan, reduction, dtype, gen, monkeypatch):
+    """The CUDA workspace's budget (_ops._XENT_CUDA_FLOATS) shrunk so that 150 rows x 200 classes go by
+    blocks of classes (64, 64, 64 and 8: two passes, dW written per block in W's dtype, dX accumulated
+    over blocks) or by chunks of a few rows (dW float32, added up over chunks): the CPU twin's results."""
+    from tltorch import _ops
+    N, D, C = 150, 33, 200
+    budget = 1300 + N * 64 if plan == "classes" else 64 + 5 * (C + D + 1)
+    monkeypatch.setattr(_ops, "_XENT_CUDA_FLOATS", budget)
+    acc = dtype is not torch.float32
+    floats, narrow = _ops.cuda_module().xent_workspace(N, D, C, acc, budget + (N * D if acc else 0))
+    assert floats < 64 + N * (C + D + 1) and narrow == (plan == "classes")
+    x = make_x((N,), D, "strided", dtype, gen).requires_grad_()
+    w = make_w(C, D, "t", dtype, gen).requires_grad_()
+    b = randn((C,), dtype, gen).requires_grad_()
+    target = make_target((N,), C, gen, -1, ignore_every=7)
+    check_twins(x, w, b, target, make_class_weight(C, torch.float32, dtype, gen),
+                _grad_out(reduction, target, dtype, gen), what=plan, reduction=reduction,
+                label_smoothing=0.1, ignore_index=-1)
+    check_twins(x, w, None, target, None, _grad_out(reduction, target, dtype, gen), what=plan + " plain",
+                reduction=reduction, ignore_index=-1)
+
+
 # ---- a vocabulary-sized bfloat16 head ----------------------------------------------------------------------
 
 def test_cuda_head_bf16_vocabulary(gen):

@@ -415,8 +415,10 @@ _lora_linear_op.register_autograd(_lora_grad, setup_context=_lora_setup)
 # its backward op (which always recomputes) stand in.
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
-# At most this many float32 logits per chunk of rows (32 MB): the head's working memory.
+# At most this many float32 logits per chunk of rows (32 MB): the head's working memory on the CPU.
 _XENT_CHUNK_FLOATS = 8 << 20
+# On CUDA, the workspace's budget (64 MB; tl.h's tl_xent_cuda_workspace says how it is used).
+_XENT_CUDA_FLOATS = 16 << 20
 _XENT_SKINNY_C = _C.XENT_SKINNY_C
 
 
@@ -443,18 +445,24 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
     dev = x2.device
     loss = torch.empty((n,) if red == 2 else (), dtype=x2.dtype, device=dev) if want_loss else None
     dx = torch.empty((n, d), dtype=x2.dtype, device=dev) if need_x else None
-    dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
     db = torch.empty(c, dtype=torch.float32, device=dev) if need_bias else None
     per_row = c + d + 1
-    rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
     if x2.is_cuda:
         cuda = cuda_module()
-        ws = torch.empty(cuda.XENT_WS_EXTRA + rows * per_row, dtype=torch.float32, device=dev)
+        # The whole batch at once when it fits the budget, else blocks of classes (dW then written once,
+        # in W's dtype), else chunks of rows; dX's float32 accumulator (bfloat16/float16 x) comes on top.
+        acc = need_x and x2.dtype != torch.float32
+        wsn, narrow = cuda.xent_workspace(n, d, c, acc, _XENT_CUDA_FLOATS + (n * d if acc else 0))
+        dw = torch.empty((c, d), dtype=weight.dtype if narrow else torch.float32,
+                         device=dev) if need_weight else None
+        ws = torch.empty(wsn, dtype=torch.float32, device=dev)
         cublas_ws = torch.empty(_CUBLAS_WS_BYTES, dtype=torch.uint8, device=dev)
         cuda.linear_xent(_cublas_ready(x2), _cublas_ready(weight), bias, t1, class_weight, ignore_index,
                          label_smoothing, red, grad_rows, loss, dx, dw, db, ws, cublas_ws,
                          bool(torch.backends.cuda.matmul.allow_tf32))
     else:
+        dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
+        rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
         # With few classes the CPU kernel takes a single pass that needs no workspace.
         ws = _cpu_workspace(rows * per_row) if c > _XENT_SKINNY_C else None
         _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows,

@@ -7,6 +7,9 @@
  *                               db += colsum(dZ);  dZ rounded to x's dtype in place (bf16/f16 x only)
  *                               dX[chunk] = a dZ W;   dW = a dZ^T X[chunk] + (first chunk ? 0 : dW)
  *   at the end:                 db *= a;  the mean or sum of the row losses
+ * or, when the whole batch's logits do not fit in ws but all rows of a block of classes do (tl.h's plan),
+ * by blocks of classes: each row's log-sum-exp over all blocks first, then each block's logits again
+ * for its dz, dW rows (written once), db entries and term of dX (xent_by_classes).
  * where a is the mean's 1/sum_w (1 for sum and none) and dZ carries grad_rows[i] (tl.h's s_i = both).
  *
  * Memory: ws holds a small header (TL_XENT_CUDA_WS_EXTRA floats: the targets' verdict, sum_w, sum_c w_c,
@@ -80,6 +83,38 @@ lse_merge(float &m, float &s, float m2, float s2)
     if (mx == -INFINITY) return;
     s = s * expf(m - mx) + s2 * expf(m2 - mx);
     m = mx;
+}
+
+/* v into a thread's running (max, sum of exp) pair; -inf adds nothing (and -inf - -inf would be NaN). */
+static __device__ __forceinline__ void
+lse_add(float &m, float &s, float v)
+{
+    if (v > m) {
+        s = s * expf(m - v) + 1.0f;
+        m = v;
+    } else if (v != -INFINITY) {
+        s += expf(v - m);
+    }
+}
+
+/* The threads' pairs merged over the block (part_m, part_s: a float per warp of shared memory). Every
+ * thread merges the warps' pairs in the same order: the same (m, s) everywhere, no broadcast. */
+static __device__ __forceinline__ void
+block_lse(float &m, float &s, float *part_m, float *part_s)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int off = 16; off > 0; off >>= 1) {
+        const float m2 = __shfl_xor_sync(FULL_MASK, m, off), s2 = __shfl_xor_sync(FULL_MASK, s, off);
+        lse_merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_s[warp] = s;
+    }
+    __syncthreads();
+    m = -INFINITY;
+    s = 0.0f;
+    for (int k = 0; k < nwarps; k++) lse_merge(m, s, part_m[k], part_s[k]);
 }
 
 /* Butterfly sums over a warp: every lane ends with the same value, added in the same order. */
@@ -175,6 +210,15 @@ typedef struct {
     tl_dtype ldt;
     float keep, epsc, wall; /* 1 - eps, eps / C, sum_c w_c */
     int smooth, grads;      /* eps > 0; write dz */
+    /* By class blocks only: each row's running (max, sum of exp) over the classes seen so far (other
+     * than its target), z_t, and sum_c w_c z_c; after the last block the finalize kernel replaces
+     * m, s, zt by what the gradient kernel reads (m, sa, gt) and fills se. */
+    double *st_zs;
+    float *st_m, *st_s, *st_zt, *st_se;
+    double walld; /* sum_c w_c, unrounded */
+    const void *bias; /* by class blocks: added here (the GEMM writes X W^T alone); NULL: none */
+    int64_t sbias;
+    tl_dtype bdt;
 } row_args;
 
 /* One block per row r of the chunk:
@@ -189,7 +233,6 @@ xent_row_kernel(row_args a)
 {
     __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32];
     __shared__ double part_d[ROW_THREADS / 32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int64_t r = blockIdx.x, C = a.C, row = a.i0 + r;
     float *z = a.z + r * C;
     const int64_t t = load_index(a.target, row * a.st, a.t64);
@@ -209,30 +252,10 @@ xent_row_kernel(row_args a)
      * so that -log p_t = log1p(S'/e_t) and p_t - 1 = -S'/(S' + e_t) stay accurate for confident rows. */
     const float zt = z[t];
 
-    float m = -INFINITY, s = 0.0f;
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-        const float v = c == t ? -INFINITY : z[c];
-        if (v > m) {
-            s = s * expf(m - v) + 1.0f;
-            m = v;
-        } else if (v != -INFINITY) { /* -inf adds nothing (and -inf - -inf would be NaN) */
-            s += expf(v - m);
-        }
-    }
-    for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_xor_sync(FULL_MASK, m, off), s2 = __shfl_xor_sync(FULL_MASK, s, off);
-        lse_merge(m, s, m2, s2);
-    }
-    if (lane == 0) {
-        part_m[warp] = m;
-        part_s[warp] = s;
-    }
-    __syncthreads();
-    /* Every thread merges the warps' pairs in the same order: the same lse everywhere, no broadcast. */
-    float mx = -INFINITY;
-    s = 0.0f;
-    for (int k = 0; k < nwarps; k++) lse_merge(mx, s, part_m[k], part_s[k]);
-    m = fmaxf(mx, zt);
+    float mx = -INFINITY, s = 0.0f;
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) lse_add(mx, s, c == t ? -INFINITY : z[c]);
+    block_lse(mx, s, part_m, part_s);
+    const float m = fmaxf(mx, zt);
     const double sum_ex = mx == -INFINITY ? 0.0 : (double)s * exp((double)mx - m);
     const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
     const float lsum = (float)logsum;
@@ -264,6 +287,111 @@ xent_row_kernel(row_args a)
         a.lrow[r] = (float)li;
         if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, (float)li);
     }
+}
+
+/* ---- the same by blocks of classes (a vocabulary too large for whole rows of logits) -----------------
+ * All N rows at once, Cb classes at a time, in two passes over the classes: the first computes each
+ * row's log-sum-exp (xent_stats_kernel on every block, then xent_finalize_kernel), the second
+ * recomputes each block's logits and turns them into dz (xent_grad_kernel) for the block's dX and dW
+ * GEMMs. dW's rows of a block are written once, by one GEMM over all rows: no float32 accumulator
+ * across chunks, so dW can be written in W's dtype directly. The row's quantities are head.c's. */
+
+/* One block per row: merge the block of classes z[0, cb) (classes c0 + c) into the row's running
+ * (max, sum of exp) over the non-target classes, record z_t when the target is in the block, and add
+ * sum_c w_c z_c (label smoothing). first: the block at c0 = 0 (the running values start empty). */
+static __global__ void __launch_bounds__(ROW_THREADS)
+xent_stats_kernel(row_args a, int64_t c0, int64_t cb, int first)
+{
+    __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32];
+    __shared__ double part_d[ROW_THREADS / 32];
+    const int64_t r = blockIdx.x;
+    const float *z = a.z + r * cb;
+    const int64_t t = load_index(a.target, r * a.st, a.t64);
+    if (t == a.ignore_index || t < 0 || t >= a.C) return; /* uniform over the block */
+    float m = -INFINITY, s = 0.0f;
+    double zs = 0.0;
+    for (int64_t c = threadIdx.x; c < cb; c += blockDim.x) {
+        const float zc = a.bias ? z[c] + load_any(a.bias, (c0 + c) * a.sbias, a.bdt) : z[c];
+        lse_add(m, s, c0 + c == t ? -INFINITY : zc);
+        if (a.smooth) zs += (double)(a.cw ? load_any(a.cw, (c0 + c) * a.scw, a.cwdt) : 1.0f) * zc;
+    }
+    block_lse(m, s, part_m, part_s);
+    if (a.smooth) zs = block_sum(zs, part_d);
+    if (threadIdx.x == 0) {
+        float rm = first ? -INFINITY : a.st_m[r], rs = first ? 0.0f : a.st_s[r];
+        lse_merge(rm, rs, m, s);
+        a.st_m[r] = rm;
+        a.st_s[r] = rs;
+        if (t >= c0 && t < c0 + cb) a.st_zt[r] = a.bias ? z[t - c0] + load_any(a.bias, t * a.sbias, a.bdt) : z[t - c0];
+        if (a.smooth) a.st_zs[r] = (first ? 0.0 : a.st_zs[r]) + zs;
+    }
+}
+
+/* One thread per row, after the last block of the first pass: the row's loss (xent_row_kernel's
+ * formulas; the smoothing term as sum_c w_c (m + lse') - sum_c w_c z_c in double) and the values of its
+ * gradient: st_m <- m, st_s <- sa, st_zt <- gt, st_se <- se. */
+static __global__ void
+xent_finalize_kernel(row_args a, int64_t N)
+{
+    for (int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; r < N; r += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = load_index(a.target, r * a.st, a.t64);
+        if (t == a.ignore_index || t < 0 || t >= a.C) {
+            a.lrow[r] = 0.0f;
+            if (a.loss_none) store_any(a.loss_none, r * a.sloss, a.ldt, 0.0f);
+            continue;
+        }
+        const float mx = a.st_m[r], zt = a.st_zt[r], m = fmaxf(mx, zt);
+        const double sum_ex = mx == -INFINITY ? 0.0 : (double)a.st_s[r] * exp((double)mx - m);
+        const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
+        const float wt = a.cw ? load_any(a.cw, t * a.scw, a.cwdt) : 1.0f;
+        const float si = a.grow ? load_any(a.grow, r * a.sgr, a.grdt) : 1.0f;
+        a.st_m[r] = m;
+        a.st_s[r] = (float)(si * ((double)a.keep * wt + (double)a.epsc * a.wall) / sum);
+        a.st_zt[r] = (float)(si * ((double)a.epsc * a.wall * et - (double)a.keep * wt * sum_ex) / sum);
+        a.st_se[r] = si * a.epsc;
+        const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
+        double li = (double)a.keep * wt * nll;
+        if (a.smooth) li += (double)a.epsc * (a.walld * ((double)m + logsum) - a.st_zs[r]);
+        a.lrow[r] = (float)li;
+        if (a.loss_none) store_any(a.loss_none, r * a.sloss, a.ldt, (float)li);
+    }
+}
+
+/* One block per row: the block's logits z[0, cb) (classes c0 + c) become dz, in place, as
+ * xent_row_kernel writes them; ignored rows get zeros. T = float: float32 dz (row stride cb); else dz
+ * rounded to T in the first half of the row's bytes (row stride 2 cb in T), as narrow_rows_kernel
+ * does: each tile of blockDim.x elements is read before any of it is written. */
+template <typename T>
+static __global__ void __launch_bounds__(ROW_THREADS)
+xent_grad_kernel(row_args a, int64_t c0, int64_t cb)
+{
+    const int64_t r = blockIdx.x;
+    float *z = a.z + r * cb;
+    T *out = reinterpret_cast<T *>(z);
+    const int64_t t = load_index(a.target, r * a.st, a.t64);
+    const int ignored = t == a.ignore_index || t < 0 || t >= a.C; /* uniform over the block */
+    const float m = ignored ? 0.0f : a.st_m[r], sa = ignored ? 0.0f : a.st_s[r];
+    const float gt = ignored ? 0.0f : a.st_zt[r], se = ignored ? 0.0f : a.st_se[r];
+    for (int64_t base = 0; base < cb; base += blockDim.x) {
+        const int64_t c = base + threadIdx.x;
+        float g = 0.0f;
+        if (c < cb && !ignored) {
+            const float v = a.bias ? z[c] + load_any(a.bias, (c0 + c) * a.sbias, a.bdt) : z[c];
+            g = c0 + c == t ? gt : sa * expf(v - m);
+            if (a.smooth) g -= se * (a.cw ? load_any(a.cw, (c0 + c) * a.scw, a.cwdt) : 1.0f);
+        }
+        if (sizeof(T) < sizeof(float)) __syncthreads();
+        if (c < cb) store_f32(out + c, g);
+    }
+}
+
+/* dst = src over an N x D matrix: float32 (row stride D) to a strided matrix of dst's dtype. */
+static __global__ void __launch_bounds__(SCALE_THREADS)
+store_rows_kernel(const float *src, int64_t rows, int64_t cols, void *dst, int64_t s0, int64_t s1, tl_dtype dt)
+{
+    const int64_t n = rows * cols;
+    for (int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (int64_t)gridDim.x * blockDim.x)
+        store_any(dst, (k / cols) * s0 + (k % cols) * s1, dt, src[k]);
 }
 
 /* dz rounded to T in place, one block per row: row r's T values go to the first half of its own bytes
@@ -326,6 +454,85 @@ dz_view(float *z, tl_dtype xdt, int dev, int64_t rows, int64_t C, int transposed
     return transposed ? tl_view2d(z, xdt, TL_CUDA, dev, C, rows, 1, ld) : tl_view2d(z, xdt, TL_CUDA, dev, rows, C, ld, 1);
 }
 
+/* ---- the plan: rows or blocks of classes ------------------------------------------------------------ */
+
+#define XENT_BLOCK_MIN 64    /* fewest classes in a block (and their multiple when there are several) */
+#define XENT_BLOCK_MAX 4096  /* most classes in a block that tl_xent_cuda_workspace asks room for */
+
+static int64_t
+round64(int64_t v)
+{
+    return (v + 63) / 64 * 64;
+}
+
+/* Class blocks' layout after the header: sum_c w_c z_c (N doubles), then m, s, zt, se and the row
+ * losses (N floats each), dX's float32 accumulator (N x D) when dx_acc, then the block's logits. */
+static int64_t
+class_stats_off(void)
+{
+    return TL_XENT_CUDA_WS_EXTRA;
+}
+
+static int64_t
+class_acc_off(int64_t N)
+{
+    return round64(class_stats_off() + 7 * N);
+}
+
+static int64_t
+class_z_off(int64_t N, int64_t D, int dx_acc)
+{
+    return class_acc_off(N) + (dx_acc ? round64(N * D) : 0);
+}
+
+tl_xent_cuda_plan
+tl_xent_cuda_plan_for(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t ws_floats)
+{
+    tl_xent_cuda_plan p = {1, 0, -1, 0};
+    const int64_t per_row = C + D + 1;
+    if (N == 0) return p;
+    if (N <= INT_MAX && ws_floats >= TL_XENT_CUDA_WS_EXTRA + N * per_row) {
+        p.rows = N;
+        return p;
+    }
+    const int64_t z_off = class_z_off(N, D, dx_acc), bmin = C < XENT_BLOCK_MIN ? C : XENT_BLOCK_MIN;
+    if (N <= INT_MAX && ws_floats >= z_off + N * bmin) {
+        int64_t cb = (ws_floats - z_off) / N;
+        cb = cb >= C ? C : cb / XENT_BLOCK_MIN * XENT_BLOCK_MIN;
+        p.rows = 0;
+        p.block = cb;
+        p.acc_off = dx_acc ? class_acc_off(N) : -1;
+        p.z_off = z_off;
+        return p;
+    }
+    int64_t R = (ws_floats - TL_XENT_CUDA_WS_EXTRA) / per_row;
+    if (R > N) R = N;
+    if (R > INT_MAX) R = INT_MAX; /* a grid's x dimension */
+    p.rows = R < 1 ? 1 : R;
+    return p;
+}
+
+int64_t
+tl_xent_cuda_workspace(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t budget_floats, int *dw_narrow)
+{
+    const int64_t per_row = C + D + 1, single = TL_XENT_CUDA_WS_EXTRA + N * per_row;
+    *dw_narrow = 1;
+    if (N == 0 || (single <= budget_floats && N <= INT_MAX)) return single;
+    const int64_t z_off = class_z_off(N, D, dx_acc), bmin = C < XENT_BLOCK_MIN ? C : XENT_BLOCK_MIN;
+    if (N <= INT_MAX && z_off + N * bmin <= budget_floats) {
+        int64_t cb = (budget_floats - z_off) / N;
+        if (cb > XENT_BLOCK_MAX) cb = XENT_BLOCK_MAX;
+        cb = cb >= C ? C : cb / XENT_BLOCK_MIN * XENT_BLOCK_MIN;
+        return z_off + N * cb;
+    }
+    int64_t R = (budget_floats - TL_XENT_CUDA_WS_EXTRA) / per_row;
+    if (R < 1) R = 1;
+    if (R > N) R = N;
+    if (R > INT_MAX) R = INT_MAX;
+    *dw_narrow = R >= N;
+    return TL_XENT_CUDA_WS_EXTRA + R * per_row;
+}
+
 static tl_status
 check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
            const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows,
@@ -374,7 +581,7 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
     }
     if (dw) {
         if ((st = tl_cuda_check_tensor(dw, 2, dev))) return st;
-        if (dw->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+        if (dw->dtype != TL_FLOAT32 && dw->dtype != x->dtype) return TL_ERR_DTYPE;
         if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
     }
     if (db) {
@@ -385,6 +592,9 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
     if (N == 0) return TL_OK; /* no GEMM runs, no workspace is read */
     if (ws->shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) return TL_ERR_VALUE; /* room for one row */
+    /* dW in W's dtype is written once per class: not when chunks of rows add up into it. */
+    const tl_xent_cuda_plan plan = tl_xent_cuda_plan_for(N, D, C, dx && dx->dtype != TL_FLOAT32, ws->shape[0]);
+    if (dw && dw->dtype != TL_FLOAT32 && plan.block == 0 && plan.rows < N) return TL_ERR_DTYPE;
 
     /* Every GEMM of the loop, checked now over all N rows (a chunk's views are the same strides over
      * fewer rows, which tl_gemm_cuda accepts whenever it accepts all of them), so that a layout it
@@ -414,6 +624,111 @@ scale_f32(float *p, int64_t s0, int64_t s1, int64_t rows, int64_t cols, float sc
     if (blocks > 4096) blocks = 4096;
     scale_kernel<<<(unsigned)blocks, SCALE_THREADS, 0, stream>>>(p, s0, s1, rows, cols, scale);
     return tl_cuda_check(cudaGetLastError(), "linear_xent scale kernel launch");
+}
+
+/* The batch by blocks of classes (the plan's block), all N rows at a time: a first pass for each row's
+ * log-sum-exp and loss, and when gradients are wanted a second that recomputes each block's logits
+ * (kept from the first pass when there is one block) and turns them into dz for the block's dW rows
+ * (one GEMM, beta 0), its db entries and its term of dX (beta 1 after the first block; in the float32
+ * accumulator when dx is bfloat16/float16, stored at the end). */
+static tl_status
+xent_by_classes(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, int sum_losses,
+                tl_tensor *dx, tl_tensor *dw, tl_tensor *db, float su, const tl_xent_cuda_plan *plan, row_args ra,
+                float *wsf, xent_header *hdr, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32, void *stream)
+{
+    tl_status st = TL_OK;
+    const int dev = ctx->device_id;
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0], Cb = plan->block;
+    const int64_t nblocks = (C + Cb - 1) / Cb;
+    const cudaStream_t s = (cudaStream_t)stream;
+    const int grads = dx || dw || db;
+    float *const stats = wsf + TL_XENT_CUDA_WS_EXTRA;
+    ra.st_zs = (double *)stats; /* 8-byte aligned: ws is, and the header is 64 floats */
+    ra.st_m = stats + 2 * N;
+    ra.st_s = ra.st_m + N;
+    ra.st_zt = ra.st_s + N;
+    ra.st_se = ra.st_zt + N;
+    ra.lrow = ra.st_se + N;
+    ra.z = wsf + plan->z_off;
+    ra.i0 = 0;
+    float *const acc = dx && dx->dtype != TL_FLOAT32 && nblocks > 1 ? wsf + plan->acc_off : NULL;
+    ra.bias = bias ? bias->data : NULL;
+    ra.sbias = bias ? bias->strides[0] : 0;
+    ra.bdt = bias ? bias->dtype : TL_FLOAT32;
+    /* dz straight in x's dtype when no float32 copy of it is wanted (db sums the float32 dz). */
+    const int fused_narrow = x->dtype != TL_FLOAT32 && !db;
+
+    for (int pass = 1; pass <= (grads ? 2 : 1) && !st; pass++) {
+        for (int64_t c0 = 0; c0 < C && !st; c0 += Cb) {
+            const int64_t cb = C - c0 < Cb ? C - c0 : Cb;
+            const int threads = cb >= ROW_THREADS ? ROW_THREADS : (int)((cb + 31) / 32 * 32);
+            tl_tensor z = tl_view2d(ra.z, TL_FLOAT32, TL_CUDA, dev, N, cb, cb, 1);
+            const tl_tensor wb = tl_row_block(w, c0, cb);
+            if (pass == 1 || nblocks > 1) {
+                const tl_tensor wbt = tl_view2d(wb.data, w->dtype, TL_CUDA, dev, D, cb, w->strides[1], w->strides[0]);
+                if ((st = tl_gemm_cuda(ctx, x, &wbt, NULL, &z, 1.0f, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
+                                       stream)))
+                    break;
+            }
+            if (pass == 1) {
+                xent_stats_kernel<<<(unsigned)N, threads, 0, s>>>(ra, c0, cb, c0 == 0);
+                st = tl_cuda_check(cudaGetLastError(), "linear_xent class-block statistics kernel launch");
+                continue;
+            }
+            if (!fused_narrow)
+                xent_grad_kernel<float><<<(unsigned)N, threads, 0, s>>>(ra, c0, cb);
+            else if (x->dtype == TL_BFLOAT16)
+                xent_grad_kernel<__nv_bfloat16><<<(unsigned)N, threads, 0, s>>>(ra, c0, cb);
+            else
+                xent_grad_kernel<__half><<<(unsigned)N, threads, 0, s>>>(ra, c0, cb);
+            if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent class-block gradient kernel launch"))) break;
+            if (db) {
+                tl_tensor dbb = *db;
+                dbb.data = (float *)db->data + c0 * db->strides[0];
+                dbb.shape[0] = cb;
+                if ((st = tl_colsum_cuda(&z, &dbb, 1.0f, stream))) break;
+            }
+            if (x->dtype != TL_FLOAT32 && !fused_narrow) {
+                if (x->dtype == TL_BFLOAT16)
+                    narrow_rows_kernel<__nv_bfloat16><<<(unsigned)N, NARROW_THREADS, 0, s>>>(ra.z, cb);
+                else
+                    narrow_rows_kernel<__half><<<(unsigned)N, NARROW_THREADS, 0, s>>>(ra.z, cb);
+                if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent rounding kernel launch"))) break;
+            }
+            if (dx) {
+                const tl_tensor dz = dz_view(ra.z, x->dtype, dev, N, cb, 0);
+                tl_tensor out = acc ? tl_view2d(acc, TL_FLOAT32, TL_CUDA, dev, N, D, D, 1) : *dx;
+                if ((st = tl_gemm_cuda(ctx, &dz, &wb, NULL, &out, su, c0 == 0 ? 0.0f : 1.0f, cublas_ws,
+                                       cublas_ws_bytes, allow_tf32, stream)))
+                    break;
+            }
+            if (dw) {
+                const tl_tensor dzt = dz_view(ra.z, x->dtype, dev, N, cb, 1);
+                tl_tensor dwb = tl_row_block(dw, c0, cb);
+                if ((st = tl_gemm_cuda(ctx, &dzt, x, NULL, &dwb, su, 0.0f, cublas_ws, cublas_ws_bytes, allow_tf32,
+                                       stream)))
+                    break;
+            }
+        }
+        if (!st && pass == 1) {
+            int64_t blocks = (N + 255) / 256;
+            if (blocks > 4096) blocks = 4096;
+            xent_finalize_kernel<<<(unsigned)blocks, 256, 0, s>>>(ra, N);
+            st = tl_cuda_check(cudaGetLastError(), "linear_xent class-block loss kernel launch");
+            if (!st && sum_losses) {
+                add_losses_kernel<<<1, SUM_THREADS, 0, s>>>(ra.lrow, N, hdr);
+                st = tl_cuda_check(cudaGetLastError(), "linear_xent loss sum kernel launch");
+            }
+        }
+    }
+    if (!st && acc) {
+        int64_t blocks = (N * D + SCALE_THREADS - 1) / SCALE_THREADS;
+        if (blocks > 4096) blocks = 4096;
+        store_rows_kernel<<<(unsigned)blocks, SCALE_THREADS, 0, s>>>(acc, N, D, dx->data, dx->strides[0],
+                                                                     dx->strides[1], dx->dtype);
+        st = tl_cuda_check(cudaGetLastError(), "linear_xent dx store kernel launch");
+    }
+    return st;
 }
 
 tl_status
@@ -470,11 +785,8 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
         if (dw && N == 0 && (st = scale_f32((float *)dw->data, dw->strides[0], dw->strides[1], C, D, 0.0f, s)))
             goto done;
 
-        const int64_t per_row = C + D + 1;
-        int64_t R = N > 0 ? (ws->shape[0] - TL_XENT_CUDA_WS_EXTRA) / per_row : 1;
-        if (R > N) R = N;
-        if (R > INT_MAX) R = INT_MAX; /* a grid's x dimension */
-        if (R < 1) R = 1;
+        const tl_xent_cuda_plan plan = tl_xent_cuda_plan_for(N, D, C, dx && dx->dtype != TL_FLOAT32, ws->shape[0]);
+        const int64_t R = plan.rows;
         float *zbuf = wsf + TL_XENT_CUDA_WS_EXTRA; /* R x C logits, then dz */
         float *lrow = zbuf + R * C + R * D;        /* R row losses (R x D between them: unused here) */
         const tl_tensor wt = tl_view2d(w->data, w->dtype, TL_CUDA, dev, D, C, w->strides[1], w->strides[0]); /* W^T */
@@ -503,8 +815,13 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
         ra.wall = (float)wall;
         ra.smooth = eps > 0.0f;
         ra.grads = grads;
+        ra.walld = wall;
 
-        for (int64_t i0 = 0; i0 < N; i0 += R) {
+        if (plan.block > 0 &&
+            (st = xent_by_classes(ctx, x, w, bias, loss && reduce, dx, dw, db, su, &plan, ra, wsf, hdr, cublas_ws,
+                                  cublas_ws_bytes, allow_tf32, stream)))
+            goto done;
+        for (int64_t i0 = 0; plan.block == 0 && i0 < N; i0 += R) {
             const int64_t rows = N - i0 < R ? N - i0 : R;
             const tl_tensor xr = tl_row_block(x, i0, rows);
             tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CUDA, dev, rows, C, C, 1);

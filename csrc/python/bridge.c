@@ -516,7 +516,7 @@ tl_get_xent_opts(PyObject *ignore_index, PyObject *label_smoothing, PyObject *re
 int
 tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *target,
                    const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
-                   const tl_arg *dw, const tl_arg *db, int reduction)
+                   const tl_arg *dw, const tl_arg *db, int reduction, int dw_of_x)
 {
     if (tl_need_ndim(x, 2) || tl_need_ndim(w, 2) || tl_need_ndim(target, 1)) return -1;
     if (tl_need_float(x) || tl_need_dtype_of(w, x) || tl_need_index(target)) return -1;
@@ -547,8 +547,11 @@ tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const t
     for (int k = 0; k < 2; k++) {
         const tl_arg *g = k ? db : dw;
         if (!g->via) continue;
-        if (g->t.dtype != TL_FLOAT32) {
-            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)", g->name);
+        if (!k && dw_of_x && g->t.dtype == x->t.dtype) {
+            /* in W's dtype: allowed where the kernel writes each row of dW once (tl.h) */
+        } else if (g->t.dtype != TL_FLOAT32) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 (an accumulator)%s", g->name,
+                         !k && dw_of_x ? " or of x's dtype" : "");
             return -1;
         }
         if (tl_need_ndim(g, k ? 1 : 2) || tl_need_size(g, 0, C, "classes") ||

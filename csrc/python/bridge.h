@@ -64,12 +64,13 @@ int tl_check_gemm_args(const tl_arg *a, const tl_arg *b, const tl_arg *c, const 
 int tl_check_colsum_args(const tl_arg *x, const tl_arg *out);
 
 /* linear_xent's options from (ignore_index, label_smoothing, reduction) and its tensor checks (the
- * tensors imported and on one device; the workspace is each module's own business). */
+ * tensors imported and on one device; the workspace is each module's own business). dw: float32, or
+ * also x's dtype when dw_of_x (CUDA, which says itself when its plan allows that). */
 int tl_get_xent_opts(PyObject *ignore_index, PyObject *label_smoothing, PyObject *reduction,
                      tl_xent_opts *o);
 int tl_check_xent_args(const tl_arg *x, const tl_arg *w, const tl_arg *bias, const tl_arg *target,
                        const tl_arg *cw, const tl_arg *grow, const tl_arg *loss, const tl_arg *dx,
-                       const tl_arg *dw, const tl_arg *db, int reduction);
+                       const tl_arg *dw, const tl_arg *db, int reduction, int dw_of_x);
 
 /* The dropout and LoRA kernels' scalar and tensor checks (shared by both modules): seed is an int in
  * [0, 2**64), p a dropout probability in [0, 1). The tensors imported (bias and the gradients dx, da, db

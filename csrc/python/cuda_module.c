@@ -280,7 +280,7 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (opt[k]->via && need_cuda_on(opt[k], &x)) goto fail;
-    if (tl_check_xent_args(&x, &w, &bias, &target, &cw, &grow, &loss, &dx, &dw, &db, o.reduction) < 0 ||
+    if (tl_check_xent_args(&x, &w, &bias, &target, &cw, &grow, &loss, &dx, &dw, &db, o.reduction, 1) < 0 ||
         (ws.via && tl_need_ndim(&ws, 1)))
         goto fail;
     const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
@@ -304,6 +304,11 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (st == TL_ERR_INDEX) {
         PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
                      "ignore_index (%lld)", (long long)bad, (long long)C, (long long)o.ignore_index);
+        goto fail;
+    }
+    if (st == TL_ERR_DTYPE && dw.via && dw.t.dtype != TL_FLOAT32) {
+        PyErr_SetString(PyExc_TypeError, "argument 'dw' must be float32 with this workspace: chunks of rows add "
+                        "up into it (xent_workspace says when it may be in x's dtype)");
         goto fail;
     }
     ret = finish(st, "tltorch._cuda.linear_xent", "x and weight each need a unit stride in one dim and a "
@@ -590,6 +595,30 @@ py_device_name(PyObject *mod, PyObject *arg)
     return PyUnicode_FromString(name);
 }
 
+/* xent_workspace(N, D, C, dx_acc, budget) -> (floats, dw_narrow): linear_xent's workspace for these sizes
+ * within budget float32 elements where it can, and whether dw may then be in x's dtype (tl.h). */
+static PyObject *
+py_xent_workspace(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long v[5];
+    if (tl_nargs_is(nargs, 5, "xent_workspace(N, D, C, dx_acc, budget)") < 0) return NULL;
+    for (int k = 0; k < 5; k++) {
+        v[k] = PyLong_AsLongLong(args[k]);
+        if (v[k] == -1 && PyErr_Occurred()) return NULL;
+        if (v[k] < 0) {
+            PyErr_SetString(PyExc_ValueError, "xent_workspace: sizes must be >= 0");
+            return NULL;
+        }
+    }
+    if (v[2] < 1 || v[4] < 1) {
+        PyErr_SetString(PyExc_ValueError, "xent_workspace: C and budget must be >= 1");
+        return NULL;
+    }
+    int narrow = 0;
+    const int64_t n = tl_xent_cuda_workspace(v[0], v[1], v[2], v[3] != 0, v[4], &narrow);
+    return Py_BuildValue("(LO)", (long long)n, narrow ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
      "gemm(a, b, c, bias, ws, alpha, beta, allow_tf32): c = alpha*a@b + beta*c + bias, in place, with "
@@ -600,6 +629,10 @@ static PyMethodDef methods[] = {
      "linear_xent(x, w, bias, target, class_weight, ignore_index, label_smoothing, reduction, grad_rows, "
      "loss, dx, dw, db, ws, cublas_ws, allow_tf32): the fused linear + cross-entropy head, in place, on "
      "the current stream; ws: float32 of " XSTR(TL_XENT_CUDA_WS_EXTRA) " + rows * (C + D + 1) elements."},
+    {"xent_workspace", (PyCFunction)(void (*)(void))py_xent_workspace, METH_FASTCALL,
+     "xent_workspace(N, D, C, dx_acc, budget) -> (floats, dw_narrow): linear_xent's float32 workspace for "
+     "these sizes within budget elements where it can (the whole batch, else blocks of classes, else "
+     "chunks of rows), and whether dw may then be in x's dtype; dx_acc: dx is bfloat16/float16."},
     {"dropout", (PyCFunction)(void (*)(void))py_dropout, METH_FASTCALL,
      "dropout(x, out, p, seed): out = dropout(x) with the counter-based mask of tl.h (element i*D + k of x "
      "(N, D) kept iff hash(seed, i*D + k) >= p * 2**32, kept elements scaled by 1/(1-p)), in place, on the "

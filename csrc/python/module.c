@@ -237,7 +237,7 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (need_cpu(&x) || need_cpu(&w) || need_cpu(&target) || (ws.via && need_cpu(&ws))) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
         if (opt[k]->via && need_cpu(opt[k])) goto fail;
-    if (tl_check_xent_args(&x, &w, &bias, &target, &cw, &grow, &loss, &dx, &dw, &db, o.reduction) < 0 ||
+    if (tl_check_xent_args(&x, &w, &bias, &target, &cw, &grow, &loss, &dx, &dw, &db, o.reduction, 0) < 0 ||
         (ws.via && tl_need_ndim(&ws, 1)))
         goto fail;
     const int64_t N = x.t.shape[0], D = x.t.shape[1], C = w.t.shape[0];
