@@ -52,6 +52,12 @@ struct tl_cuda_context {
     const tl_cublas_api *cublas; /* the loaded library's entry points */
     cublasHandle_t blas;         /* created on device_id */
     pthread_mutex_t lock;        /* a call sets the handle's stream and workspace, then runs: one at a time */
+    /* What the handle was last given (under lock), so that a call on the same stream with the same
+     * workspace makes no cublasSetStream / cublasSetWorkspace calls (each a host cost on every GEMM). */
+    int bound;
+    cudaStream_t bound_stream;
+    void *bound_ws;
+    size_t bound_ws_bytes;
 };
 
 /* TL_OK when the call succeeded; otherwise the failure becomes this thread's tl_cuda_last_error()

@@ -47,12 +47,47 @@ fill_kernel(TC *c, int64_t ldc, const TB *bias, int64_t sbias, int64_t M, int64_
     }
 }
 
+/* C = bias (beta = 0) 16 bytes per thread: each thread packs its V = 16 / sizeof(TC) entries of the bias
+ * once and stores them down its rows (c 16-byte aligned, ldc and N multiples of V). */
+template <typename TC, typename TB>
+static __global__ void __launch_bounds__(FILL_THREADS)
+fill_vec_kernel(TC *c, int64_t ldc, const TB *bias, int64_t sbias, int64_t M, int64_t N)
+{
+    constexpr int V = 16 / sizeof(TC);
+    const int64_t j0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (j0 >= N) return;
+    uint4 pk;
+    TC *e = reinterpret_cast<TC *>(&pk);
+#pragma unroll
+    for (int v = 0; v < V; v++) store_f32(e + v, bias ? load_f32(bias + (j0 + v) * sbias) : 0.0f);
+    for (int64_t i = blockIdx.y; i < M; i += gridDim.y) *reinterpret_cast<uint4 *>(c + i * ldc + j0) = pk;
+}
+
 template <typename TC>
 static void
 fill_launch(TC *c, int64_t ldc, const tl_tensor *bias, int64_t M, int64_t N, float beta, dim3 grid,
             cudaStream_t stream)
 {
     const int64_t sb = bias ? bias->strides[0] : 0;
+    constexpr int V = 16 / sizeof(TC);
+    if (beta == 0.0f && (uintptr_t)c % 16 == 0 && ldc % V == 0 && N % V == 0) {
+        const dim3 vgrid((unsigned)((N / V + FILL_THREADS - 1) / FILL_THREADS), grid.y);
+        switch (bias ? bias->dtype : TL_FLOAT32) {
+        case TL_BFLOAT16:
+            fill_vec_kernel<TC, __nv_bfloat16><<<vgrid, FILL_THREADS, 0, stream>>>(
+                c, ldc, (const __nv_bfloat16 *)bias->data, sb, M, N);
+            break;
+        case TL_FLOAT16:
+            fill_vec_kernel<TC, __half><<<vgrid, FILL_THREADS, 0, stream>>>(c, ldc, (const __half *)bias->data, sb,
+                                                                          M, N);
+            break;
+        default:
+            fill_vec_kernel<TC, float><<<vgrid, FILL_THREADS, 0, stream>>>(
+                c, ldc, bias ? (const float *)bias->data : (const float *)NULL, sb, M, N);
+            break;
+        }
+        return;
+    }
     switch (bias ? bias->dtype : TL_FLOAT32) {
     case TL_BFLOAT16:
         fill_kernel<TC, __nv_bfloat16><<<grid, FILL_THREADS, 0, stream>>>(
@@ -266,11 +301,22 @@ tl_gemm_cuda(tl_cuda_context *ctx, const tl_tensor *a, const tl_tensor *b, const
         const tl_cublas_api *cublas = ctx->cublas;
         cublasHandle_t h = ctx->blas;
         pthread_mutex_lock(&ctx->lock);
-        /* cublasSetStream resets the workspace to the handle's default pool: stream first. */
-        st = tl_cublas_check(cublas, cublas->cublasSetStream_v2(h, s), "cublasSetStream");
-        if (!st && cublas_ws)
-            st = tl_cublas_check(cublas, cublas->cublasSetWorkspace_v2(h, cublas_ws, cublas_ws_bytes),
-                                 "cublasSetWorkspace");
+        /* cublasSetStream resets the workspace to the handle's default pool: stream first. Only this
+         * file's calls use the handle, so what it was last given still holds. */
+        if (!(ctx->bound && ctx->bound_stream == s && ctx->bound_ws == cublas_ws &&
+              ctx->bound_ws_bytes == (cublas_ws ? cublas_ws_bytes : 0))) {
+            ctx->bound = 0;
+            st = tl_cublas_check(cublas, cublas->cublasSetStream_v2(h, s), "cublasSetStream");
+            if (!st && cublas_ws)
+                st = tl_cublas_check(cublas, cublas->cublasSetWorkspace_v2(h, cublas_ws, cublas_ws_bytes),
+                                     "cublasSetWorkspace");
+            if (!st) {
+                ctx->bound = 1;
+                ctx->bound_stream = s;
+                ctx->bound_ws = cublas_ws;
+                ctx->bound_ws_bytes = cublas_ws ? cublas_ws_bytes : 0;
+            }
+        }
         /* C^T[N,M] = B^T[N,K] @ A^T[K,M]: B is cuBLAS's first operand, A its second. */
         if (!st)
             st = tl_cublas_check(cublas,
