@@ -446,7 +446,6 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
     loss = torch.empty((n,) if red == 2 else (), dtype=x2.dtype, device=dev) if want_loss else None
     dx = torch.empty((n, d), dtype=x2.dtype, device=dev) if need_x else None
     db = torch.empty(c, dtype=torch.float32, device=dev) if need_bias else None
-    per_row = c + d + 1
     if x2.is_cuda:
         cuda = cuda_module()
         # The whole batch at once when it fits the budget, else blocks of classes (dW then written once,
@@ -462,6 +461,7 @@ def _xent(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t1: Tensor, class_
                          bool(torch.backends.cuda.matmul.allow_tf32))
     else:
         dw = torch.empty((c, d), dtype=torch.float32, device=dev) if need_weight else None
+        per_row = c + d + 1
         rows = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
         # With few classes the CPU kernel takes a single pass that needs no workspace.
         ws = _cpu_workspace(rows * per_row) if c > _XENT_SKINNY_C else None

@@ -63,44 +63,31 @@ fill_vec_kernel(TC *c, int64_t ldc, const TB *bias, int64_t sbias, int64_t M, in
     for (int64_t i = blockIdx.y; i < M; i += gridDim.y) *reinterpret_cast<uint4 *>(c + i * ldc + j0) = pk;
 }
 
+/* One launch of C = beta * C + bias: 16 bytes per thread where C allows it (beta = 0, aligned rows). */
+template <typename TC, typename TB>
+static void
+fill_go(TC *c, int64_t ldc, const TB *bias, int64_t sb, int64_t M, int64_t N, float beta, dim3 grid,
+        cudaStream_t stream)
+{
+    constexpr int V = 16 / sizeof(TC);
+    if (beta == 0.0f && (uintptr_t)c % 16 == 0 && ldc % V == 0 && N % V == 0) {
+        const dim3 vgrid((unsigned)((N / V + FILL_THREADS - 1) / FILL_THREADS), grid.y);
+        fill_vec_kernel<TC, TB><<<vgrid, FILL_THREADS, 0, stream>>>(c, ldc, bias, sb, M, N);
+    } else {
+        fill_kernel<TC, TB><<<grid, FILL_THREADS, 0, stream>>>(c, ldc, bias, sb, M, N, beta);
+    }
+}
+
 template <typename TC>
 static void
 fill_launch(TC *c, int64_t ldc, const tl_tensor *bias, int64_t M, int64_t N, float beta, dim3 grid,
             cudaStream_t stream)
 {
     const int64_t sb = bias ? bias->strides[0] : 0;
-    constexpr int V = 16 / sizeof(TC);
-    if (beta == 0.0f && (uintptr_t)c % 16 == 0 && ldc % V == 0 && N % V == 0) {
-        const dim3 vgrid((unsigned)((N / V + FILL_THREADS - 1) / FILL_THREADS), grid.y);
-        switch (bias ? bias->dtype : TL_FLOAT32) {
-        case TL_BFLOAT16:
-            fill_vec_kernel<TC, __nv_bfloat16><<<vgrid, FILL_THREADS, 0, stream>>>(
-                c, ldc, (const __nv_bfloat16 *)bias->data, sb, M, N);
-            break;
-        case TL_FLOAT16:
-            fill_vec_kernel<TC, __half><<<vgrid, FILL_THREADS, 0, stream>>>(c, ldc, (const __half *)bias->data, sb,
-                                                                          M, N);
-            break;
-        default:
-            fill_vec_kernel<TC, float><<<vgrid, FILL_THREADS, 0, stream>>>(
-                c, ldc, bias ? (const float *)bias->data : (const float *)NULL, sb, M, N);
-            break;
-        }
-        return;
-    }
     switch (bias ? bias->dtype : TL_FLOAT32) {
-    case TL_BFLOAT16:
-        fill_kernel<TC, __nv_bfloat16><<<grid, FILL_THREADS, 0, stream>>>(
-            c, ldc, (const __nv_bfloat16 *)bias->data, sb, M, N, beta);
-        break;
-    case TL_FLOAT16:
-        fill_kernel<TC, __half><<<grid, FILL_THREADS, 0, stream>>>(c, ldc, (const __half *)bias->data, sb, M,
-                                                                   N, beta);
-        break;
-    default:
-        fill_kernel<TC, float><<<grid, FILL_THREADS, 0, stream>>>(
-            c, ldc, bias ? (const float *)bias->data : (const float *)NULL, sb, M, N, beta);
-        break;
+    case TL_BFLOAT16: fill_go(c, ldc, (const __nv_bfloat16 *)bias->data, sb, M, N, beta, grid, stream); break;
+    case TL_FLOAT16: fill_go(c, ldc, (const __half *)bias->data, sb, M, N, beta, grid, stream); break;
+    default: fill_go(c, ldc, bias ? (const float *)bias->data : (const float *)NULL, sb, M, N, beta, grid, stream);
     }
 }
 

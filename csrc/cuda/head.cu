@@ -412,6 +412,17 @@ narrow_rows_kernel(float *z, int64_t C)
     }
 }
 
+/* narrow_rows_kernel for x's dtype (bfloat16 or float16) over `rows` rows of C floats, on `s`. */
+static tl_status
+narrow_rows(float *z, int64_t rows, int64_t C, tl_dtype xdt, cudaStream_t s)
+{
+    if (xdt == TL_BFLOAT16)
+        narrow_rows_kernel<__nv_bfloat16><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(z, C);
+    else
+        narrow_rows_kernel<__half><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(z, C);
+    return tl_cuda_check(cudaGetLastError(), "linear_xent rounding kernel launch");
+}
+
 /* h->total += the chunk's row losses, in double, in a fixed order (one block). */
 static __global__ void __launch_bounds__(SUM_THREADS)
 add_losses_kernel(const float *lrow, int64_t rows, xent_header *h)
@@ -468,15 +479,9 @@ round64(int64_t v)
 /* Class blocks' layout after the header: sum_c w_c z_c (N doubles), then m, s, zt, se and the row
  * losses (N floats each), dX's float32 accumulator (N x D) when dx_acc, then the block's logits. */
 static int64_t
-class_stats_off(void)
-{
-    return TL_XENT_CUDA_WS_EXTRA;
-}
-
-static int64_t
 class_acc_off(int64_t N)
 {
-    return round64(class_stats_off() + 7 * N);
+    return round64(TL_XENT_CUDA_WS_EXTRA + 7 * N);
 }
 
 static int64_t
@@ -512,25 +517,34 @@ tl_xent_cuda_plan_for(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t ws_fl
     return p;
 }
 
+/* Whether the plan writes each row of dW once (so dW may be in W's dtype): not with chunks of fewer
+ * than N rows, which add up into it. */
+static int
+writes_dw_once(const tl_xent_cuda_plan *p, int64_t N)
+{
+    return p->block > 0 || p->rows >= N;
+}
+
 int64_t
 tl_xent_cuda_workspace(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t budget_floats, int *dw_narrow)
 {
-    const int64_t per_row = C + D + 1, single = TL_XENT_CUDA_WS_EXTRA + N * per_row;
-    *dw_narrow = 1;
-    if (N == 0 || (single <= budget_floats && N <= INT_MAX)) return single;
-    const int64_t z_off = class_z_off(N, D, dx_acc), bmin = C < XENT_BLOCK_MIN ? C : XENT_BLOCK_MIN;
-    if (N <= INT_MAX && z_off + N * bmin <= budget_floats) {
-        int64_t cb = (budget_floats - z_off) / N;
-        if (cb > XENT_BLOCK_MAX) cb = XENT_BLOCK_MAX;
-        cb = cb >= C ? C : cb / XENT_BLOCK_MIN * XENT_BLOCK_MIN;
-        return z_off + N * cb;
+    const int64_t per_row = C + D + 1, z_off = class_z_off(N, D, dx_acc);
+    const int64_t bmin = C < XENT_BLOCK_MIN ? C : XENT_BLOCK_MIN;
+    int64_t ws = TL_XENT_CUDA_WS_EXTRA + N * per_row; /* the whole batch */
+    if (N > 0 && !(ws <= budget_floats && N <= INT_MAX)) {
+        if (N <= INT_MAX && z_off + N * bmin <= budget_floats) { /* blocks of classes */
+            int64_t cb = (budget_floats - z_off) / N;
+            if (cb > XENT_BLOCK_MAX) cb = XENT_BLOCK_MAX;
+            ws = z_off + N * (cb >= C ? C : cb / XENT_BLOCK_MIN * XENT_BLOCK_MIN);
+        } else { /* chunks of rows */
+            int64_t R = (budget_floats - TL_XENT_CUDA_WS_EXTRA) / per_row;
+            R = R < 1 ? 1 : R > N ? N : R;
+            ws = TL_XENT_CUDA_WS_EXTRA + (R > INT_MAX ? INT_MAX : R) * per_row;
+        }
     }
-    int64_t R = (budget_floats - TL_XENT_CUDA_WS_EXTRA) / per_row;
-    if (R < 1) R = 1;
-    if (R > N) R = N;
-    if (R > INT_MAX) R = INT_MAX;
-    *dw_narrow = R >= N;
-    return TL_XENT_CUDA_WS_EXTRA + R * per_row;
+    const tl_xent_cuda_plan p = tl_xent_cuda_plan_for(N, D, C, dx_acc, ws);
+    *dw_narrow = writes_dw_once(&p, N);
+    return ws;
 }
 
 static tl_status
@@ -592,9 +606,8 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
     if (N == 0) return TL_OK; /* no GEMM runs, no workspace is read */
     if (ws->shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) return TL_ERR_VALUE; /* room for one row */
-    /* dW in W's dtype is written once per class: not when chunks of rows add up into it. */
     const tl_xent_cuda_plan plan = tl_xent_cuda_plan_for(N, D, C, dx && dx->dtype != TL_FLOAT32, ws->shape[0]);
-    if (dw && dw->dtype != TL_FLOAT32 && plan.block == 0 && plan.rows < N) return TL_ERR_DTYPE;
+    if (dw && dw->dtype != TL_FLOAT32 && !writes_dw_once(&plan, N)) return TL_ERR_DTYPE;
 
     /* Every GEMM of the loop, checked now over all N rows (a chunk's views are the same strides over
      * fewer rows, which tl_gemm_cuda accepts whenever it accepts all of them), so that a layout it
@@ -688,13 +701,7 @@ xent_by_classes(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, co
                 dbb.shape[0] = cb;
                 if ((st = tl_colsum_cuda(&z, &dbb, 1.0f, stream))) break;
             }
-            if (x->dtype != TL_FLOAT32 && !fused_narrow) {
-                if (x->dtype == TL_BFLOAT16)
-                    narrow_rows_kernel<__nv_bfloat16><<<(unsigned)N, NARROW_THREADS, 0, s>>>(ra.z, cb);
-                else
-                    narrow_rows_kernel<__half><<<(unsigned)N, NARROW_THREADS, 0, s>>>(ra.z, cb);
-                if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent rounding kernel launch"))) break;
-            }
+            if (x->dtype != TL_FLOAT32 && !fused_narrow && (st = narrow_rows(ra.z, N, cb, x->dtype, s))) break;
             if (dx) {
                 const tl_tensor dz = dz_view(ra.z, x->dtype, dev, N, cb, 0);
                 tl_tensor out = acc ? tl_view2d(acc, TL_FLOAT32, TL_CUDA, dev, N, D, D, 1) : *dx;
@@ -839,13 +846,7 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
             if (!grads) continue;
 
             if (db && (st = tl_colsum_cuda(&z, db, 1.0f, stream))) goto done;
-            if (x->dtype != TL_FLOAT32) {
-                if (x->dtype == TL_BFLOAT16)
-                    narrow_rows_kernel<__nv_bfloat16><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(zbuf, C);
-                else
-                    narrow_rows_kernel<__half><<<(unsigned)rows, NARROW_THREADS, 0, s>>>(zbuf, C);
-                if ((st = tl_cuda_check(cudaGetLastError(), "linear_xent rounding kernel launch"))) goto done;
-            }
+            if (x->dtype != TL_FLOAT32 && (st = narrow_rows(zbuf, rows, C, x->dtype, s))) goto done;
             if (dx) {
                 const tl_tensor dz = dz_view(zbuf, x->dtype, dev, rows, C, 0);
                 tl_tensor dxr = tl_row_block(dx, i0, rows);
