@@ -240,6 +240,33 @@ def test_gemm_thread_count_does_not_change_bits(shape, dtype, gen):
     assert_close(outs[0], ref_gemm(a, b, None, bias, 1.0, 0.0), dtype, torch_out=a @ b + bias)
 
 
+# A given transposed (a row-major A^T: dZ^T in the head's dW, a rank-r product's transpose in LoRA) with
+# few rows, float32, alpha 1, no bias: read in place by broadcast, no packing. (M, K, N) across its tile
+# edges (12 rows, 32 columns, 16-column halves), one and several K blocks of 128, M up to its limit.
+TN_SHAPES = [(1, 64, 1), (11, 127, 17), (12, 129, 32), (13, 200, 33), (100, 1000, 31), (256, 300, 100),
+             (64, 64, 770), (257, 100, 40)]
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("shape", TN_SHAPES, ids=shape_id)
+def test_gemm_transposed_a_few_rows(shape, beta, gen):
+    M, K, N = shape
+    a = make2d(M, K, "t", torch.float32, gen)
+    b = make2d(K, N, "contig", torch.float32, gen)
+    base = randn((M, N + 3), torch.float32, gen)
+    c0 = base[:, 1:N + 1]  # rows further apart than they are long
+    outs = []
+    for nthreads in (1, 2, 3):
+        c = (base.clone() if beta else torch.full_like(base, NAN))[:, 1:N + 1]
+        _C.gemm(a, b, c, None, None, 1.0, beta, nthreads)
+        assert c.stride() == (N + 3, 1)
+        outs.append(c)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "results depend on the thread count"
+    assert_close(outs[0], ref_gemm(a, b, c0, None, 1.0, beta), torch.float32, torch_out=a @ b + beta * c0,
+                 what=f"transposed A {shape} beta={beta}")
+
+
 def test_gemm_large_all_blocks(gen):
     """One big product spanning several M, N and K cache blocks, on the default thread count."""
     M, K, N = 1000, 1000, 400

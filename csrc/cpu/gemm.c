@@ -11,7 +11,10 @@
  * float32 workspace, rounded to C's dtype once after the last K block. Each C element is summed in
  * the same order whatever the thread count, so results do not depend on it.
  * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
- * scratch: MC x KC + threads x KC x NC floats (at most 6 MB + 0.5 MB per thread). */
+ * scratch: MC x KC + threads x KC x NC floats (at most 6 MB + 0.5 MB per thread).
+ * Two shapes skip the packing: a short side of A M^T (tl_gemm_nt_direct, dot products), and float32
+ * C (+)= A B with few rows of A given as a transposed view (gemm_tn_bcast: A^T's rows broadcast in
+ * place, as the head's dW = dZ^T X and LoRA's rank-r gradients have it). */
 #include <stdlib.h>
 
 #include "cpu.h"
@@ -22,6 +25,10 @@
 #endif
 #ifdef _OPENMP
 #include <omp.h>
+/* This thread's number and the team's size inside a parallel region. */
+#define TEAM_IDS(tid, nth) const int tid = omp_get_thread_num(), nth = omp_get_num_threads()
+#else
+#define TEAM_IDS(tid, nth) const int tid = 0, nth = 1
 #endif
 
 #define KC TL_GEMM_KC
@@ -508,6 +515,9 @@ kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
     return n;
 }
 
+static int gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
+                         float beta, int nthreads);
+
 /* C = alpha * (A B + A2 B2) + beta C + bias: a GEMM over the concatenation [A | A2] [B ; B2] of the two
  * K ranges (A2 and B2 both NULL: a plain GEMM). The CPU core's LoRA kernels add their low-rank product
  * inside the base GEMM this way. */
@@ -526,6 +536,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
         return TL_OK;
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
+    if (!a2 && !sc.t && gemm_tn_bcast(a, b, bias, c, alpha, beta, nthreads)) return TL_OK;
     if (!a2 && !sc.t && (b->strides[0] == 1 || K == 1)) { /* B = M^T with M's rows contiguous */
         const tl_tensor bT = {.data = b->data, .dtype = b->dtype, .device = b->device, .ndim = 2,
                               .shape = {N, K}, .strides = {b->strides[1], b->strides[0]}};
@@ -591,11 +602,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
             const int64_t kc_kernel = pairs ? 2 * kstep : kstep; /* the pair kernel runs (kc+1)/2 steps */
 #pragma omp parallel num_threads(nt) if (nt > 1)
             {
-#ifdef _OPENMP
-                const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-                const int tid = 0, nth = 1;
-#endif
+                TEAM_IDS(tid, nth);
                 /* Pack A: contiguous shares of the slivers. */
                 int64_t s0 = nsl_a * tid / nth, s1 = nsl_a * (tid + 1) / nth;
                 if (pairs) {
@@ -769,6 +776,117 @@ direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const fl
                 }
         }
     }
+}
+#endif
+
+#ifdef TL_X86
+/* A tile of mr x 32 (two vectors of columns, masked for a last partial sliver) of C = [C +] A B, with
+ * A(i, k) = a[k * lda + i] read by broadcast: mr is a constant in each instantiation below, so the
+ * 2 * mr accumulators stay in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+bcast_tile(const int mr, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, float *c,
+           int64_t ldc, const __mmask16 m0, const __mmask16 m1, int accumulate)
+{
+    __m512 acc0[12], acc1[12];
+#pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++, a += lda, b += ldb) {
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+        _mm_prefetch((const char *)(b + 8 * ldb), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 8 * ldb + 16), _MM_HINT_T0);
+#pragma GCC unroll 12
+        for (int i = 0; i < mr; i++) {
+            const __m512 av = _mm512_set1_ps(a[i]);
+            acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+            acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+        }
+    }
+    /* C is added after the block's own sums (not used as their starting value), so that a long K
+     * adds rounded block sums instead of one long chain of small terms to a large one. */
+#pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        if (accumulate) {
+            acc0[i] = _mm512_add_ps(acc0[i], _mm512_maskz_loadu_ps(m0, c + i * ldc));
+            acc1[i] = _mm512_add_ps(acc1[i], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
+        }
+        _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
+        _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+    }
+}
+
+/* C (M x N, rows ldc apart) = [C +] A B, single-threaded: A(i, k) = a[k * lda + i] (A^T in row-major
+ * order), B's rows of N floats ldb apart. */
+__attribute__((target("avx512f"))) static void
+bcast_gemm(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, float *c,
+           int64_t ldc, int accumulate)
+{
+    /* Column slivers outer: a sliver of B (K x 32) stays in cache while every row block of A passes. */
+    for (int64_t j = 0; j < N; j += 32) {
+        const int64_t nn = N - j < 32 ? N - j : 32;
+        const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1u);
+        const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1u) : 0;
+        for (int64_t i = 0; i < M; i += 12) {
+            const float *ai = a + i, *bj = b + j;
+            float *cij = c + i * ldc + j;
+            const int mr = (int)(M - i < 12 ? M - i : 12);
+            if (nn == 32 && mr == 12) { /* constant masks: plain loads and stores */
+                bcast_tile(12, K, ai, lda, bj, ldb, cij, ldc, 0xffff, 0xffff, accumulate);
+                continue;
+            }
+            switch (mr) {
+#define TILE(r) case r: bcast_tile(r, K, ai, lda, bj, ldb, cij, ldc, m0, m1, accumulate); break;
+                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
+                TILE(12)
+#undef TILE
+            }
+        }
+    }
+}
+
+/* C (+)= A B with few rows of A, given as A^T in row-major order (a transposed view: dZ^T, a rank-r
+ * product's transpose), all float32 with unit inner strides: nothing packed, C's tiles read and written
+ * once per K block instead of going through the micro-kernel's tile buffer. Threads take contiguous
+ * ranges of 32-column slivers; each K block of A (BC_KC x M, in L2) serves all of a thread's slivers.
+ * Returns 1 when done, 0 when it does not apply. */
+#define BC_KC 128
+#define BC_M_MAX 256
+
+static int
+gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
+              float beta, int nthreads)
+{
+    const int64_t M = a->shape[0], K = a->shape[1], N = b->shape[1];
+    if (tl_cpu_level() < 2 || a->dtype != TL_FLOAT32 || b->dtype != TL_FLOAT32 || c->dtype != TL_FLOAT32 ||
+        bias || alpha != 1.0f || (beta != 0.0f && beta != 1.0f) || M > BC_M_MAX || K < 64 ||
+        (a->strides[0] != 1 && M > 1) || (b->strides[1] != 1 && N > 1) || (c->strides[1] != 1 && N > 1))
+        return 0;
+    int nt = tl_threads(nthreads);
+    const int64_t nsl = (N + 31) / 32;
+    if ((double)M * N * K < 1e6) nt = 1;
+    if (nt > nsl) nt = (int)nsl;
+    const float *ap = a->data, *bp = b->data;
+    float *cp = c->data;
+    const int64_t lda = a->strides[1], ldb = b->strides[0], ldc = c->strides[0];
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        TEAM_IDS(tid, nth);
+        const int64_t j0 = nsl * tid / nth * 32, j1 = nsl * (tid + 1) / nth * 32;
+        const int64_t jn = (j1 < N ? j1 : N) - j0;
+        for (int64_t k0 = 0; k0 < K; k0 += BC_KC) {
+            const int64_t kc = K - k0 < BC_KC ? K - k0 : BC_KC;
+            if (jn > 0)
+                bcast_gemm(M, jn, kc, ap + k0 * lda, lda, bp + k0 * ldb + j0, ldb, cp + j0, ldc, k0 > 0 || beta != 0.0f);
+        }
+    }
+    return 1;
+}
+#else
+static int
+gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
+              float beta, int nthreads)
+{
+    (void)a, (void)b, (void)bias, (void)c, (void)alpha, (void)beta, (void)nthreads;
+    return 0;
 }
 #endif
 
