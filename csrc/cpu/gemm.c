@@ -99,6 +99,7 @@ ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float 
     for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
         __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16), a;
         _mm_prefetch((const char *)(bp + 8 * ldb), _MM_HINT_T0);
+        _mm_prefetch((const char *)(bp + 8 * ldb + 16), _MM_HINT_T0);
 #define ROW(r, x0, x1)                                                                                  \
     a = _mm512_set1_ps(ap[r]);                                                                          \
     x0 = _mm512_fmadd_ps(a, b0, x0);                                                                    \
