@@ -132,6 +132,26 @@ def test_gemm_bias_layouts(bias_kind, dtype, gen):
     assert_close(c, ref_gemm(a, b, c0, bias, 0.75, -0.5), dtype, what=f"bias {bias_kind}")
 
 
+# float32 C with whole 12 x 32 tiles (updated in place by the micro-kernel, without its tile buffer, for
+# alpha 1, beta 0 or 1 and a float32 unit-stride bias) next to partial ones (through the tile buffer),
+# one and several K blocks; the other alpha, beta and bias kinds take the tile buffer everywhere.
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (1.0, 1.0), (0.5, 1.0), (1.0, -2.0)])
+@pytest.mark.parametrize("bias_kind", [None, "float32", "strided"])
+@pytest.mark.parametrize("shape", [(25, 100, 70), (24, 2 * KC + 5, 64)], ids=shape_id)
+def test_gemm_whole_tiles_in_place(shape, bias_kind, alpha, beta, gen):
+    M, K, N = shape
+    a = make2d(M, K, "contig", torch.float32, gen)
+    b = make2d(K, N, "t", torch.float32, gen)
+    bias = {None: None, "float32": torch.randn(N, generator=gen),
+            "strided": torch.randn(2 * N, generator=gen)[::2]}[bias_kind]
+    base = randn((M, N + 5), torch.float32, gen)
+    c0 = base[:, 2:N + 2]
+    c = base.clone()[:, 2:N + 2]  # rows further apart than they are long
+    _C.gemm(a, b, c, bias, None, alpha, beta, 2)
+    assert_close(c, ref_gemm(a, b, c0, bias, alpha, beta), torch.float32,
+                 what=f"alpha={alpha} beta={beta} bias {bias_kind}")
+
+
 @pytest.mark.parametrize("in_dtype", LOW_PRECISION, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(7, 33, 19), (21, 1000, 45), (1, 1, 1)], ids=shape_id)
 def test_gemm_float32_c_with_low_precision_inputs(shape, in_dtype, gen):

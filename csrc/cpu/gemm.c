@@ -87,34 +87,59 @@ ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *r
     for (int i = 0; i < 12; i++) _mm256_storeu_ps(tile + 8 * i, out[i]);
 }
 
-__attribute__((target("avx512f"))) static void
-ukernel_avx512(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
+/* The 12 x 32 float32 micro-kernel's loop: acc[2r], acc[2r+1] = row r's two 16-column halves. Inlined
+ * into both epilogues below, with acc in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+mk_12x32(int64_t kc, const float *restrict ap, const float *restrict bp, int64_t ldb, __m512 acc[24])
 {
-    const float *restrict ap = ap_, *restrict bp = bp_;
-    enum { MR = 12, NR = 32 };
-    __m512 z = _mm512_setzero_ps();
-    __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z;
-    __m512 c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z, c80 = z, c81 = z, c90 = z, c91 = z;
-    __m512 ca0 = z, ca1 = z, cb0 = z, cb1 = z;
-    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
-        __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16), a;
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++, ap += 12, bp += ldb) {
+        const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
         _mm_prefetch((const char *)(bp + 8 * ldb), _MM_HINT_T0);
         _mm_prefetch((const char *)(bp + 8 * ldb + 16), _MM_HINT_T0);
-#define ROW(r, x0, x1)                                                                                  \
-    a = _mm512_set1_ps(ap[r]);                                                                          \
-    x0 = _mm512_fmadd_ps(a, b0, x0);                                                                    \
-    x1 = _mm512_fmadd_ps(a, b1, x1);
-        ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41)
-        ROW(5, c50, c51) ROW(6, c60, c61) ROW(7, c70, c71) ROW(8, c80, c81) ROW(9, c90, c91)
-        ROW(10, ca0, ca1) ROW(11, cb0, cb1)
-#undef ROW
+#pragma GCC unroll 12
+        for (int r = 0; r < 12; r++) {
+            const __m512 a = _mm512_set1_ps(ap[r]);
+            acc[2 * r] = _mm512_fmadd_ps(a, b0, acc[2 * r]);
+            acc[2 * r + 1] = _mm512_fmadd_ps(a, b1, acc[2 * r + 1]);
+        }
     }
-#define PUT(i, x) _mm512_storeu_ps(tile + 16 * (i), x);
-    PUT(0, c00) PUT(1, c01) PUT(2, c10) PUT(3, c11) PUT(4, c20) PUT(5, c21) PUT(6, c30) PUT(7, c31)
-    PUT(8, c40) PUT(9, c41) PUT(10, c50) PUT(11, c51) PUT(12, c60) PUT(13, c61) PUT(14, c70)
-    PUT(15, c71) PUT(16, c80) PUT(17, c81) PUT(18, c90) PUT(19, c91) PUT(20, ca0) PUT(21, ca1)
-    PUT(22, cb0) PUT(23, cb1)
-#undef PUT
+}
+
+__attribute__((target("avx512f"))) static void
+ukernel_avx512(int64_t kc, const void *ap, const void *bp, int64_t ldb, float *restrict tile)
+{
+    __m512 acc[24];
+    mk_12x32(kc, ap, bp, ldb, acc);
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) _mm512_storeu_ps(tile + 16 * i, acc[i]);
+}
+
+/* The same for a whole 12 x 32 tile of a float32 C with unit column stride and alpha 1, updated in
+ * place without the tile buffer: C = acc [+ C] [+ bias] (bias: 32 floats or NULL), in store_tile's
+ * order of additions. */
+__attribute__((target("avx512f"))) static void
+ukernel_avx512_to_c(int64_t kc, const float *ap, const float *bp, int64_t ldb, float *c, int64_t ldc, int add,
+                    const float *bias)
+{
+    __m512 acc[24];
+    mk_12x32(kc, ap, bp, ldb, acc);
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; r++) {
+        float *cr = c + r * ldc;
+        __m512 v0 = acc[2 * r], v1 = acc[2 * r + 1];
+        if (add) {
+            v0 = _mm512_add_ps(v0, _mm512_loadu_ps(cr));
+            v1 = _mm512_add_ps(v1, _mm512_loadu_ps(cr + 16));
+        }
+        if (bias) {
+            v0 = _mm512_add_ps(v0, _mm512_loadu_ps(bias));
+            v1 = _mm512_add_ps(v1, _mm512_loadu_ps(bias + 16));
+        }
+        _mm512_storeu_ps(cr, v0);
+        _mm512_storeu_ps(cr + 16, v1);
+    }
 }
 
 /* The same for a last sliver of at most 16 columns (C = 100 is 3 x 32 + 4): half the work of the full
@@ -592,6 +617,13 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
         return TL_ERR_NOMEM;
     }
 
+    /* Whole tiles of the float32 kernel go straight into C, without the tile buffer, where C is float32
+     * with unit column stride, alpha is 1 and beta 0 or 1, and a bias is float32 with unit stride. */
+#ifdef TL_X86
+    const int to_c = isa == &isa_avx512 && c->dtype == TL_FLOAT32 && (c->strides[1] == 1 || N == 1) &&
+                     alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
+                     (!bias || (bias->dtype == TL_FLOAT32 && (bias->strides[0] == 1 || N == 1)));
+#endif
     for (int64_t ic = 0; ic < M; ic += mc_max) {
         const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
         const int64_t nsl_a = (mc + mr - 1) / mr;
@@ -638,16 +670,24 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                         const int mn = (int)(mc - is * mr < mr ? mc - is * mr : mr);
                         for (int64_t js = 0; js < nsl_b; js++) {
                             const int nn = (int)(ncw - js * nr < nr ? ncw - js * nr : nr);
+                            const int in_place = js * nr < nfull; /* B's sliver read where it is */
+                            const float *bs = in_place ? (const float *)b->data + kb.k1 * b->strides[0] + j0 + js * nr
+                                                       : bp + (js - nfull / nr) * nr * kstep;
+                            const int64_t ldbs = in_place ? b->strides[0] : nr;
                             prefetch_tile(c, ic + is * mr, j0 + js * nr, mn, nn);
-                            if (js * nr < nfull)
-                                isa->kernel(kc_kernel, ap, (const float *)b->data + kb.k1 * b->strides[0] + j0 + js * nr,
-                                            b->strides[0], tile);
 #ifdef TL_X86
-                            else if (nn <= 16 && isa == &isa_avx512)
-                                ukernel_avx512_n16(kc_kernel, ap, bp + (js - nfull / nr) * nr * kstep, nr, tile);
-#endif
+                            if (to_c && mn == 12 && nn == 32) {
+                                ukernel_avx512_to_c(kc_kernel, ap, bs, ldbs,
+                                                    (float *)c->data + (ic + is * mr) * c->strides[0] + j0 + js * nr,
+                                                    c->strides[0], !first || beta != 0.0f,
+                                                    first && bias ? (const float *)bias->data + j0 + js * nr : NULL);
+                                continue;
+                            }
+                            if (!in_place && nn <= 16 && isa == &isa_avx512)
+                                ukernel_avx512_n16(kc_kernel, ap, bs, nr, tile);
                             else
-                                isa->kernel(kc_kernel, ap, bp + (js - nfull / nr) * nr * kstep, nr, tile);
+#endif
+                                isa->kernel(kc_kernel, ap, bs, ldbs, tile);
                             store_tile(&g, tile, nr, ic + is * mr, j0 + js * nr, mn, nn, first, last);
                         }
                     }
