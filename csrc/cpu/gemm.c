@@ -87,22 +87,25 @@ ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *r
     for (int i = 0; i < 12; i++) _mm256_storeu_ps(tile + 8 * i, out[i]);
 }
 
-/* The 12 x 32 float32 micro-kernel's loop: acc[2r], acc[2r+1] = row r's two 16-column halves. Inlined
- * into both epilogues below, with acc in registers. */
+/* acc0[i], acc1[i] (i < mr) = sum over k < K of A(i, k) times the two 16-column halves of B's row k, with
+ * A(i, k) = a[k * lda + i] read by broadcast (a packed sliver: lda = MR) and B's rows ldb apart, masked
+ * by m0/m1 for a partial sliver. mr and the masks are constants where it is inlined, so the 2 * mr
+ * accumulators stay in registers: the float32 micro-kernel and the broadcast GEMM below share it. */
 __attribute__((target("avx512f"), always_inline)) static inline void
-mk_12x32(int64_t kc, const float *restrict ap, const float *restrict bp, int64_t ldb, __m512 acc[24])
+bcast_loop(const int mr, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, const __mmask16 m0,
+           const __mmask16 m1, __m512 acc0[12], __m512 acc1[12])
 {
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kc; k++, ap += 12, bp += ldb) {
-        const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
-        _mm_prefetch((const char *)(bp + 8 * ldb), _MM_HINT_T0);
-        _mm_prefetch((const char *)(bp + 8 * ldb + 16), _MM_HINT_T0);
 #pragma GCC unroll 12
-        for (int r = 0; r < 12; r++) {
-            const __m512 a = _mm512_set1_ps(ap[r]);
-            acc[2 * r] = _mm512_fmadd_ps(a, b0, acc[2 * r]);
-            acc[2 * r + 1] = _mm512_fmadd_ps(a, b1, acc[2 * r + 1]);
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++, a += lda, b += ldb) {
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+        _mm_prefetch((const char *)(b + 8 * ldb), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + 8 * ldb + 16), _MM_HINT_T0);
+#pragma GCC unroll 12
+        for (int i = 0; i < mr; i++) {
+            const __m512 av = _mm512_set1_ps(a[i]);
+            acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
+            acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
         }
     }
 }
@@ -110,10 +113,13 @@ mk_12x32(int64_t kc, const float *restrict ap, const float *restrict bp, int64_t
 __attribute__((target("avx512f"))) static void
 ukernel_avx512(int64_t kc, const void *ap, const void *bp, int64_t ldb, float *restrict tile)
 {
-    __m512 acc[24];
-    mk_12x32(kc, ap, bp, ldb, acc);
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++) _mm512_storeu_ps(tile + 16 * i, acc[i]);
+    __m512 acc0[12], acc1[12];
+    bcast_loop(12, kc, ap, 12, bp, ldb, 0xffff, 0xffff, acc0, acc1);
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; r++) {
+        _mm512_storeu_ps(tile + 32 * r, acc0[r]);
+        _mm512_storeu_ps(tile + 32 * r + 16, acc1[r]);
+    }
 }
 
 /* The same for a whole 12 x 32 tile of a float32 C with unit column stride and alpha 1, updated in
@@ -123,12 +129,12 @@ __attribute__((target("avx512f"))) static void
 ukernel_avx512_to_c(int64_t kc, const float *ap, const float *bp, int64_t ldb, float *c, int64_t ldc, int add,
                     const float *bias)
 {
-    __m512 acc[24];
-    mk_12x32(kc, ap, bp, ldb, acc);
+    __m512 acc0[12], acc1[12];
+    bcast_loop(12, kc, ap, 12, bp, ldb, 0xffff, 0xffff, acc0, acc1);
 #pragma GCC unroll 12
     for (int r = 0; r < 12; r++) {
         float *cr = c + r * ldc;
-        __m512 v0 = acc[2 * r], v1 = acc[2 * r + 1];
+        __m512 v0 = acc0[r], v1 = acc1[r];
         if (add) {
             v0 = _mm512_add_ps(v0, _mm512_loadu_ps(cr));
             v1 = _mm512_add_ps(v1, _mm512_loadu_ps(cr + 16));
@@ -541,8 +547,10 @@ kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
     return n;
 }
 
+#ifdef TL_X86
 static int gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
                          float beta, int nthreads);
+#endif
 
 /* C = alpha * (A B + A2 B2) + beta C + bias: a GEMM over the concatenation [A | A2] [B ; B2] of the two
  * K ranges (A2 and B2 both NULL: a plain GEMM). The CPU core's LoRA kernels add their low-rank product
@@ -562,7 +570,9 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
         return TL_OK;
     }
     if (c->dtype != TL_FLOAT32 && K > KC) g.ws = (float *)ws->data; /* required by check_args */
+#ifdef TL_X86
     if (!a2 && !sc.t && gemm_tn_bcast(a, b, bias, c, alpha, beta, nthreads)) return TL_OK;
+#endif
     if (!a2 && !sc.t && (b->strides[0] == 1 || K == 1)) { /* B = M^T with M's rows contiguous */
         const tl_tensor bT = {.data = b->data, .dtype = b->dtype, .device = b->device, .ndim = 2,
                               .shape = {N, K}, .strides = {b->strides[1], b->strides[0]}};
@@ -822,26 +832,13 @@ direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const fl
 
 #ifdef TL_X86
 /* A tile of mr x 32 (two vectors of columns, masked for a last partial sliver) of C = [C +] A B, with
- * A(i, k) = a[k * lda + i] read by broadcast: mr is a constant in each instantiation below, so the
- * 2 * mr accumulators stay in registers. */
+ * A(i, k) = a[k * lda + i] read by broadcast (bcast_loop). */
 __attribute__((target("avx512f"), always_inline)) static inline void
 bcast_tile(const int mr, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, float *c,
            int64_t ldc, const __mmask16 m0, const __mmask16 m1, int accumulate)
 {
     __m512 acc0[12], acc1[12];
-#pragma GCC unroll 12
-    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++, a += lda, b += ldb) {
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
-        _mm_prefetch((const char *)(b + 8 * ldb), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 8 * ldb + 16), _MM_HINT_T0);
-#pragma GCC unroll 12
-        for (int i = 0; i < mr; i++) {
-            const __m512 av = _mm512_set1_ps(a[i]);
-            acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-            acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
-        }
-    }
+    bcast_loop(mr, K, a, lda, b, ldb, m0, m1, acc0, acc1);
     /* C is added after the block's own sums (not used as their starting value), so that a long K
      * adds rounded block sums instead of one long chain of small terms to a large one. */
 #pragma GCC unroll 12
@@ -920,14 +917,6 @@ gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_
         }
     }
     return 1;
-}
-#else
-static int
-gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
-              float beta, int nthreads)
-{
-    (void)a, (void)b, (void)bias, (void)c, (void)alpha, (void)beta, (void)nthreads;
-    return 0;
 }
 #endif
 
