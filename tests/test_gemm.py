@@ -287,6 +287,36 @@ def test_gemm_transposed_a_few_rows(shape, beta, gen):
                  what=f"transposed A {shape} beta={beta}")
 
 
+# A against M^T (B given transposed: a classifier's Z = X W^T) with many rows of A and 32 to 512 columns:
+# M^T packed once into 32-column slivers, A's rows read in place by broadcast, a last sliver of at most
+# 12 columns as dot products. (M, K, N) across those edges: N a multiple of 32, a tail of 4 and 12
+# (dot products) and 13 (a masked tile), a last block of fewer than 12 rows, and the row thresholds
+# (1024 rows for N <= 128, 96 beyond).
+NTR_SHAPES = [(1024, 16, 32), (1031, 17, 100), (1025, 384, 44), (1030, 65, 45), (97, 100, 129),
+              (130, 33, 512), (100, 70, 300)]
+
+
+@pytest.mark.parametrize("alpha,beta,with_bias", [(1.0, 0.0, True), (0.5, 1.0, False), (-2.0, 1.0, True)])
+@pytest.mark.parametrize("shape", NTR_SHAPES, ids=shape_id)
+def test_gemm_many_rows_against_transposed_b(shape, alpha, beta, with_bias, gen):
+    M, K, N = shape
+    a = make2d(M, K, "contig", torch.float32, gen)
+    b = make2d(K, N, "t", torch.float32, gen)
+    bias = randn((N,), torch.float32, gen) if with_bias else None
+    base = randn((M, N + 3), torch.float32, gen)
+    c0 = base[:, 1:N + 1]
+    outs = []
+    for nthreads in (1, 2, 3):
+        c = (base.clone() if beta else torch.full_like(base, NAN))[:, 1:N + 1]
+        _C.gemm(a, b, c, bias, None, alpha, beta, nthreads)
+        outs.append(c)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "results depend on the thread count"
+    torch_out = alpha * (a @ b) + beta * c0 + (0 if bias is None else bias)
+    assert_close(outs[0], ref_gemm(a, b, c0, bias, alpha, beta), torch.float32, torch_out=torch_out,
+                 what=f"A M^T {shape} alpha={alpha} beta={beta}")
+
+
 def test_gemm_large_all_blocks(gen):
     """One big product spanning several M, N and K cache blocks, on the default thread count."""
     M, K, N = 1000, 1000, 400

@@ -12,9 +12,11 @@
  * the same order whatever the thread count, so results do not depend on it.
  * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
  * scratch: MC x KC + threads x KC x NC floats (at most 6 MB + 0.5 MB per thread).
- * Two shapes skip the packing: a short side of A M^T (tl_gemm_nt_direct, dot products), and float32
- * C (+)= A B with few rows of A given as a transposed view (gemm_tn_bcast: A^T's rows broadcast in
- * place, as the head's dW = dZ^T X and LoRA's rank-r gradients have it). */
+ * Three shapes skip packing A: a short side of A M^T (tl_gemm_nt_direct, dot products); many rows of
+ * a float32 A against an M of 32-512 rows (gemm_nt_rows: A's rows broadcast in place against M^T packed
+ * once, as in the head's Z = X W^T); and float32 C (+)= A B with few rows of A given as a transposed
+ * view (gemm_tn_bcast: A^T's rows broadcast in place, as the head's dW = dZ^T X and LoRA's rank-r
+ * gradients have it). */
 #include <stdlib.h>
 
 #include "cpu.h"
@@ -88,24 +90,27 @@ ukernel_avx2(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *r
 }
 
 /* acc0[i], acc1[i] (i < mr) = sum over k < K of A(i, k) times the two 16-column halves of B's row k, with
- * A(i, k) = a[k * lda + i] read by broadcast (a packed sliver: lda = MR) and B's rows ldb apart, masked
- * by m0/m1 for a partial sliver. mr and the masks are constants where it is inlined, so the 2 * mr
- * accumulators stay in registers: the float32 micro-kernel and the broadcast GEMM below share it. */
+ * A(i, k) = a[k * lda + i * ars] read by broadcast (a packed sliver: lda = MR, ars = 1; A's own rows:
+ * lda = 1, ars = their stride) and B's rows ldb apart, masked by m0/m1 for a partial sliver; with
+ * halves = 1 only the first (acc1 untouched). mr, halves, ars = 1 and the masks are constants where it
+ * is inlined, so the accumulators stay in registers: the float32 micro-kernel and the broadcast GEMMs
+ * below share it. */
 __attribute__((target("avx512f"), always_inline)) static inline void
-bcast_loop(const int mr, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, const __mmask16 m0,
-           const __mmask16 m1, __m512 acc0[12], __m512 acc1[12])
+bcast_loop(const int mr, const int halves, int64_t K, const float *a, int64_t lda, int64_t ars, const float *b,
+           int64_t ldb, const __mmask16 m0, const __mmask16 m1, __m512 acc0[12], __m512 acc1[12])
 {
 #pragma GCC unroll 12
     for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++, a += lda, b += ldb) {
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
+        const __m512 b1 = halves == 2 ? _mm512_maskz_loadu_ps(m1, b + 16) : b0;
         _mm_prefetch((const char *)(b + 8 * ldb), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 8 * ldb + 16), _MM_HINT_T0);
+        if (halves == 2) _mm_prefetch((const char *)(b + 8 * ldb + 16), _MM_HINT_T0);
 #pragma GCC unroll 12
         for (int i = 0; i < mr; i++) {
-            const __m512 av = _mm512_set1_ps(a[i]);
+            const __m512 av = _mm512_set1_ps(a[i * ars]);
             acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
-            acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
+            if (halves == 2) acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
         }
     }
 }
@@ -114,7 +119,7 @@ __attribute__((target("avx512f"))) static void
 ukernel_avx512(int64_t kc, const void *ap, const void *bp, int64_t ldb, float *restrict tile)
 {
     __m512 acc0[12], acc1[12];
-    bcast_loop(12, kc, ap, 12, bp, ldb, 0xffff, 0xffff, acc0, acc1);
+    bcast_loop(12, 2, kc, ap, 12, 1, bp, ldb, 0xffff, 0xffff, acc0, acc1);
 #pragma GCC unroll 12
     for (int r = 0; r < 12; r++) {
         _mm512_storeu_ps(tile + 32 * r, acc0[r]);
@@ -130,7 +135,7 @@ ukernel_avx512_to_c(int64_t kc, const float *ap, const float *bp, int64_t ldb, f
                     const float *bias)
 {
     __m512 acc0[12], acc1[12];
-    bcast_loop(12, kc, ap, 12, bp, ldb, 0xffff, 0xffff, acc0, acc1);
+    bcast_loop(12, 2, kc, ap, 12, 1, bp, ldb, 0xffff, 0xffff, acc0, acc1);
 #pragma GCC unroll 12
     for (int r = 0; r < 12; r++) {
         float *cr = c + r * ldc;
@@ -550,6 +555,8 @@ kblocks(int64_t K1, int64_t K2, int64_t kc_blk, kblock *out)
 #ifdef TL_X86
 static int gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_tensor *c, float alpha,
                          float beta, int nthreads);
+static int gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_tensor *c, float alpha,
+                        float beta, int nthreads);
 #endif
 
 /* C = alpha * (A B + A2 B2) + beta C + bias: a GEMM over the concatenation [A | A2] [B ; B2] of the two
@@ -838,7 +845,7 @@ bcast_tile(const int mr, int64_t K, const float *a, int64_t lda, const float *b,
            int64_t ldc, const __mmask16 m0, const __mmask16 m1, int accumulate)
 {
     __m512 acc0[12], acc1[12];
-    bcast_loop(mr, K, a, lda, b, ldb, m0, m1, acc0, acc1);
+    bcast_loop(mr, 2, K, a, lda, 1, b, ldb, m0, m1, acc0, acc1);
     /* C is added after the block's own sums (not used as their starting value), so that a long K
      * adds rounded block sums instead of one long chain of small terms to a large one. */
 #pragma GCC unroll 12
@@ -920,6 +927,143 @@ gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_
 }
 #endif
 
+#ifdef TL_X86
+/* C = alpha A M^T [+ C] [+ bias] for many rows of A against a short M (a classifier's weight: Z = X W^T;
+ * a linear layer of 32-512 outputs): alpha M^T is packed once into 32-column slivers (R x K floats, zero
+ * past R) and A's rows are read in place by broadcast, 12 at a time (bcast_loop with lda = 1), so A is
+ * not packed and no dot product is reduced across lanes. Threads take contiguous ranges of 12-row
+ * blocks. A float32 with unit column stride; C float32 with unit column stride; beta 0 or 1; M and the
+ * bias any float dtype and strides. Where packing M would cost more than the direct dot products or the
+ * general GEMM save (fewer than 1024 rows for R <= 128, 96 beyond), it declines.
+ * Returns 1 when done, 0 when it does not apply, -1 when out of memory. */
+#define NTR_R_MAX 512
+#define NTR_TAIL 12
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+ntr_tile(const int mr, const int halves, int64_t K, const float *a, int64_t lda, const float *wp, float *c,
+         int64_t ldc, const float *bias, __mmask16 m0, __mmask16 m1, int accumulate)
+{
+    __m512 acc0[12], acc1[12];
+    bcast_loop(mr, halves, K, a, 1, lda, wp, 32, m0, m1, acc0, acc1);
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < mr; i++) {
+        __m512 v0 = acc0[i], v1 = acc1[i];
+        if (accumulate) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c + i * ldc));
+            if (halves == 2) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
+        }
+        _mm512_mask_storeu_ps(c + i * ldc, m0, _mm512_add_ps(v0, b0));
+        if (halves == 2) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, _mm512_add_ps(v1, b1));
+    }
+}
+
+__attribute__((target("avx512f"))) static void
+ntr_block(int mr, int64_t K, const float *a, int64_t lda, const float *wp, int64_t nsl, int64_t R, float *c,
+          int64_t ldc, const float *bias, int accumulate)
+{
+    for (int64_t s = 0; s < nsl; s++) {
+        const int64_t nn = R - s * 32 < 32 ? R - s * 32 : 32;
+        const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1u);
+        const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1u) : 0;
+        const float *w = wp + s * 32 * K, *bs = bias + s * 32;
+        float *cs = c + s * 32;
+        if (mr == 12 && nn == 32) {
+            ntr_tile(12, 2, K, a, lda, w, cs, ldc, bs, 0xffff, 0xffff, accumulate);
+        } else if (nn > 16) {
+            switch (mr) {
+#define TILE(r) case r: ntr_tile(r, 2, K, a, lda, w, cs, ldc, bs, m0, m1, accumulate); break;
+                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
+                TILE(12)
+#undef TILE
+            }
+        } else {
+            switch (mr) {
+#define TILE(r) case r: ntr_tile(r, 1, K, a, lda, w, cs, ldc, bs, m0, 0, accumulate); break;
+                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
+                TILE(12)
+#undef TILE
+            }
+        }
+    }
+}
+
+static int
+gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_tensor *c, float alpha, float beta,
+             int nthreads)
+{
+    const int64_t N = a->shape[0], K = a->shape[1], R = m->shape[0];
+    if (tl_cpu_level() < 2 || a->dtype != TL_FLOAT32 || c->dtype != TL_FLOAT32 || !tl_is_float_dtype(m->dtype) ||
+        (beta != 0.0f && beta != 1.0f) || (a->strides[1] != 1 && K > 1) ||
+        (c->strides[1] != 1 && R > 1) || R < 32 || R > NTR_R_MAX || K < 16 || N < (R <= 128 ? 1024 : 96))
+        return 0;
+    /* A last sliver of at most NTR_TAIL columns costs less as dot products (direct_block) than as a
+     * 16-column tile, when M is float32 rows that direct_block can read. */
+    const int m_rows = m->dtype == TL_FLOAT32 && (m->strides[1] == 1 || K == 1);
+    const int64_t tail = m_rows && R % 32 <= NTR_TAIL ? R % 32 : 0, Rs = R - tail;
+    const int64_t nsl = (Rs + 31) / 32;
+    float *wp = scratch_alloc((size_t)(nsl * 32 * K + nsl * 32));
+    if (!wp) return -1;
+    float *bp = wp + nsl * 32 * K;
+    /* 12 rows of A whose stride is a multiple of 512 floats map to a few L1 sets (more lines than
+     * ways): each thread then copies its 12-row block to rows K + 16 floats apart. */
+    const int64_t lda = a->strides[0], ldc = c->strides[0], ldr = K + 16;
+    float *arows = NULL;
+    if (lda % 512 == 0 && !(arows = scratch_alloc((size_t)(tl_threads(nthreads) * 12 * ldr)))) {
+        free(wp);
+        return -1;
+    }
+    for (int64_t j = 0; j < nsl * 32; j++)
+        bp[j] = bias && j < Rs ? tl_load_f(bias->data, j * bias->strides[0], bias->dtype) : 0.0f;
+    int nt = tl_threads(nthreads);
+    const int64_t nrb = (N + 11) / 12;
+    if ((double)N * K * R < 1e6) nt = 1;
+    if (nt > nrb) nt = (int)nrb;
+    const float *ap = a->data;
+    float *cp = c->data;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        TEAM_IDS(tid, nth);
+        /* Pack alpha M^T: each thread a share of the slivers, 64 k at a time (8 KB of the sliver, in L1,
+         * filled by 32 rows of M read along k). */
+        for (int64_t sl = nsl * tid / nth; sl < nsl * (tid + 1) / nth; sl++)
+            for (int64_t k0 = 0; k0 < K; k0 += 64) {
+                const int64_t k1 = K - k0 < 64 ? K : k0 + 64;
+                for (int64_t r = sl * 32; r < sl * 32 + 32; r++) {
+                    float *dst = wp + sl * 32 * K + r % 32;
+                    if (r >= Rs)
+                        for (int64_t k = k0; k < k1; k++) dst[k * 32] = 0.0f;
+                    else if (m_rows)
+                        for (int64_t k = k0; k < k1; k++)
+                            dst[k * 32] = alpha * ((const float *)m->data)[r * m->strides[0] + k];
+                    else
+                        for (int64_t k = k0; k < k1; k++)
+                            dst[k * 32] = alpha * tl_load_f(m->data, r * m->strides[0] + k * m->strides[1], m->dtype);
+                }
+            }
+#pragma omp barrier
+        const int64_t b0 = nrb * tid / nth, b1 = nrb * (tid + 1) / nth;
+        for (int64_t rb = b0; rb < b1; rb++) {
+            const int64_t i0 = rb * 12;
+            const int mr = (int)(N - i0 < 12 ? N - i0 : 12);
+            const float *ai = ap + i0 * lda;
+            int64_t ldai = lda;
+            if (arows) { /* rows a multiple of 2 KB apart share L1 sets: copy them apart first */
+                for (int i = 0; i < mr; i++) memcpy(arows + tid * 12 * ldr + i * ldr, ai + i * lda, (size_t)K * sizeof(float));
+                ai = arows + tid * 12 * ldr;
+                ldai = ldr;
+            }
+            ntr_block(mr, K, ai, ldai, wp, nsl, Rs, cp + i0 * ldc, ldc, bp, beta != 0.0f);
+            if (tail)
+                direct_block(i0, i0 + mr, Rs, R, K, ap, lda, m->data, m->strides[0], alpha, beta, bias, c);
+        }
+    }
+    free(wp);
+    free(arows);
+    return 1;
+}
+#endif
+
 int
 tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_tensor *c, float alpha,
                   float beta, int nthreads, int force)
@@ -929,6 +1073,8 @@ tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias,
     if (tl_cpu_level() < 2 || a->dtype != TL_FLOAT32 || (a->strides[1] != 1 && K > 1) || N == 0 || R == 0 ||
         K == 0 || !tl_is_float_dtype(m->dtype) || !tl_is_float_dtype(c->dtype))
         return 0;
+    const int rows = gemm_nt_rows(a, m, bias, c, alpha, beta, nthreads);
+    if (rows) return rows;
     const int m_rows = m->dtype == TL_FLOAT32 && (m->strides[1] == 1 || K == 1);
     /* Unforced, only where packing would dominate: a short side of A, and M already in float32 rows. */
     if (!force && ((N > 64 && R > 128) || !m_rows)) return 0;
