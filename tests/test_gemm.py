@@ -437,6 +437,28 @@ def test_colsum_thread_count_does_not_change_bits(dtype, gen):
     assert_close(outs[0], x.double().sum(0), dtype)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (37, 15), (37, 16), (300, 17), (300, 63), (64, 64), (5, 65),
+                                   (300, 100), (129, 130), (2, 1001)], ids=shape_id)
+def test_colsum_vector_path_same_bits_as_scalar(shape, gen):
+    """Contiguous float32 rows take the vector path (64-column blocks, masked tails); a strided view of
+    the same values takes the scalar one. Both add each column's rows in order: the same bits, and the
+    same again with two threads (the 300 x 100 and 2 x 1001 cases are too small to thread; 129 x 130 is
+    not, nor is the extra tall case)."""
+    M, N = shape
+    for rows in (M, 700):
+        x = randn((rows, N), torch.float32, gen)
+        spread = torch.empty(rows, 2 * N)
+        spread[:, ::2] = x
+        outs = []
+        for src, nthreads in ((x, 1), (spread[:, ::2], 1), (x, 2)):
+            out = torch.full((N,), NAN)
+            _C.colsum(src, out, 0.0, nthreads)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), f"{rows} x {N}: vector and scalar column sums differ"
+        assert torch.equal(outs[0], outs[2]), f"{rows} x {N}: thread count changed the bits"
+        assert_close(outs[0], x.double().sum(0), torch.float32, what=f"colsum {rows} x {N}")
+
+
 def test_colsum_float32_out_of_low_precision_inputs(gen):
     """bfloat16 x into a float32 out: float32 accumulation and no rounding through bfloat16."""
     x = randn((513, 40), torch.bfloat16, gen)

@@ -8,7 +8,8 @@
  * Memory: the workspace holds R x C logits, R x D float32 partials of dX, and R losses; nothing of size
  * N x C ever exists. X is read twice per chunk (forward GEMM, dW), W three times (Z, dX, and its
  * packing), dW read and written once per chunk. The row pass reads each z twice (max, sum of exp) and
- * writes dz once, with a vectorised exp on AVX-512 and AVX2.
+ * writes dz once, with a vectorised exp on AVX-512 and AVX2; one exp per logit when the exps can be
+ * kept in z until dz is formed from them (gradients without label smoothing).
  * Results do not depend on the thread count: each row's sums run in a fixed order, losses are added
  * in row order in double precision, and the GEMMs are deterministic. */
 #include <math.h>
@@ -26,6 +27,7 @@
 typedef struct {
     float (*max)(const float *z, int64_t n);
     float (*sumexp)(const float *z, int64_t n, float m);            /* sum exp(z - m) */
+    float (*expsum)(float *z, int64_t n, float m);                  /* z = exp(z - m); the same sum */
     void (*grad)(float *z, int64_t n, float m, float a, float s); /* z = s * a * exp(z - m) */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a x */
@@ -44,6 +46,14 @@ sumexp_portable(const float *z, int64_t n, float m)
 {
     double s = 0.0;
     for (int64_t i = 0; i < n; i++) s += expf(z[i] - m);
+    return (float)s;
+}
+
+static float
+expsum_portable(float *z, int64_t n, float m)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += z[i] = expf(z[i] - m);
     return (float)s;
 }
 
@@ -125,6 +135,29 @@ sumexp_avx512(const float *z, int64_t n, float m)
         __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
         __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm));
         s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, e));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+__attribute__((target("avx512f"))) static float
+expsum_avx512(float *z, int64_t n, float m)
+{
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
+        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16), vm));
+        _mm512_storeu_ps(z + i, e0);
+        _mm512_storeu_ps(z + i + 16, e1);
+        s0 = _mm512_add_ps(s0, e0);
+        s1 = _mm512_add_ps(s1, e1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm)));
+        _mm512_mask_storeu_ps(z + i, k, e);
+        s0 = _mm512_add_ps(s0, e);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
@@ -312,6 +345,28 @@ sumexp_avx2(const float *z, int64_t n, float m)
     return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
 }
 
+__attribute__((target("avx2,fma"))) static float
+expsum_avx2(float *z, int64_t n, float m)
+{
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm));
+        _mm256_storeu_ps(z + i, e);
+        s = _mm256_add_ps(s, e);
+    }
+    if (i < n) {
+        __m256i k = tail_mask256(n - i);
+        __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(z + i, k), vm)), _mm256_castsi256_ps(k));
+        _mm256_maskstore_ps(z + i, k, e);
+        s = _mm256_add_ps(s, e);
+    }
+    float buf[8];
+    _mm256_storeu_ps(buf, s);
+    return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
+}
+
 __attribute__((target("avx2,fma"))) static void
 grad_avx2(float *z, int64_t n, float lse, float a, float s)
 {
@@ -354,13 +409,13 @@ axpy_avx2(float *y, float a, const float *x, int64_t n)
 static row_ops
 select_row_ops(void)
 {
-    row_ops ops = {max_portable, sumexp_portable, grad_portable, dot_portable, axpy_portable};
+    row_ops ops = {max_portable, sumexp_portable, expsum_portable, grad_portable, dot_portable, axpy_portable};
 #ifdef TL_X86
     const int level = tl_cpu_level();
     if (level >= 2)
-        ops = (row_ops){max_avx512, sumexp_avx512, grad_avx512, dot_avx512, axpy_avx512};
+        ops = (row_ops){max_avx512, sumexp_avx512, expsum_avx512, grad_avx512, dot_avx512, axpy_avx512};
     else if (level >= 1)
-        ops = (row_ops){max_avx2, sumexp_avx2, grad_avx2, dot_avx2, axpy_avx2};
+        ops = (row_ops){max_avx2, sumexp_avx2, expsum_avx2, grad_avx2, dot_avx2, axpy_avx2};
 #endif
     return ops;
 }
@@ -376,8 +431,11 @@ row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *c
      * p_t - 1 = -S'/(S' + e_t), both accurate to rounding; the rest use p_c = exp(z_c - m) / S. */
     const float m = ops->max(z, C);
     const float zt = z[t];
+    /* Without label smoothing the gradient needs only the exps: they are stored over z as they are
+     * summed (the target's as 0), and dz is then a multiple of them; the same values, one exp each. */
+    const int keep_exps = grads && epsc == 0.0f;
     z[t] = -INFINITY;
-    const double sum_ex = ops->sumexp(z, C, m);
+    const double sum_ex = keep_exps ? ops->expsum(z, C, m) : ops->sumexp(z, C, m);
     z[t] = zt;
     const double et = exp((double)zt - m), sum = sum_ex + et;
     const float wt = cwf ? cwf[t] : 1.0f;
@@ -394,7 +452,13 @@ row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *c
     }
     if (grads) {
         const double wall_eps = (double)epsc * wall;
-        ops->grad(z, C, m, (float)(((double)keep * wt + wall_eps) / sum), s);
+        const float a = (float)(((double)keep * wt + wall_eps) / sum);
+        if (keep_exps) {
+            const float sa = s * a;
+            for (int64_t c = 0; c < C; c++) z[c] *= sa;
+        } else {
+            ops->grad(z, C, m, a, s);
+        }
         /* s (a p_t - keep w_t) with a = keep w_t + eps/C sum_c w_c, rearranged to avoid p_t - 1 */
         z[t] = (float)(s * (wall_eps * et - (double)keep * wt * sum_ex) / sum);
         if (epsc > 0.0f) {
@@ -761,7 +825,7 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
         tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CPU, 0, rows, C, C, 1);
         if ((st = tl_gemm_cpu(&xr, &wt, bias, &z, 1.0f, 0.0f, NULL, nt))) goto done;
 
-#pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 32768) schedule(static)
+#pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 4096) schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             float *zr = zbuf + r * C;
             const int64_t t = tg[i0 + r]; /* validated; -1: ignored */
