@@ -156,17 +156,12 @@ ukernel_avx512_to_c(int64_t kc, const float *ap, const float *bp, int64_t ldb, f
 /* The same for a last sliver of at most 16 columns (C = 100 is 3 x 32 + 4): half the work of the full
  * kernel; tile keeps its NR = 32 row stride and only its first 16 columns are written. */
 __attribute__((target("avx512f"))) static void
-ukernel_avx512_n16(int64_t kc, const void *ap_, const void *bp_, int64_t ldb, float *restrict tile)
+ukernel_avx512_n16(int64_t kc, const void *ap, const void *bp, int64_t ldb, float *restrict tile)
 {
-    const float *restrict ap = ap_, *restrict bp = bp_;
-    enum { MR = 12 };
-    __m512 c[MR];
-    for (int r = 0; r < MR; r++) c[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kc; k++, ap += MR, bp += ldb) {
-        const __m512 b0 = _mm512_loadu_ps(bp);
-        for (int r = 0; r < MR; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(ap[r]), b0, c[r]);
-    }
-    for (int r = 0; r < MR; r++) _mm512_storeu_ps(tile + 32 * r, c[r]);
+    __m512 acc0[12], acc1[12];
+    bcast_loop(12, 1, kc, ap, 12, 1, bp, ldb, 0xffff, 0, acc0, acc1);
+#pragma GCC unroll 12
+    for (int r = 0; r < 12; r++) _mm512_storeu_ps(tile + 32 * r, acc0[r]);
 }
 
 /* bfloat16 operands packed in pairs along k: ap[k/2][r] and bp[k/2][j] are 32-bit (k, k+1) pairs, and
