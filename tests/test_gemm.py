@@ -243,6 +243,25 @@ def test_gemm_trans_workspace_requirement(c_dtype, gen):
 THREAD_SHAPES = [(300, 500, 200), (2000, 100, 20), (150, 1000, 700)]
 
 
+# Several row blocks (M > 4032) and K blocks at once, B with contiguous rows (the packed path): the team
+# meets at its own barrier between blocks; 3 and 4 threads on fewer cores make some wait asleep.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", [(4100, 600, 40), (8070, 37, 65), (4033, 1100, 33)], ids=shape_id)
+def test_gemm_blocks_and_threads(shape, dtype, gen):
+    M, K, N = shape
+    a = make2d(M, K, "contig", dtype, gen)
+    b = make2d(K, N, "contig", dtype, gen)
+    bias = randn((N,), dtype, gen)
+    outs = []
+    for nthreads in (1, 2, 3, 4):
+        c = torch.full((M, N), NAN, dtype=dtype)
+        _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, nthreads)
+        outs.append(c)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "results depend on the thread count"
+    assert_close(outs[0], ref_gemm(a, b, None, bias, 1.0, 0.0), dtype, torch_out=a @ b + bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("shape", THREAD_SHAPES, ids=shape_id)
 def test_gemm_thread_count_does_not_change_bits(shape, dtype, gen):

@@ -1,6 +1,8 @@
-/* common.c: status and dtype tables, tensor checks, the thread count rule. */
+/* common.c: status and dtype tables, tensor checks, the thread count rule, the team barrier. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cpu.h"
 
@@ -76,6 +78,51 @@ tl_threads(int nthreads)
 {
     int n = nthreads > 0 ? nthreads : tl_cpu_default_threads();
     return n > 256 ? 256 : n;
+}
+
+/* How long a thread at tl_barrier_wait spins before it sleeps. */
+#define TL_BARRIER_SPIN_NS 50000
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+void
+tl_barrier_wait(tl_barrier *b, int nth)
+{
+    if (nth <= 1) return;
+    /* The generation is read before this thread counts as arrived, so the last arrival cannot move it on
+     * first; the last arrival resets the count before it publishes the new generation. */
+    const unsigned gen = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        pthread_mutex_lock(&b->mu); /* a sleeper either sees the new generation or gets the broadcast */
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+        pthread_cond_broadcast(&b->cv);
+        pthread_mutex_unlock(&b->mu);
+        return;
+    }
+    const int64_t t0 = now_ns();
+    for (int i = 1;; i++) {
+        if (atomic_load_explicit(&b->gen, memory_order_acquire) != gen) return;
+        cpu_relax();
+        if (i % 64 == 0 && now_ns() - t0 > TL_BARRIER_SPIN_NS) break;
+    }
+    pthread_mutex_lock(&b->mu);
+    while (atomic_load_explicit(&b->gen, memory_order_acquire) == gen) pthread_cond_wait(&b->cv, &b->mu);
+    pthread_mutex_unlock(&b->mu);
 }
 
 int

@@ -2,6 +2,8 @@
 #ifndef TL_CPU_H
 #define TL_CPU_H
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -102,6 +104,20 @@ int tl_cpu_level(void);
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
 int tl_threads(int nthreads);
+
+/* A barrier for the threads of one parallel region (nth of them, as omp_get_num_threads() says) that
+ * spins for a few tens of microseconds and then sleeps on a condition variable. OpenMP's own barriers
+ * spin for milliseconds first (libgomp's default), which, when another process competes for the cores,
+ * keeps a core busy while the thread it waits for is descheduled; a sleeping waiter frees its core for
+ * that thread. Lets a GEMM run as one parallel region with its own barriers between blocks. */
+typedef struct {
+    atomic_int arrived;
+    atomic_uint gen;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} tl_barrier;
+#define TL_BARRIER_INIT {0, 0, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER}
+void tl_barrier_wait(tl_barrier *b, int nth);
 /* C = alpha * A M^T + beta * C + bias without packing, for a short side: A (N x K) float32 with
  * unit-stride rows, M (R x K) any float dtype and strides (copied to float32 rows when it is not so),
  * C (N x R) any float dtype and strides. Each output is a dot product of two rows, 4 x 4 at a time.

@@ -636,18 +636,23 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                      alpha == 1.0f && (beta == 0.0f || beta == 1.0f) &&
                      (!bias || (bias->dtype == TL_FLOAT32 && (bias->strides[0] == 1 || N == 1)));
 #endif
-    for (int64_t ic = 0; ic < M; ic += mc_max) {
-        const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
-        const int64_t nsl_a = (mc + mr - 1) / mr;
-        for (int64_t q = 0; q < nkb; q++) {
-            const kblock kb = blocks[q];
-            const int first = q == 0, last = q == nkb - 1;
-            const int64_t kp1 = pairs ? (kb.n1 + 1) / 2 : kb.n1; /* segment 2's offset in a sliver row */
-            const int64_t kstep = kp1 + (pairs ? (kb.n2 + 1) / 2 : kb.n2);
-            const int64_t kc_kernel = pairs ? 2 * kstep : kstep; /* the pair kernel runs (kc+1)/2 steps */
+    /* One parallel region for the whole GEMM; between blocks the team meets at tl_barrier (which sleeps
+     * when a thread is late) rather than at the end of a region per block. */
+    tl_barrier bar = TL_BARRIER_INIT;
 #pragma omp parallel num_threads(nt) if (nt > 1)
-            {
-                TEAM_IDS(tid, nth);
+    {
+        TEAM_IDS(tid, nth);
+        float *bp = bpack + (size_t)tid * (size_t)(kstep_max * nc);
+        float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
+        for (int64_t ic = 0; ic < M; ic += mc_max) {
+            const int64_t mc = M - ic < mc_max ? M - ic : mc_max;
+            const int64_t nsl_a = (mc + mr - 1) / mr;
+            for (int64_t q = 0; q < nkb; q++) {
+                const kblock kb = blocks[q];
+                const int first = q == 0, last = q == nkb - 1;
+                const int64_t kp1 = pairs ? (kb.n1 + 1) / 2 : kb.n1; /* segment 2's offset in a sliver row */
+                const int64_t kstep = kp1 + (pairs ? (kb.n2 + 1) / 2 : kb.n2);
+                const int64_t kc_kernel = pairs ? 2 * kstep : kstep; /* the pair kernel runs (kc+1)/2 steps */
                 /* Pack A: contiguous shares of the slivers. */
                 int64_t s0 = nsl_a * tid / nth, s1 = nsl_a * (tid + 1) / nth;
                 if (pairs) {
@@ -657,10 +662,8 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                     if (kb.n1) pack_a(a, ic, mc, kb.k1, kb.n1, mr, s0, s1, apack, kstep, 0);
                     if (kb.n2) pack_a(a2, ic, mc, kb.k2, kb.n2, mr, s0, s1, apack, kstep, kp1);
                 }
-#pragma omp barrier
-                float *bp = bpack + (size_t)tid * (size_t)(kstep_max * nc);
-                float tile[MR_MAX * NR_MAX] __attribute__((aligned(64)));
-#pragma omp for schedule(dynamic, 1)
+                tl_barrier_wait(&bar, nth); /* A packed */
+#pragma omp for schedule(dynamic, 1) nowait
                 for (int64_t w = 0; w < nblk * msplit; w++) {
                     const int64_t jb = w / msplit, part = w % msplit;
                     const int64_t j0 = jb * nc, ncw = N - j0 < nc ? N - j0 : nc;
@@ -704,6 +707,8 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
                         }
                     }
                 }
+                if (ic + mc < M || q + 1 < nkb)
+                    tl_barrier_wait(&bar, nth); /* A's block no longer read: the next may be packed over it */
             }
         }
     }
@@ -1016,6 +1021,7 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
     if (nt > nrb) nt = (int)nrb;
     const float *ap = a->data;
     float *cp = c->data;
+    tl_barrier bar = TL_BARRIER_INIT;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         TEAM_IDS(tid, nth);
@@ -1036,7 +1042,7 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
                             dst[k * 32] = alpha * tl_load_f(m->data, r * m->strides[0] + k * m->strides[1], m->dtype);
                 }
             }
-#pragma omp barrier
+        tl_barrier_wait(&bar, nth);
         const int64_t b0 = nrb * tid / nth, b1 = nrb * (tid + 1) / nth;
         for (int64_t rb = b0; rb < b1; rb++) {
             const int64_t i0 = rb * 12;
