@@ -238,39 +238,23 @@ def test_gemm_trans_workspace_requirement(c_dtype, gen):
     _C.gemm(a_st, randn((5, N), c_dtype, gen), c, None, None, 1.0, 0.0, 1, 1)
 
 
-# (M, K, N) big enough to run on several threads (M*N*K >= 1e6): several column blocks; fewer column
-# blocks than threads (the A slivers are shared out); several K blocks; N a few blocks wide.
-THREAD_SHAPES = [(300, 500, 200), (2000, 100, 20), (150, 1000, 700)]
-
-
-# Several row blocks (M > 4032) and K blocks at once, B with contiguous rows (the packed path): the team
-# meets at its own barrier between blocks; 3 and 4 threads on fewer cores make some wait asleep.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("shape", [(4100, 600, 40), (8070, 37, 65), (4033, 1100, 33)], ids=shape_id)
-def test_gemm_blocks_and_threads(shape, dtype, gen):
-    M, K, N = shape
-    a = make2d(M, K, "contig", dtype, gen)
-    b = make2d(K, N, "contig", dtype, gen)
-    bias = randn((N,), dtype, gen)
-    outs = []
-    for nthreads in (1, 2, 3, 4):
-        c = torch.full((M, N), NAN, dtype=dtype)
-        _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, nthreads)
-        outs.append(c)
-    for o in outs[1:]:
-        assert torch.equal(o, outs[0]), "results depend on the thread count"
-    assert_close(outs[0], ref_gemm(a, b, None, bias, 1.0, 0.0), dtype, torch_out=a @ b + bias)
+# (M, K, N, B's layout) big enough to run on several threads (M*N*K >= 1e6): several column blocks; fewer
+# column blocks than threads (the A slivers are shared out); several K blocks; N a few blocks wide; then
+# several row blocks (M > 4032) and K blocks at once with B's rows contiguous (the packed path), where
+# the team meets at its own barrier between blocks (3 and 4 threads on fewer cores make some wait asleep).
+THREAD_SHAPES = [(300, 500, 200, "t"), (2000, 100, 20, "t"), (150, 1000, 700, "t"), (4100, 600, 40, "contig"),
+                 (8070, 37, 65, "contig"), (4033, 1100, 33, "contig")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("shape", THREAD_SHAPES, ids=shape_id)
 def test_gemm_thread_count_does_not_change_bits(shape, dtype, gen):
-    M, K, N = shape
+    M, K, N, b_layout = shape
     a = make2d(M, K, "contig", dtype, gen)
-    b = make2d(K, N, "t", dtype, gen)
+    b = make2d(K, N, b_layout, dtype, gen)
     bias = randn((N,), dtype, gen)
     outs = []
-    for nthreads in (1, 2, 3, 0):
+    for nthreads in (1, 2, 3, 4, 0):
         c = torch.full((M, N), NAN, dtype=dtype)
         _C.gemm(a, b, c, bias, ws_for(c, K), 1.0, 0.0, nthreads)
         outs.append(c)
