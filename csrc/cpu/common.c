@@ -99,6 +99,26 @@ now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+int
+tl_barrier_init(tl_barrier *b)
+{
+    atomic_init(&b->arrived, 0);
+    atomic_init(&b->gen, 0u);
+    if (pthread_mutex_init(&b->mu, NULL)) return 1;
+    if (pthread_cond_init(&b->cv, NULL)) {
+        pthread_mutex_destroy(&b->mu);
+        return 1;
+    }
+    return 0;
+}
+
+void
+tl_barrier_destroy(tl_barrier *b)
+{
+    pthread_cond_destroy(&b->cv);
+    pthread_mutex_destroy(&b->mu);
+}
+
 void
 tl_barrier_wait(tl_barrier *b, int nth)
 {

@@ -116,7 +116,9 @@ typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } tl_barrier;
-#define TL_BARRIER_INIT {0, 0, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER}
+/* 0 on success; nonzero (out of resources) leaves nothing to destroy. */
+int tl_barrier_init(tl_barrier *b);
+void tl_barrier_destroy(tl_barrier *b);
 void tl_barrier_wait(tl_barrier *b, int nth);
 /* C = alpha * A M^T + beta * C + bias without packing, for a short side: A (N x K) float32 with
  * unit-stride rows, M (R x K) any float dtype and strides (copied to float32 rows when it is not so),

@@ -638,7 +638,13 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
 #endif
     /* One parallel region for the whole GEMM; between blocks the team meets at tl_barrier (which sleeps
      * when a thread is late) rather than at the end of a region per block. */
-    tl_barrier bar = TL_BARRIER_INIT;
+    tl_barrier bar;
+    if (tl_barrier_init(&bar)) {
+        free(apack);
+        free(bpack);
+        free(blocks);
+        return TL_ERR_NOMEM;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         TEAM_IDS(tid, nth);
@@ -712,6 +718,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
             }
         }
     }
+    tl_barrier_destroy(&bar);
     free(apack);
     free(bpack);
     free(blocks);
@@ -1021,7 +1028,12 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
     if (nt > nrb) nt = (int)nrb;
     const float *ap = a->data;
     float *cp = c->data;
-    tl_barrier bar = TL_BARRIER_INIT;
+    tl_barrier bar;
+    if (tl_barrier_init(&bar)) {
+        free(wp);
+        free(arows);
+        return -1;
+    }
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         TEAM_IDS(tid, nth);
@@ -1059,6 +1071,7 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
                 direct_block(i0, i0 + mr, Rs, R, K, ap, lda, m->data, m->strides[0], alpha, beta, bias, c);
         }
     }
+    tl_barrier_destroy(&bar);
     free(wp);
     free(arows);
     return 1;
