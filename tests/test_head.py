@@ -671,8 +671,11 @@ torch.set_num_threads(1)
 l1 = th.lce(x, w, t, reduction="none")
 torch.set_num_threads(2)
 l2 = th.lce(x, w, t, reduction="none")
+# one class: log-softmax is exactly 0 (the other classes' exps, none, sum to exactly 0)
+one = th.lce(th.randn((7, 5), torch.float32, g), th.randn((1, 5), torch.float32, g),
+             torch.zeros(7, dtype=torch.int64), reduction="none")
 print(json.dumps({"isa": _C.cpu_isa(), "cases": n, "fails": fails,
-                  "threads_equal": bool(torch.equal(l1, l2))}))
+                  "threads_equal": bool(torch.equal(l1, l2)), "one_class_zero": bool((one == 0).all())}))
 """
 
 
@@ -693,6 +696,7 @@ def test_each_simd_path(isa):
     assert report["cases"] > 60
     assert not report["fails"], f"{isa}: {len(report['fails'])} cases fail: {report['fails'][:3]}"
     assert report["threads_equal"]
+    assert report["one_class_zero"], f"{isa}: a one-class head's loss is not exactly 0"
 
 
 # ---- low precision: the loss is the float32 value rounded once -------------------------------------------

@@ -292,6 +292,8 @@ exp256(__m256 x)
 {
     const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
     const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    /* Below -87 the result would need a subnormal 2^n: 0 instead (exp(-inf) must be exactly 0). */
+    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
@@ -304,7 +306,7 @@ exp256(__m256 x)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 /* n - i lanes (1..7) of a tail as a mask for maskload/maskstore. */
@@ -432,7 +434,8 @@ row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *c
     const float m = ops->max(z, C);
     const float zt = z[t];
     /* Without label smoothing the gradient needs only the exps: they are stored over z as they are
-     * summed (the target's as 0), and dz is then a multiple of them; the same values, one exp each. */
+     * summed (the target's too, about 0; dz_t is set on its own below), and dz is then a multiple of
+     * them; the same values, one exp each. */
     const int keep_exps = grads && epsc == 0.0f;
     z[t] = -INFINITY;
     const double sum_ex = keep_exps ? ops->expsum(z, C, m) : ops->sumexp(z, C, m);
