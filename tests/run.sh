@@ -3,9 +3,11 @@
 #  1. install torch 2.13.0 (CPU build), the test tools, and tltorch itself in develop mode; where nvcc
 #     exists, also cuBLAS's headers (nvidia-cublas) and require the CUDA extension to compile;
 #  2. run the whole suite (CUDA tests skip without a GPU);
-#  3. rebuild the C core with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch copy and run
+#  3. rerun the kernels' tests with the AVX2 and portable code paths (TLTORCH_CPU_ISA), as on a CPU
+#     without AVX-512 or without AVX2;
+#  4. rebuild the C core with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch copy and run
 #     the core's tests against that build.
-# Set TLTORCH_SKIP_SANITIZE=1 to skip step 3.
+# Set TLTORCH_SKIP_SANITIZE=1 to skip step 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +26,13 @@ $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 
 $PY -m tltorch info
 $PY -m pytest tests -q -ra
+
+KERNEL_TESTS="tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py tests/test_lora.py
+  tests/test_pool.py tests/test_adamw.py tests/test_frozen.py"
+for isa in avx2 portable; do
+  echo "== the kernels' tests with TLTORCH_CPU_ISA=$isa =="
+  TLTORCH_CPU_ISA=$isa $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS -m "not cuda"
+done
 
 echo "== the wheel: every module is packaged and imports outside the source tree =="
 wheeldir=$(mktemp -d)
@@ -47,6 +56,5 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
      "import tltorch._C as c, sys; sys.exit(0 if c.__file__.startswith('$scratch') else 'not the sanitized build: ' + c.__file__)")
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
-     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py \
-     tests/test_lora.py tests/test_pool.py tests/test_adamw.py tests/test_frozen.py)
+     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS)
 fi
