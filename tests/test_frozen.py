@@ -579,3 +579,15 @@ def test_bert_layer_relative_error():
         assert err_out <= bound_out and err_update <= bound_update, f"{storage}: {err_out:.3g}, {err_update:.3g}"
         report.append(f"{storage} {err_out:.2e} (of the layer's update: {err_update:.2e})")
     print("BERT layer (hidden 64), relative error of last_hidden_state:", ", ".join(report))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_rejects_non_finite_weights(bad, gen):
+    """int8 cannot hold NaN or inf: from_linear raises instead of storing a finite, wrong row."""
+    lin = make_linear(4, 3, True, gen)
+    with torch.no_grad():
+        lin.weight[1, 2] = bad
+    with pytest.raises(ValueError, match=r"weight.*int8"):
+        FrozenLinear.from_linear(lin, "int8")
+    out = FrozenLinear.from_linear(lin, "bfloat16")(torch.ones(1, 4))  # representable there
+    assert not bool(torch.isfinite(out[0, 1]))

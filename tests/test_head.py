@@ -671,11 +671,18 @@ torch.set_num_threads(1)
 l1 = th.lce(x, w, t, reduction="none")
 torch.set_num_threads(2)
 l2 = th.lce(x, w, t, reduction="none")
+# a NaN logit makes the loss NaN (as in torch), whichever class it is in
+nan_ok = True
+for C in (2, 17, 100):
+    b = torch.zeros(C)
+    b[C - 1] = float("nan")
+    nan_ok &= bool(torch.isnan(th.lce(th.randn((3, 4), torch.float32, g), th.randn((C, 4), torch.float32, g),
+                                      torch.zeros(3, dtype=torch.int64), b, reduction="none")).all())
 # one class: log-softmax is exactly 0 (the other classes' exps, none, sum to exactly 0)
 one = th.lce(th.randn((7, 5), torch.float32, g), th.randn((1, 5), torch.float32, g),
              torch.zeros(7, dtype=torch.int64), reduction="none")
 print(json.dumps({"isa": _C.cpu_isa(), "cases": n, "fails": fails,
-                  "threads_equal": bool(torch.equal(l1, l2)), "one_class_zero": bool((one == 0).all())}))
+                  "threads_equal": bool(torch.equal(l1, l2)), "one_class_zero": bool((one == 0).all()), "nan_logit_nan": nan_ok}))
 """
 
 
@@ -697,6 +704,7 @@ def test_each_simd_path(isa):
     assert not report["fails"], f"{isa}: {len(report['fails'])} cases fail: {report['fails'][:3]}"
     assert report["threads_equal"]
     assert report["one_class_zero"], f"{isa}: a one-class head's loss is not exactly 0"
+    assert report["nan_logit_nan"], f"{isa}: a NaN logit did not make the loss NaN"
 
 
 # ---- low precision: the loss is the float32 value rounded once -------------------------------------------
@@ -839,6 +847,23 @@ def test_target_out_of_range_with_one_class(gen):
     with pytest.raises(ValueError, match=r"\btarget\b"):
         lce(x, w, torch.tensor([0, 0, 1, 0]))
     assert lce(x, w, torch.tensor([0, 0, 0, 0])).item() == 0.0
+
+
+@pytest.mark.parametrize("C", [2, 17, 100])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_nan_logit_gives_nan_like_torch(C, smoothing, gen):
+    """A NaN logit in one class (here a NaN bias entry) makes every row's loss NaN, as in torch: the
+    vector exp must not clamp a NaN argument into a finite one."""
+    x = torch.randn(5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(C, 8, generator=gen, requires_grad=True)
+    b = torch.zeros(C)
+    b[C // 2] = float("nan")
+    t = torch.tensor([0, 1, 0, 1, 0])
+    got = lce(x, w, t, b, label_smoothing=smoothing, reduction="none")
+    ref = F.cross_entropy(F.linear(x, w, b), t, label_smoothing=smoothing, reduction="none")
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and bool(torch.isnan(ref).all())
+    got.sum().backward()
+    assert bool(torch.isnan(x.grad).all()) and bool(torch.isnan(w.grad).all())
 
 
 # Where the spec names the argument but not the exception class, either TypeError or ValueError passes.

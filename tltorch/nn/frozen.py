@@ -42,6 +42,9 @@ class FrozenLinear(nn.Module):
         with torch.no_grad():
             if storage == "int8":
                 w32 = w.float()
+                if not bool(torch.isfinite(w32).all()):
+                    raise ValueError("linear.weight has NaN or infinite entries, which int8 storage cannot "
+                                     "hold; use storage='bfloat16' or 'float16'")
                 scale = (w32.abs().amax(dim=1) if w32.shape[1] else torch.zeros(w32.shape[0])) / 127.0
                 scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
                 m.weight.copy_(torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8))
