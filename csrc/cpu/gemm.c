@@ -845,24 +845,61 @@ direct_block(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K, const fl
 #endif
 
 #ifdef TL_X86
-/* A tile of mr x 32 (two vectors of columns, masked for a last partial sliver) of C = [C +] A B, with
- * A(i, k) = a[k * lda + i] read by broadcast (bcast_loop). */
+/* A tile of mr x 32 (two vectors of columns; halves = 1: only the first 16) of C = [C +] A B [+ bias],
+ * masked by m0/m1 for a last partial sliver, with A(i, k) = a[k * lda + i * ars] read by broadcast
+ * (bcast_loop); bias: the tile's 32 floats, or NULL. */
 __attribute__((target("avx512f"), always_inline)) static inline void
-bcast_tile(const int mr, int64_t K, const float *a, int64_t lda, const float *b, int64_t ldb, float *c,
-           int64_t ldc, const __mmask16 m0, const __mmask16 m1, int accumulate)
+bcast_tile(const int mr, const int halves, int64_t K, const float *a, int64_t lda, int64_t ars, const float *b,
+           int64_t ldb, float *c, int64_t ldc, const float *bias, const __mmask16 m0, const __mmask16 m1,
+           int accumulate)
 {
     __m512 acc0[12], acc1[12];
-    bcast_loop(mr, 2, K, a, lda, 1, b, ldb, m0, m1, acc0, acc1);
+    bcast_loop(mr, halves, K, a, lda, ars, b, ldb, m0, m1, acc0, acc1);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias && halves == 2 ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
     /* C is added after the block's own sums (not used as their starting value), so that a long K
      * adds rounded block sums instead of one long chain of small terms to a large one. */
 #pragma GCC unroll 12
     for (int i = 0; i < mr; i++) {
+        __m512 v0 = acc0[i], v1 = acc1[i];
         if (accumulate) {
-            acc0[i] = _mm512_add_ps(acc0[i], _mm512_maskz_loadu_ps(m0, c + i * ldc));
-            acc1[i] = _mm512_add_ps(acc1[i], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c + i * ldc));
+            if (halves == 2) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
         }
-        _mm512_mask_storeu_ps(c + i * ldc, m0, acc0[i]);
-        _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc1[i]);
+        if (bias) {
+            v0 = _mm512_add_ps(v0, b0);
+            v1 = _mm512_add_ps(v1, b1);
+        }
+        _mm512_mask_storeu_ps(c + i * ldc, m0, v0);
+        if (halves == 2) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, v1);
+    }
+}
+
+/* bcast_tile for mr <= 12 rows and nn <= 32 columns known only at run time: a whole 12 x 32 tile with
+ * constant masks (plain loads and stores), else one of the instances for mr rows, with half the work
+ * for at most 16 columns. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+bcast_tile_any(int mr, int64_t nn, int64_t K, const float *a, int64_t lda, int64_t ars, const float *b, int64_t ldb,
+               float *c, int64_t ldc, const float *bias, int accumulate)
+{
+    if (mr == 12 && nn == 32) {
+        bcast_tile(12, 2, K, a, lda, ars, b, ldb, c, ldc, bias, 0xffff, 0xffff, accumulate);
+        return;
+    }
+    const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1u);
+    const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1u) : 0;
+    if (nn > 16) {
+        switch (mr) {
+#define TILE(r) case r: bcast_tile(r, 2, K, a, lda, ars, b, ldb, c, ldc, bias, m0, m1, accumulate); break;
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+#undef TILE
+        }
+    } else {
+        switch (mr) {
+#define TILE(r) case r: bcast_tile(r, 1, K, a, lda, ars, b, ldb, c, ldc, bias, m0, 0, accumulate); break;
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11) TILE(12)
+#undef TILE
+        }
     }
 }
 
@@ -875,23 +912,9 @@ bcast_gemm(int64_t M, int64_t N, int64_t K, const float *a, int64_t lda, const f
     /* Column slivers outer: a sliver of B (K x 32) stays in cache while every row block of A passes. */
     for (int64_t j = 0; j < N; j += 32) {
         const int64_t nn = N - j < 32 ? N - j : 32;
-        const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1u);
-        const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1u) : 0;
-        for (int64_t i = 0; i < M; i += 12) {
-            const float *ai = a + i, *bj = b + j;
-            float *cij = c + i * ldc + j;
-            const int mr = (int)(M - i < 12 ? M - i : 12);
-            if (nn == 32 && mr == 12) { /* constant masks: plain loads and stores */
-                bcast_tile(12, K, ai, lda, bj, ldb, cij, ldc, 0xffff, 0xffff, accumulate);
-                continue;
-            }
-            switch (mr) {
-#define TILE(r) case r: bcast_tile(r, K, ai, lda, bj, ldb, cij, ldc, m0, m1, accumulate); break;
-                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
-                TILE(12)
-#undef TILE
-            }
-        }
+        for (int64_t i = 0; i < M; i += 12)
+            bcast_tile_any((int)(M - i < 12 ? M - i : 12), nn, K, a + i, lda, 1, b + j, ldb, c + i * ldc + j, ldc,
+                           NULL, accumulate);
     }
 }
 
@@ -946,53 +969,13 @@ gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_
 #define NTR_R_MAX 512
 #define NTR_TAIL 12
 
-__attribute__((target("avx512f"), always_inline)) static inline void
-ntr_tile(const int mr, const int halves, int64_t K, const float *a, int64_t lda, const float *wp, float *c,
-         int64_t ldc, const float *bias, __mmask16 m0, __mmask16 m1, int accumulate)
-{
-    __m512 acc0[12], acc1[12];
-    bcast_loop(mr, halves, K, a, 1, lda, wp, 32, m0, m1, acc0, acc1);
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
-#pragma GCC unroll 12
-    for (int i = 0; i < mr; i++) {
-        __m512 v0 = acc0[i], v1 = acc1[i];
-        if (accumulate) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c + i * ldc));
-            if (halves == 2) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
-        }
-        _mm512_mask_storeu_ps(c + i * ldc, m0, _mm512_add_ps(v0, b0));
-        if (halves == 2) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, _mm512_add_ps(v1, b1));
-    }
-}
-
 __attribute__((target("avx512f"))) static void
 ntr_block(int mr, int64_t K, const float *a, int64_t lda, const float *wp, int64_t nsl, int64_t R, float *c,
           int64_t ldc, const float *bias, int accumulate)
 {
-    for (int64_t s = 0; s < nsl; s++) {
-        const int64_t nn = R - s * 32 < 32 ? R - s * 32 : 32;
-        const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1u);
-        const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1u) : 0;
-        const float *w = wp + s * 32 * K, *bs = bias + s * 32;
-        float *cs = c + s * 32;
-        if (mr == 12 && nn == 32) {
-            ntr_tile(12, 2, K, a, lda, w, cs, ldc, bs, 0xffff, 0xffff, accumulate);
-        } else if (nn > 16) {
-            switch (mr) {
-#define TILE(r) case r: ntr_tile(r, 2, K, a, lda, w, cs, ldc, bs, m0, m1, accumulate); break;
-                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
-                TILE(12)
-#undef TILE
-            }
-        } else {
-            switch (mr) {
-#define TILE(r) case r: ntr_tile(r, 1, K, a, lda, w, cs, ldc, bs, m0, 0, accumulate); break;
-                TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8) TILE(9) TILE(10) TILE(11)
-                TILE(12)
-#undef TILE
-            }
-        }
-    }
+    for (int64_t s = 0; s < nsl; s++)
+        bcast_tile_any(mr, R - s * 32 < 32 ? R - s * 32 : 32, K, a, 1, lda, wp + s * 32 * K, 32, c + s * 32, ldc,
+                       bias + s * 32, accumulate);
 }
 
 static int

@@ -41,21 +41,28 @@ max_portable(const float *z, int64_t n)
     return m;
 }
 
-static float
-sumexp_portable(const float *z, int64_t n, float m)
+/* The row ops sumexp_<isa> (z read only) and expsum_<isa> (exps stored over z) from exps_<isa>. */
+#define EXPS_OPS(isa, attr)                                                                             \
+    attr static float sumexp_##isa(const float *z, int64_t n, float m)                                  \
+    {                                                                                                   \
+        return exps_##isa((float *)z, n, m, 0); /* never written */                                     \
+    }                                                                                                   \
+    attr static float expsum_##isa(float *z, int64_t n, float m) { return exps_##isa(z, n, m, 1); }
+
+/* exp(z - m) summed in order (in double), stored over z when `store`. */
+static inline float
+exps_portable(float *z, int64_t n, float m, const int store)
 {
     double s = 0.0;
-    for (int64_t i = 0; i < n; i++) s += expf(z[i] - m);
+    for (int64_t i = 0; i < n; i++) {
+        const float e = expf(z[i] - m);
+        if (store) z[i] = e;
+        s += e;
+    }
     return (float)s;
 }
 
-static float
-expsum_portable(float *z, int64_t n, float m)
-{
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++) s += z[i] = expf(z[i] - m);
-    return (float)s;
-}
+EXPS_OPS(portable, )
 
 static void
 grad_portable(float *z, int64_t n, float lse, float a, float s)
@@ -121,26 +128,9 @@ max_avx512(const float *z, int64_t n)
     return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
 }
 
-__attribute__((target("avx512f"))) static float
-sumexp_avx512(const float *z, int64_t n, float m)
-{
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_add_ps(s0, exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm)));
-        s1 = _mm512_add_ps(s1, exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16), vm)));
-    }
-    for (; i < n; i += 16) {
-        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm));
-        s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, e));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
-__attribute__((target("avx512f"))) static float
-expsum_avx512(float *z, int64_t n, float m)
+/* exp(z - m) summed in two interleaved vector sums, stored over z when `store`. */
+__attribute__((target("avx512f"), always_inline)) static inline float
+exps_avx512(float *z, int64_t n, float m, const int store)
 {
     const __m512 vm = _mm512_set1_ps(m);
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
@@ -148,19 +138,23 @@ expsum_avx512(float *z, int64_t n, float m)
     for (; i + 32 <= n; i += 32) {
         const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
         const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16), vm));
-        _mm512_storeu_ps(z + i, e0);
-        _mm512_storeu_ps(z + i + 16, e1);
+        if (store) {
+            _mm512_storeu_ps(z + i, e0);
+            _mm512_storeu_ps(z + i + 16, e1);
+        }
         s0 = _mm512_add_ps(s0, e0);
         s1 = _mm512_add_ps(s1, e1);
     }
     for (; i < n; i += 16) {
         __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
         __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm)));
-        _mm512_mask_storeu_ps(z + i, k, e);
+        if (store) _mm512_mask_storeu_ps(z + i, k, e);
         s0 = _mm512_add_ps(s0, e);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
+
+EXPS_OPS(avx512, __attribute__((target("avx512f"))))
 
 __attribute__((target("avx512f"))) static void
 grad_avx512(float *z, int64_t n, float lse, float a, float s)
@@ -330,44 +324,30 @@ max_avx2(const float *z, int64_t n)
     return r;
 }
 
-__attribute__((target("avx2,fma"))) static float
-sumexp_avx2(const float *z, int64_t n, float m)
-{
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 s = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) s = _mm256_add_ps(s, exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm)));
-    if (i < n) {
-        __m256i k = tail_mask256(n - i);
-        __m256 e = exp256(_mm256_sub_ps(_mm256_maskload_ps(z + i, k), vm));
-        s = _mm256_add_ps(s, _mm256_and_ps(e, _mm256_castsi256_ps(k)));
-    }
-    float buf[8];
-    _mm256_storeu_ps(buf, s);
-    return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
-}
-
-__attribute__((target("avx2,fma"))) static float
-expsum_avx2(float *z, int64_t n, float m)
+/* exp(z - m) summed in one vector sum, stored over z when `store`. */
+__attribute__((target("avx2,fma"), always_inline)) static inline float
+exps_avx2(float *z, int64_t n, float m, const int store)
 {
     const __m256 vm = _mm256_set1_ps(m);
     __m256 s = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm));
-        _mm256_storeu_ps(z + i, e);
+        if (store) _mm256_storeu_ps(z + i, e);
         s = _mm256_add_ps(s, e);
     }
     if (i < n) {
         __m256i k = tail_mask256(n - i);
         __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(z + i, k), vm)), _mm256_castsi256_ps(k));
-        _mm256_maskstore_ps(z + i, k, e);
+        if (store) _mm256_maskstore_ps(z + i, k, e);
         s = _mm256_add_ps(s, e);
     }
     float buf[8];
     _mm256_storeu_ps(buf, s);
     return ((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7]));
 }
+
+EXPS_OPS(avx2, __attribute__((target("avx2,fma"))))
 
 __attribute__((target("avx2,fma"))) static void
 grad_avx2(float *z, int64_t n, float lse, float a, float s)
