@@ -320,6 +320,31 @@ def test_gemm_many_rows_against_transposed_b(shape, alpha, beta, with_bias, gen)
                  what=f"A M^T {shape} alpha={alpha} beta={beta}")
 
 
+# Transposed operands on the packed path (a transposed A of more than 256 rows: dW = dZ^T X for a large
+# C; a transposed B of more than 512 columns: Z = X W^T for a large C): A^T's rows are packed as runs
+# along k, B's columns through 16 x 16 register transposes. Edges: K not a multiple of 16 and beyond one
+# K block, last slivers of 32, 18, 5 and 4 columns, a last sliver of A of fewer than 12 rows, and
+# views whose rows are further apart than they are long.
+PACKED_T_SHAPES = [(300, 37, 530), (259, 529, 544), (70, 16, 517), (301, 600, 613)]
+
+
+@pytest.mark.parametrize("la,lb", [("t", "contig"), ("contig", "t"), ("t", "t"), ("tstride", "tstride")])
+@pytest.mark.parametrize("shape", PACKED_T_SHAPES, ids=shape_id)
+def test_gemm_packed_transposed_operands(shape, la, lb, gen):
+    M, K, N = shape
+    a = make2d(M, K, la, torch.float32, gen)
+    b = make2d(K, N, lb, torch.float32, gen)
+    outs = []
+    for nthreads in (1, 2, 3):
+        c = torch.full((M, N), NAN)
+        _C.gemm(a, b, c, None, None, 1.0, 0.0, nthreads)
+        outs.append(c)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]), "results depend on the thread count"
+    assert_close(outs[0], ref_gemm(a, b, None, None, 1.0, 0.0), torch.float32, torch_out=a @ b,
+                 what=f"packed transposed {shape} {la}/{lb}")
+
+
 def test_gemm_large_all_blocks(gen):
     """One big product spanning several M, N and K cache blocks, on the default thread count."""
     M, K, N = 1000, 1000, 400
