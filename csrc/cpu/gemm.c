@@ -233,12 +233,85 @@ tl_cpu_isa(void)
  * mc; a sliver holds kstride values of k (a K block may be packed from two sources, each at its offset).
  * The loop runs over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x
  * faster than row by row, whose writes stride by MR). */
+#ifdef TL_X86
+/* r[j] = column j of the 16 x 16 block whose rows are r[0..15], by lane unpacks and shuffles. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+transpose16(__m512 r[16])
+{
+    __m512 t[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    /* t[4g + c], lane L: rows 4g..4g+3 of column 4L + c */
+#pragma GCC unroll 4
+    for (int g = 0; g < 16; g += 4) {
+        const __m512 t0 = t[g], t1 = t[g + 1], t2 = t[g + 2], t3 = t[g + 3];
+        t[g] = _mm512_shuffle_ps(t0, t2, 0x44);
+        t[g + 1] = _mm512_shuffle_ps(t0, t2, 0xee);
+        t[g + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+        t[g + 3] = _mm512_shuffle_ps(t1, t3, 0xee);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++) {
+        const __m512 p0 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x88);
+        const __m512 p1 = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xdd);
+        const __m512 q0 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x88);
+        const __m512 q1 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xdd);
+        r[c] = _mm512_shuffle_f32x4(p0, q0, 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(p1, q1, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(p0, q0, 0xdd);
+        r[12 + c] = _mm512_shuffle_f32x4(p1, q1, 0xdd);
+    }
+}
+
+/* d[k][j] = m[j][k] for j < jn (zero up to w), k < kc: float32 rows of m (ldm apart) packed across,
+ * w values per k (a sliver of B = M^T, w = NR, from a linear layer's weight in Z = X W^T; or an A
+ * sliver, w = MR = 12, from row-major A). 16 rows x 16 k at a time through registers; the edges one
+ * float at a time. */
+__attribute__((target("avx512f"))) static void
+pack_rows_across_avx512(const float *m, int64_t ldm, int64_t kc, int jn, int w, float *d)
+{
+    const int64_t kv = kc / 16 * 16;
+    const int jv = w < 16 ? jn : jn / 16 * 16; /* rows taken 16 at a time (all jn of them when w < 16) */
+    for (int h = 0; h < jv; h += 16) {
+        const int rows = jv - h < 16 ? jv - h : 16;
+        const __mmask16 keep = (__mmask16)((1u << rows) - 1u);
+        const float *mh = m + h * ldm;
+        for (int64_t k = 0; k < kv; k += 16) {
+            __m512 r[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) r[i] = i < rows ? _mm512_loadu_ps(mh + i * ldm + k) : _mm512_setzero_ps();
+            transpose16(r);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) _mm512_mask_storeu_ps(d + (k + i) * w + h, keep, r[i]);
+        }
+        for (int64_t k = kv; k < kc; k++)
+            for (int j = h; j < h + rows; j++) d[k * w + j] = m[j * ldm + k];
+    }
+    for (int64_t k = 0; k < kc; k++) {
+        for (int j = jv; j < jn; j++) d[k * w + j] = m[j * ldm + k];
+        for (int j = jn; j < w; j++) d[k * w + j] = 0.0f;
+    }
+}
+#endif
+
 static void
 pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
        int64_t s_end, float *dst, int64_t kstride, int64_t koff)
 {
     const int64_t sa0 = a->strides[0], sa1 = a->strides[1];
     const int64_t es = (int64_t)tl_dtype_size(a->dtype);
+#ifdef TL_X86
+    if (a->dtype == TL_FLOAT32 && sa1 == 1 && sa0 != 1 && mr <= 16 && tl_cpu_level() >= 2) {
+        for (int64_t s = s_begin; s < s_end; s++) /* row-major A: its rows packed across */
+            pack_rows_across_avx512((const float *)a->data + (i0 + s * mr) * sa0 + k0, sa0, kc,
+                                    (int)(mc - s * mr < mr ? mc - s * mr : mr), mr,
+                                    dst + s * mr * kstride + koff * mr);
+        return;
+    }
+#endif
     if (a->dtype == TL_FLOAT32 && sa0 == 1 && sa1 != 1) {
         /* A given transposed (dZ^T in dW = dZ^T X): a sliver's rows at one k are adjacent floats. Copy
          * them as runs, 64 values of k at a time across the slivers, so each source row is read along
@@ -295,55 +368,6 @@ typedef struct {
 /* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] (times its scale) for the columns [j0, j0+nc), zero
  * past nc; k outside, the sliver's columns inside, slivers of kstride values of k, as in pack_a. B may
  * also be int8 (a quantised weight, with its scale). */
-#ifdef TL_X86
-/* One sliver of B = M^T packed from M's float32 rows (a linear layer's weight in Z = X W^T):
- * d[k][j] = m[j][k] for j < jn (zero up to nr), k < kc. Whole 16 x 16 blocks go through registers
- * (16 row loads, a transpose by lane unpacks and shuffles, 16 stores), the edges one float at a time. */
-__attribute__((target("avx512f"))) static void
-pack_bt_avx512(const float *m, int64_t ldm, int64_t kc, int jn, int nr, float *d)
-{
-    const int64_t kv = kc / 16 * 16;
-    for (int h = 0; h + 16 <= jn; h += 16) {
-        const float *mh = m + h * ldm;
-        for (int64_t k = 0; k < kv; k += 16) {
-            __m512 r[16], t[16];
-#pragma GCC unroll 16
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(mh + i * ldm + k);
-#pragma GCC unroll 8
-            for (int i = 0; i < 16; i += 2) {
-                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-            }
-            /* r[4g + c], lane L: rows 4g..4g+3 of column 4L + c */
-#pragma GCC unroll 4
-            for (int g = 0; g < 16; g += 4) {
-                r[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
-                r[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xee);
-                r[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
-                r[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xee);
-            }
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; c++) {
-                const __m512 p0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);
-                const __m512 p1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd);
-                const __m512 q0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-                const __m512 q1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
-                _mm512_storeu_ps(d + (k + c) * nr + h, _mm512_shuffle_f32x4(p0, q0, 0x88));
-                _mm512_storeu_ps(d + (k + 4 + c) * nr + h, _mm512_shuffle_f32x4(p1, q1, 0x88));
-                _mm512_storeu_ps(d + (k + 8 + c) * nr + h, _mm512_shuffle_f32x4(p0, q0, 0xdd));
-                _mm512_storeu_ps(d + (k + 12 + c) * nr + h, _mm512_shuffle_f32x4(p1, q1, 0xdd));
-            }
-        }
-        for (int64_t k = kv; k < kc; k++)
-            for (int j = h; j < h + 16; j++) d[k * nr + j] = m[j * ldm + k];
-    }
-    const int jv = jn / 16 * 16;
-    for (int64_t k = 0; k < kc; k++) {
-        for (int j = jv; j < jn; j++) d[k * nr + j] = m[j * ldm + k];
-        for (int j = jn; j < nr; j++) d[k * nr + j] = 0.0f;
-    }
-}
-#endif
 
 static void
 pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst,
@@ -359,7 +383,7 @@ pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int64_t j0,
         const char *col0 = (const char *)b->data + (k0 * sb0 + (j0 + s * nr) * sb1) * es;
 #ifdef TL_X86
         if (b->dtype == TL_FLOAT32 && sb0 == 1 && sb1 != 1 && !st && nr % 16 == 0 && tl_cpu_level() >= 2) {
-            pack_bt_avx512((const float *)col0, sb1, kc, jn, nr, d); /* B = M^T, M's rows contiguous */
+            pack_rows_across_avx512((const float *)col0, sb1, kc, jn, nr, d); /* B = M^T, M's rows contiguous */
             continue;
         }
 #endif
