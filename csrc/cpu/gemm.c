@@ -7,7 +7,8 @@
  *           pack B[pc:pc+KC, jc:jc+NC] into NR-column slivers    (per thread, ~L2)
  *           for each A sliver (MR x KC, stays in L1):  for each B sliver:  MR x NR micro-kernel
  * Packing reads any strides and converts bfloat16/float16 to float32, so the micro-kernels see only
- * contiguous float32. Partial sums live in C itself when C is float32; otherwise in the caller's
+ * contiguous float32; float32 rows that run across a sliver (row-major A, B = W^T) go through 16 x 16
+ * register transposes, and a sliver's rows adjacent in memory (A = dZ^T) are copied as runs. Partial sums live in C itself when C is float32; otherwise in the caller's
  * float32 workspace, rounded to C's dtype once after the last K block. Each C element is summed in
  * the same order whatever the thread count, so results do not depend on it.
  * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
@@ -229,10 +230,6 @@ tl_cpu_isa(void)
 
 /* ---- packing ------------------------------------------------------------------------------------ */
 
-/* dst[s][koff + k][r] = src[(i0 + s*MR + r), k0 + k] for k < kc and the rows [i0, i0+mc), zero past
- * mc; a sliver holds kstride values of k (a K block may be packed from two sources, each at its offset).
- * The loop runs over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x
- * faster than row by row, whose writes stride by MR). */
 #ifdef TL_X86
 /* r[j] = column j of the 16 x 16 block whose rows are r[0..15], by lane unpacks and shuffles. */
 __attribute__((target("avx512f"), always_inline)) static inline void
@@ -297,6 +294,10 @@ pack_rows_across_avx512(const float *m, int64_t ldm, int64_t kc, int jn, int w, 
 }
 #endif
 
+/* dst[s][koff + k][r] = src[(i0 + s*MR + r), k0 + k] for k < kc and the rows [i0, i0+mc), zero past
+ * mc; a sliver holds kstride values of k (a K block may be packed from two sources, each at its offset).
+ * The loop runs over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x
+ * faster than row by row, whose writes stride by MR). */
 static void
 pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
        int64_t s_end, float *dst, int64_t kstride, int64_t koff)
@@ -368,7 +369,6 @@ typedef struct {
 /* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] (times its scale) for the columns [j0, j0+nc), zero
  * past nc; k outside, the sliver's columns inside, slivers of kstride values of k, as in pack_a. B may
  * also be int8 (a quantised weight, with its scale). */
-
 static void
 pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, float *dst,
        int64_t kstride, int64_t koff)
