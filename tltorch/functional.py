@@ -131,8 +131,9 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
 
     x: (..., in_features); weight: (num_classes, in_features); target: x.shape[:-1] of class indices
     (int64 or int32), each in [0, num_classes) or equal to ignore_index; bias: (num_classes,) or None;
-    class_weight: (num_classes,) or None, float32, bfloat16 or float16 (taken as float32 unless it is x's dtype). x, weight and bias share one dtype: float32, bfloat16 or
-    float16 (logits and softmax are computed in float32). reduction: "mean", "sum" or "none".
+    class_weight: (num_classes,) or None, float32, bfloat16 or float16 (taken as float32 unless it is x's
+    dtype). x, weight and bias share one dtype: float32, bfloat16 or float16 (logits and softmax are
+    computed in float32). reduction: "mean", "sum" or "none".
     """
     _check_tensor("x", x)
     _check_tensor("weight", weight)

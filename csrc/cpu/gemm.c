@@ -8,9 +8,10 @@
  *           for each A sliver (MR x KC, stays in L1):  for each B sliver:  MR x NR micro-kernel
  * Packing reads any strides and converts bfloat16/float16 to float32, so the micro-kernels see only
  * contiguous float32; float32 rows that run across a sliver (row-major A, B = W^T) go through 16 x 16
- * register transposes, and a sliver's rows adjacent in memory (A = dZ^T) are copied as runs. Partial sums live in C itself when C is float32; otherwise in the caller's
- * float32 workspace, rounded to C's dtype once after the last K block. Each C element is summed in
- * the same order whatever the thread count, so results do not depend on it.
+ * register transposes, and a sliver's rows adjacent in memory (A = dZ^T) are copied as runs. Partial
+ * sums live in C itself when C is float32; otherwise in the caller's float32 workspace, rounded to C's
+ * dtype once after the last K block. Each C element is summed in the same order whatever the thread
+ * count, so results do not depend on it.
  * Memory: A is read ceil(N/NC) times per K block, B ceil(M/MC) times, C once per K block;
  * scratch: MC x KC + threads x KC x NC floats (at most 6 MB + 0.5 MB per thread).
  * Three shapes skip packing A: a short side of A M^T (tl_gemm_nt_direct, dot products); many rows of
@@ -1122,23 +1123,30 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         TEAM_IDS(tid, nth);
-        /* Pack alpha M^T: each thread a share of the slivers, 64 k at a time (8 KB of the sliver, in L1,
-         * filled by 32 rows of M read along k). */
-        for (int64_t sl = nsl * tid / nth; sl < nsl * (tid + 1) / nth; sl++)
+        /* Pack alpha M^T: each thread a share of the slivers. Float32 rows of M go across through the
+         * GEMM's register transposes; other dtypes and strides 64 k at a time (8 KB of the sliver, in
+         * L1, filled by 32 rows of M read along k). */
+        for (int64_t sl = nsl * tid / nth; sl < nsl * (tid + 1) / nth; sl++) {
+            float *ws = wp + sl * 32 * K;
+            if (m_rows) {
+                pack_rows_across_avx512((const float *)m->data + sl * 32 * m->strides[0], m->strides[0], K,
+                                        (int)(Rs - sl * 32 < 32 ? Rs - sl * 32 : 32), 32, ws);
+                if (alpha != 1.0f)
+                    for (int64_t i = 0; i < 32 * K; i++) ws[i] *= alpha;
+                continue;
+            }
             for (int64_t k0 = 0; k0 < K; k0 += 64) {
                 const int64_t k1 = K - k0 < 64 ? K : k0 + 64;
                 for (int64_t r = sl * 32; r < sl * 32 + 32; r++) {
-                    float *dst = wp + sl * 32 * K + r % 32;
+                    float *dst = ws + r % 32;
                     if (r >= Rs)
                         for (int64_t k = k0; k < k1; k++) dst[k * 32] = 0.0f;
-                    else if (m_rows)
-                        for (int64_t k = k0; k < k1; k++)
-                            dst[k * 32] = alpha * ((const float *)m->data)[r * m->strides[0] + k];
                     else
                         for (int64_t k = k0; k < k1; k++)
                             dst[k * 32] = alpha * tl_load_f(m->data, r * m->strides[0] + k * m->strides[1], m->dtype);
                 }
             }
+        }
         tl_barrier_wait(&bar, nth);
         const int64_t b0 = nrb * tid / nth, b1 = nrb * (tid + 1) / nth;
         for (int64_t rb = b0; rb < b1; rb++) {
