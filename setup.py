@@ -23,6 +23,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_backend import cuda_root, find_nvcc, nvcc_major  # noqa: E402  (one copy of the nvcc rules)
@@ -87,6 +88,27 @@ if env_flag("TLTORCH_NATIVE"):
 
 CPU_SOURCES = (sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc/python/module.c"]
                + sorted(glob.glob("csrc/python/bind_*.c")))
+# Every header a source may include: build_ext rebuilds an extension when one of these is newer than it
+# (setuptools otherwise compares only the .c files, and an edited header keeps the old build).
+HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+# The compiled modules of the package, as file name globs (CPython and Windows suffixes).
+BINARIES = ("_C.*.so", "_C.so", "_C.*.pyd", "_cuda.*.so", "_cuda.so", "_cuda.*.pyd")
+
+
+def _binaries(folder):
+    return sorted({f for pat in BINARIES for f in glob.glob(os.path.join(folder, "tltorch", pat))})
+
+
+class BuildPy(build_py):
+    """Starts every build from a package folder without compiled modules: a build directory left by an
+    earlier build (say one that found nvcc) must not put that build's _cuda into this one's wheel."""
+
+    def run(self):
+        if not self.editable_mode:
+            for f in _binaries(self.build_lib):
+                log(f"removing {f}, left by an earlier build")
+                os.remove(f)
+        super().run()
 
 
 class BuildExt(build_ext):
@@ -97,6 +119,16 @@ class BuildExt(build_ext):
         super().build_extensions()
         # An optional extension that failed is left out of what gets copied and installed.
         self.extensions = [e for e in self.extensions if e.name not in self._tl_skipped]
+
+    def run(self):
+        super().run()
+        # An in-place build (`pip install -e .`, `build_ext --inplace`) that did not build _cuda removes a
+        # _cuda left in the source tree by an earlier one: the tree then holds only what this build made.
+        if self.inplace and not any(e.name == "tltorch._cuda" for e in self.extensions):
+            for f in _binaries(ROOT):
+                if os.path.basename(f).startswith("_cuda"):
+                    log(f"removing {f}: this build did not build tltorch._cuda")
+                    os.remove(f)
 
     def build_extension(self, ext):
         if ext.name != "tltorch._cuda":
@@ -135,7 +167,7 @@ class BuildExt(build_ext):
 
 
 def extensions():
-    exts = [Extension("tltorch._C", sources=CPU_SOURCES, include_dirs=["csrc"],
+    exts = [Extension("tltorch._C", sources=CPU_SOURCES, include_dirs=["csrc"], depends=HEADERS,
                       extra_compile_args=C_FLAGS, extra_link_args=LINK_FLAGS)]
     want = env_flag("TLTORCH_CUDA")
     if want is False:
@@ -156,6 +188,7 @@ def extensions():
         # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses.
         sources=["csrc/cpu/common.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
         include_dirs=["csrc", os.path.join(cuda_home, "include")],
+        depends=HEADERS,
         library_dirs=[cuda_lib],
         # No cuBLAS here: it is opened with dlopen at run time (dl). stdc++: nvcc's host code needs the
         # C++ runtime (static-local guards, the EH personality).
@@ -167,8 +200,9 @@ def extensions():
     ext._tl_nvcc = nvcc
     ext._tl_cuda_home = cuda_home
     ext._tl_cu_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    ext.depends = ext.depends + ext._tl_cu_sources
     exts.append(ext)
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt, "build_py": BuildPy})

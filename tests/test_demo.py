@@ -100,29 +100,49 @@ def test_demo_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook(tmp_path, monkeypatch):
+def test_quickstart_notebook(tmp_path):
+    """The notebook runs as saved, and its saved outputs are those of its current code (a cell edited
+    without a rerun of notebooks/execute.py, or results the code no longer gives, fail here)."""
     _needs_model()
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    for k, v in OFFLINE.items():
-        monkeypatch.setenv(k, v)
-    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
-    assert all(not c.get("outputs") and c.get("execution_count") is None
-               for c in nb.cells if c.cell_type == "code"), "commit the notebook with its outputs cleared"
-    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1
-    out = tmp_path / "nb-out"
-    nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(f"QUICK = True\nOUT = {str(out)!r}"))
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-
-    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
-    m = re.search(r"summary: frozen body \+ fit_head ([0-9.]+), LoRA ([0-9.]+) \(test accuracy\); "
-                  r"adapter saved to (\S+)", text)
-    assert m, text
-    probe, lora = float(m.group(1)), float(m.group(2))
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import execute
+    finally:
+        sys.path.pop(0)
+    nb = execute.execute(tmp_path)
+    assert execute.check(nb) == []
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "QUICK = True" in params[0].source
+    probe, lora, adapter = execute.summary(nb)
     assert 0.4 < probe <= 1.0 and 0.4 < lora <= 1.0, (probe, lora)
-    assert Path(m.group(3)) == out / "adapter"
+    out = tmp_path / Path(adapter).parent
     assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= set(os.listdir(out / "adapter"))
     assert (out / "features" / "train" / "manifest.json").exists()
+
+
+def test_saved_notebook_staleness_is_detected(tmp_path, monkeypatch):
+    """execute.check's two cheap rules, without running the notebook: an edited cell, a changed result."""
+    nbformat = pytest.importorskip("nbformat")
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import execute
+    finally:
+        sys.path.pop(0)
+    saved = nbformat.read(execute.NOTEBOOK, as_version=4)
+    assert execute.check(saved) == []   # the committed notebook is current by its own record
+    edited = nbformat.read(execute.NOTEBOOK, as_version=4)
+    edited.cells[4].source += "\n# an edit"
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(edited, path)
+    monkeypatch.setattr(execute, "NOTEBOOK", path)
+    assert any("changed" in p for p in execute.check(saved))
+    other = nbformat.read(path, as_version=4)
+    other.metadata["tltorch"]["sources_sha256"] = execute.sources_hash(other)
+    nbformat.write(other, path)
+    worse = nbformat.read(path, as_version=4)
+    line = worse.cells[-1].outputs[0]
+    line["text"] = execute.SUMMARY.sub(lambda m: m.group(0).replace(m.group(2), "0.100", 1), line["text"])
+    assert any("differ" in p for p in execute.check(worse))

@@ -4,7 +4,32 @@
 """
 import torch  # noqa: F401  (torch's OpenMP runtime is loaded before ours, so they are one)
 
-from . import _C, _ops, functional, nn, optim
+
+def _missing_extension(err):
+    """The error for a tltorch folder without its compiled core: most often Python started at the root of
+    a clone (its ./tltorch, never built, shadows the installed package), said in words a user can act on."""
+    import glob
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if glob.glob(os.path.join(here, "_C.*")):  # there, but it does not load: the loader's reason matters
+        return ImportError(f"tltorch's C extension in {here} cannot be loaded ({err}); rebuild or reinstall "
+                           "tltorch for this Python and platform")
+    if os.path.exists(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return ImportError(
+            f"tltorch is being imported from its source tree ({here}), where its C extension "
+            f"(tltorch._C) has not been compiled. Either build it there: `pip install -e .` at {root} "
+            f"(or `python setup.py build_ext --inplace`), or start Python outside {root} so that the "
+            "installed tltorch is imported.")
+    return ImportError(f"tltorch's C extension (tltorch._C) is missing from {here}: reinstall tltorch")
+
+
+try:
+    from . import _C
+except ImportError as _err:  # a compiled module that exists but fails to load says why in _err
+    raise _missing_extension(_err) from None
+
+from . import _ops, functional, nn, optim
 from .extract import extract_features
 from .fit import History, fit_head
 from .freeze import freeze
