@@ -1,8 +1,8 @@
 """tltorch.extract_features against a plain inference loop with the pooling done by hand in float64, and
 its cache: reruns that never run the body, resumption after an exception or a SIGKILL (bitwise the
 features of an uninterrupted run, the body run only on what was missing), stale caches rebuilt with a
-warning, damaged chunks refused; plus every data form, labels, dtype, the progress bar and argument
-errors. The cache under torch.distributed is in test_extract_ddp.py."""
+warning (any input, parameter or buffer changed), damaged chunks refused; plus every data form, labels,
+dtype, the progress bar and argument errors. The cache under torch.distributed is in test_extract_ddp.py."""
 import contextlib
 import json
 import os
@@ -392,12 +392,13 @@ def test_resume_after_sigkill(tmp_path, stage, recorded):
     ("pooling", NB, "pooling differs"),
     ("dtype", NB, "dtype differs"),
     ("data", 1, "other data: the inputs of batch 2"),
+    ("mask", 1, "other data: the inputs of batch 2"),
     ("fewer", 0, "it held 6 batches, the data has 5"),
 ])
 def test_stale_cache_is_rebuilt_with_a_warning(tmp_path, per_batch_chunks, change, calls, match):
     body = token_body()
     batches = token_batches()
-    extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+    first = extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
     pooling, dtype = "mean", None
     if change == "weight":
         with torch.no_grad():
@@ -408,9 +409,15 @@ def test_stale_cache_is_rebuilt_with_a_warning(tmp_path, per_batch_chunks, chang
         dtype = torch.float16
     elif change == "data":
         batches[2] = {**batches[2], "input_ids": batches[2]["input_ids"].roll(1, dims=1)}
+    elif change == "mask":  # the same tokens, only the first one counted
+        mask = torch.zeros_like(batches[2]["attention_mask"])
+        mask[:, 0] = 1
+        batches[2] = {**batches[2], "attention_mask": mask}
     else:
         batches = batches[:-1]
     want = extract_features(body, batches, pooling=pooling, dtype=dtype, progress=False)
+    if change in ("weight", "pooling", "data", "mask"):
+        assert not torch.equal(want, first)
     probe = Probe(body)
     with pytest.warns(StaleCacheWarning, match=match):
         feats = extract_features(body, batches, pooling=pooling, dtype=dtype, cache=tmp_path, progress=False)
@@ -445,6 +452,22 @@ def test_damaged_cache_raises(tmp_path, per_batch_chunks, damage, match):
     with pytest.raises(CacheError, match=match):
         extract_features(body, token_batches(), pooling="mean", cache=tmp_path, progress=False)
     assert probe.calls == 0
+
+
+def test_changed_buffers_make_the_cache_stale(tmp_path, gen):
+    """BatchNorm's running statistics are buffers, not parameters, and change the features in eval mode."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5))
+    x = torch.randn(23, 8, generator=gen)
+    first = extract_features(body, x, batch_size=5, cache=tmp_path, progress=False)
+    with torch.no_grad():
+        body[1].running_mean += 0.5
+    want = extract_features(body, x, batch_size=5, progress=False)
+    assert not torch.equal(want, first)
+    probe = Probe(body)
+    with pytest.warns(StaleCacheWarning, match="body's parameters"):
+        feats = extract_features(body, x, batch_size=5, cache=tmp_path, progress=False)
+    assert probe.calls == 5 and torch.equal(feats, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
