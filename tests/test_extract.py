@@ -1,8 +1,9 @@
 """tltorch.extract_features against a plain inference loop with the pooling done by hand in float64, and
 its cache: reruns that never run the body, resumption after an exception or a SIGKILL (bitwise the
 features of an uninterrupted run, the body run only on what was missing), stale caches rebuilt with a
-warning (any input, parameter or buffer changed), damaged chunks refused; plus every data form, labels,
-dtype, the progress bar and argument errors. The cache under torch.distributed is in test_extract_ddp.py."""
+warning (any input, parameter or buffer changed), damaged chunks and damaged manifests refused (never
+wrong rows); plus every data form, labels, dtype, the progress bar and argument errors. The cache under
+torch.distributed is in test_extract_ddp.py."""
 import contextlib
 import json
 import os
@@ -468,6 +469,169 @@ def test_changed_buffers_make_the_cache_stale(tmp_path, gen):
     with pytest.warns(StaleCacheWarning, match="body's parameters"):
         feats = extract_features(body, x, batch_size=5, cache=tmp_path, progress=False)
     assert probe.calls == 5 and torch.equal(feats, want)
+
+
+def gapped_cache(path):
+    """A cache of token_batches() in one chunk, then rerun with other inputs for batch 2: the first chunk
+    keeps batches 0, 1, 3, 4, 5 around a hole of 7 rows no longer served, the second holds batch 2.
+    Returns the body, the new batches and their features."""
+    body = token_body()
+    batches = token_batches()
+    extract_features(body, batches, pooling="mean", cache=path, progress=False)
+    batches[2] = {**batches[2], "input_ids": batches[2]["input_ids"].flip(0)}
+    with pytest.warns(StaleCacheWarning, match="other data"):
+        feats = extract_features(body, batches, pooling="mean", cache=path, progress=False)
+    man = json.loads((path / "manifest.json").read_text())
+    assert [[b[0] for b in c["batches"]] for c in man["chunks"]] == [[0, 1, 3, 4, 5], [2]]
+    assert [b[2] for b in man["chunks"][0]["batches"]] == [0, 7, 21, 28, 35]
+    return body, batches, feats
+
+
+def _set(path, value):
+    """A mutation setting man[path...] (value: a function of the old value, or DELETE)."""
+    def mutate(man):
+        obj = man
+        for key in path[:-1]:
+            obj = obj[key]
+        if value is DELETE:
+            del obj[path[-1]]
+        else:
+            obj[path[-1]] = value(obj[path[-1]])
+        return man
+    return mutate
+
+
+DELETE = object()
+A, H = ("chunks", 0), ("chunks", 0, "batches")  # the first chunk, its batches (indices 0, 1, 3, 4, 5)
+
+
+def _swap_offsets(man):
+    b = man["chunks"][0]["batches"]
+    b[0][2], b[1][2] = b[1][2], b[0][2]
+    return man
+
+
+def _swap_files(man):
+    a, c = man["chunks"]
+    a["file"], c["file"] = c["file"], a["file"]
+    return man
+
+
+def _rows_and_total(man):
+    man["chunks"][0]["batches"][1][3] -= 1
+    man["num_rows"] -= 1
+    return man
+
+
+# name: (mutation of the manifest, "error" (CacheError) or "stale" (rebuilt with a warning), message)
+MUTATIONS = {
+    "offset+1 into the hole": (_set(H + (1, 2), lambda v: v + 1), "error",
+                               "not the features recorded for batch 1"),
+    "offset+1 onto the next batch": (_set(H + (0, 2), lambda v: v + 1), "error", "overlap"),
+    "offset+1 past the chunk": (_set(H + (4, 2), lambda v: v + 1), "error", "past the chunk's 39 rows"),
+    "offsets swapped": (_swap_offsets, "error", "not the features recorded for batch 0"),
+    "offset a string": (_set(H + (1, 2), str), "error", r"chunks\[0\]\.batches\[1\]"),
+    "offset negative": (_set(H + (1, 2), lambda v: -1), "error", r"chunks\[0\]\.batches\[1\]"),
+    "offset huge": (_set(H + (1, 2), lambda v: 10 ** 30), "error", "past the chunk's 39 rows"),
+    "rows-1": (_set(H + (1, 3), lambda v: v - 1), "error", "num_rows"),
+    "rows-1 and the total too": (_rows_and_total, "error", "6 rows for batch 1, the data has 7"),
+    "rows a float": (_set(H + (1, 3), float), "error", r"chunks\[0\]\.batches\[1\]"),
+    "rows huge": (_set(H + (1, 3), lambda v: 2 ** 70), "error", "past the chunk's 39 rows"),
+    "index a bool": (_set(H + (0, 0), bool), "error", r"chunks\[0\]\.batches\[0\]"),
+    "index twice in a chunk": (_set(H + (2, 0), lambda v: 1), "error", "batch 1 twice"),
+    "input hash an int": (_set(H + (1, 1), lambda v: 7), "error", r"chunks\[0\]\.batches\[1\]"),
+    "input hash of other data": (_set(H + (1, 1), lambda v: "0" * 32), "stale",
+                                 "other data: the inputs of batch 1"),
+    "feature hash missing": (_set(H + (1,), lambda v: v[:4]), "error", r"chunks\[0\]\.batches\[1\]"),
+    "batches missing": (_set(A + ("batches",), DELETE), "error", "'batches' is missing"),
+    "chunk rows+1": (_set(A + ("rows",), lambda v: v + 1), "error", "holds"),
+    "chunk rows-1": (_set(A + ("rows",), lambda v: v - 1), "error", "past the chunk's 38 rows"),
+    "chunk rows negative": (_set(A + ("rows",), lambda v: -39), "error", "'rows' is -39"),
+    "chunk dim+1": (_set(A + ("dim",), lambda v: v + 1), "error", "dim"),
+    "chunk dtype float16": (_set(A + ("dtype",), lambda v: "float16"), "error", "dtype"),
+    "chunk dtype int64": (_set(A + ("dtype",), lambda v: "int64"), "error", "'dtype' is 'int64'"),
+    "chunk dtype a number": (_set(A + ("dtype",), lambda v: 3), "error", "'dtype' is 3"),
+    "file ../": (_set(("chunks", 1, "file"), lambda v: "../" + v), "error", "'file' is '../chunk-"),
+    "file absolute": (_set(("chunks", 1, "file"), lambda v: "/etc/passwd"), "error",
+                      "'file' is '/etc/passwd'"),
+    "file elsewhere": (_set(("chunks", 1, "file"), lambda v: "chunk-00000002-0123456789ab.npy/../" + v),
+                       "error", "'file' is"),
+    "file absent": (_set(("chunks", 1, "file"), lambda v: "chunk-00000002-0123456789ab.npy"), "error",
+                    "missing"),
+    "files swapped": (_swap_files, "error", "truncated or damaged"),
+    "file listed twice": (lambda m: {**m, "chunks": m["chunks"] + m["chunks"][1:]}, "error", "listed twice"),
+    "nbytes a string": (_set(A + ("nbytes",), str), "error", "'nbytes' is '"),
+    "nbytes huge": (_set(A + ("nbytes",), lambda v: 10 ** 30), "error", "truncated or damaged"),
+    "checksum missing": (_set(A + ("checksum",), DELETE), "error", "'checksum' is missing"),
+    "checksum altered": (_set(A + ("checksum",), lambda v: v[::-1]), "error", "corrupt"),
+    "num_batches+1": (_set(("num_batches",), lambda v: v + 1), "error", "num_batches"),
+    "num_batches a string": (_set(("num_batches",), str), "error", "'num_batches' is '6'"),
+    "num_batches huge": (_set(("num_batches",), lambda v: 10 ** 30), "error", "num_batches"),
+    "num_rows+1": (_set(("num_rows",), lambda v: v + 1), "error", "num_rows"),
+    "dim of the whole": (_set(("dim",), lambda v: v + 1), "error", "'dim' is 17"),
+    "dtype of the whole": (_set(("dtype",), lambda v: "float16"), "error", "'dtype' is 'float16'"),
+    "complete a string": (_set(("complete",), lambda v: "yes"), "error", "'complete' is 'yes'"),
+    "chunks missing": (_set(("chunks",), DELETE), "error", "'chunks' is missing"),
+    "chunks an object": (_set(("chunks",), lambda v: {"0": v[0]}), "error", "'chunks' is"),
+    "a list, not an object": (lambda m: [m], "error", "not an object"),
+    "format a string": (_set(("format",), str), "stale", "format version"),
+    "format missing": (_set(("format",), DELETE), "stale", "format version"),
+    "fingerprint missing": (_set(("fingerprint",), DELETE), "stale", "fingerprint"),
+    "fingerprint a string": (_set(("fingerprint",), lambda v: "x"), "stale", "fingerprint"),
+    "batch_size a string": (_set(("fingerprint", "batch_size"), str), "stale", "batch_size differs"),
+    "pooling a list": (_set(("fingerprint", "pooling"), lambda v: [v]), "stale", "pooling differs"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_damaged_manifest_is_refused_or_rebuilt(tmp_path, name):
+    """Every manifest field that says which bytes are served is checked: a damaged one raises CacheError
+    before anything is run or written, or, for the fields that say what made the cache, makes it stale;
+    never are other rows served."""
+    mutate, outcome, match = MUTATIONS[name]
+    body, batches, want = gapped_cache(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(mutate(json.loads(manifest.read_text()))))
+    before = manifest.read_bytes()
+    probe = Probe(body)
+    if outcome == "error":
+        with pytest.raises(CacheError, match=match):
+            extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+        assert probe.calls == 0 and manifest.read_bytes() == before
+    else:
+        with pytest.warns(StaleCacheWarning, match=match):
+            feats = extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+        assert torch.equal(feats, want)
+        probe.fail_at = probe.calls
+        with no_stale_warning():
+            again = extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+        assert torch.equal(again, want)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (_set(H + (1, 3), lambda v: v - 1), "6 rows for batch 1, the data has 7"),
+    (_set(H + (1, 2), lambda v: v + 1), "the rows of batches 1 and 2 overlap"),
+    (_set(H + (3, 2), lambda v: v + 1), "past the chunk's 28 rows"),
+    (_set(H + (3, 3), lambda v: v - 1), "6 rows for batch 3, the data has 7"),
+])
+def test_damaged_journal_is_refused(tmp_path, mutate, match):
+    """The journal of an interrupted run (no totals in it) is checked as strictly."""
+    body = token_body()
+    batches = token_batches()
+
+    def interrupted():
+        yield from batches[:4]
+        raise KeyError("data failed")
+    with pytest.raises(KeyError):
+        extract_features(body, interrupted(), pooling="mean", cache=tmp_path, progress=False)
+    manifest = tmp_path / "manifest.json"
+    man = json.loads(manifest.read_text())
+    assert not man["complete"] and [b[2] for b in man["chunks"][0]["batches"]] == [0, 7, 14, 21]
+    manifest.write_text(json.dumps(mutate(man)))
+    probe = Probe(body)
+    with pytest.raises(CacheError, match=match):
+        extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+    assert probe.calls == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

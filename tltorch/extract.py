@@ -4,14 +4,17 @@ optionally in a resumable, validated cache on disk.
 Cache layout (a directory): chunk files `chunk-<first batch>-<token>.npy` (plain .npy, read without
 pickle) and `manifest.json`:
 
-    {"format": 1,
+    {"format": 2,
      "fingerprint": {"format", "body", "pooling", "dtype", "batch_size"},
-     "complete": true, "num_batches": n, "num_rows": N, "dim": D, "dtype": "float32",
+     "complete": true, "run": id, "num_batches": n, "num_rows": N, "dim": D, "dtype": "float32",
      "chunks": [{"file", "nbytes", "checksum", "rows", "dim", "dtype",
-                 "batches": [[batch index, input hash, first row in the chunk, rows], ...]}, ...]}
+                 "batches": [[batch index, input hash, first row in the chunk, rows, feature hash],
+                             ...]}, ...]}
 
 While a run is under way, manifest.json (or manifest.rank<r>.json, one per rank under torch.distributed)
-is the journal: rewritten atomically after each chunk, with "complete": false.
+is the journal: rewritten atomically after each chunk, with "complete": false. A chunk may hold rows no
+batch record points to any more (a batch recomputed for other data): the feature hash of each batch's
+rows is what ties a record to its bytes.
 """
 import hashlib
 import inspect
@@ -35,7 +38,7 @@ from ._io import atomic_write
 
 __all__ = ["extract_features", "CacheError", "StaleCacheWarning"]
 
-FORMAT = 1
+FORMAT = 2
 # A chunk is written once it holds this many bytes of features or has been this long in the making:
 # big enough that the manifest is rewritten rarely, small enough that an interruption loses little.
 CHUNK_BYTES = 16 << 20
@@ -50,7 +53,8 @@ _TMP_RE = re.compile(r"^(chunk-.*\.npy|manifest(\.rank\d+)?\.json)\.tmp-")
 
 
 class CacheError(RuntimeError):
-    """A feature cache on disk is damaged (a chunk truncated, corrupt or missing; a manifest unreadable)."""
+    """A feature cache on disk is damaged (a chunk truncated, corrupt or missing; a manifest unreadable or
+    naming other bytes than the features recorded)."""
 
 
 class StaleCacheWarning(UserWarning):
@@ -109,7 +113,13 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     recomputed, with a StaleCacheWarning; batches whose inputs are unchanged keep their features, which
     are the very ones body would compute. Each chunk's byte length and checksum are in the manifest and
     are verified on load: a truncated, corrupt or missing chunk raises CacheError (delete the directory
-    to start over). One extraction at a time may use a cache directory.
+    to start over). So is the manifest: a manifest of another format, or whose fingerprint is missing or
+    damaged, is stale (rebuilt with a warning: nothing in it would be served); one whose other fields
+    cannot be what extract_features wrote (a chunk's name, size, shape or dtype, a batch's place in its
+    chunk, the totals, a value of the wrong JSON type) raises CacheError before body runs or anything
+    is written, as do a batch whose recorded rows differ from the data's or whose bytes do not hash to
+    the features recorded for it (an offset or row count off by one).
+    One extraction at a time may use a cache directory.
 
     torch.distributed (when initialized): every rank must pass the same body and the same data (no
     DistributedSampler); each rank reads all of it, keeping the labels, but runs body only on its share
@@ -178,7 +188,7 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
             digest = _hash_inputs(inputs) if store is not None or world > 1 else None
             if world > 1:
                 data_digest.update(digest.encode())
-            if mine and not (store is not None and store.reuse(i, digest)):
+            if mine and not (store is not None and store.reuse(i, digest, rows)):
                 feats = _forward(body, call, inputs, device, pooling, dtype)
                 if feats.shape[0] != rows:
                     raise ValueError(f"batch {i}: body returned {feats.shape[0]} rows for {rows} inputs")
@@ -322,6 +332,10 @@ def _hash_inputs(inputs) -> str:
     return h.hexdigest()
 
 
+def _hash_features(feats: Tensor) -> str:
+    return hashlib.blake2b(_tensor_bytes(feats), digest_size=16).hexdigest()
+
+
 def _hash_body(body: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{type(body).__module__}.{type(body).__qualname__}\n{body!r}\n".encode())
@@ -422,27 +436,123 @@ def _barrier(world):
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
               torch.bfloat16: np.uint16}  # numpy has no bfloat16: its bits are stored as uint16
+_HASH_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _dtype_of(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if dtype not in _NP_DTYPES:
-        raise CacheError(f"unsupported feature dtype {name!r} in the cache")
-    return dtype
+_DTYPES = {_dtype_name(dtype): dtype for dtype in _NP_DTYPES}
 
 
-def _stale_reasons(old: dict, new: dict) -> list:
-    if old.get("format") != new["format"]:
-        return [f"it has format version {old.get('format')!r}, this tltorch writes {new['format']}"]
-    what = {"body": "the body's parameters or structure differ",
-            "pooling": f"pooling differs (cached {old.get('pooling')!r}, now {new['pooling']!r})",
-            "dtype": f"dtype differs (cached {old.get('dtype')!r}, now {new['dtype']!r})",
-            "batch_size": f"batch_size differs (cached {old.get('batch_size')!r}, now {new['batch_size']!r})"}
-    return [msg for key, msg in what.items() if old.get(key) != new[key]]
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same(a, b) -> bool:
+    """Equal and of one JSON type: 7 is neither "7" nor 7.0, and True is not 1."""
+    return type(a) is type(b) and a == b
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_hash(value) -> bool:
+    return isinstance(value, str) and _HASH_RE.fullmatch(value) is not None
+
+
+def _field(obj: dict, key: str, ok, where: str, expected: str):
+    if key not in obj:
+        raise ValueError(f"{where}{key!r} is missing")
+    value = obj[key]
+    if not ok(value):
+        raise ValueError(f"{where}{key!r} is {_short(value)}, expected {expected}")
+    return value
+
+
+def _stale_reasons(man: dict, new: dict) -> list:
+    """Why the manifest `man` was made by something else than `new` describes (empty: it was not).
+    Damage to these fields can only keep features from being served, never serve others: such a cache
+    is rebuilt."""
+    if not _same(man.get("format"), FORMAT):
+        return [f"it has format version {_short(man.get('format'))}, this tltorch writes {FORMAT}"]
+    old = man.get("fingerprint")
+    if not isinstance(old, dict) or not _same(old.get("format"), new["format"]):
+        return ["its fingerprint is missing or damaged"]
+    what = {"body": "the body's parameters, buffers or structure differ",
+            "pooling": f"pooling differs (cached {_short(old.get('pooling'))}, now {new['pooling']!r})",
+            "dtype": f"dtype differs (cached {_short(old.get('dtype'))}, now {new['dtype']!r})",
+            "batch_size": f"batch_size differs (cached {_short(old.get('batch_size'))}, now "
+                          f"{new['batch_size']!r})"}
+    return [msg for key, msg in what.items() if not _same(old.get(key), new[key])]
+
+
+def _check_manifest(man: dict, whole: bool) -> None:
+    """Raise ValueError naming the first field of a manifest (of this format and fingerprint) that
+    extract_features cannot have written. Here every field that says which bytes are served: types,
+    ranges, each batch's rows inside its chunk and apart from the others', the totals; the bytes
+    themselves are checked as they are read (length, checksum, .npy header, each batch's hash).
+    whole: manifest.json, whose totals are checked once it is complete (a rank's journal has none)."""
+    complete = _field(man, "complete", lambda v: type(v) is bool, "", "true or false")
+    _field(man, "run", lambda v: isinstance(v, str), "", "a string")
+    chunks = _field(man, "chunks", lambda v: isinstance(v, list), "", "a list")
+    files, indices, total = set(), [], 0
+    for c, rec in enumerate(chunks):
+        where = f"chunks[{c}] "
+        if not isinstance(rec, dict):
+            raise ValueError(f"chunks[{c}] is {_short(rec)}, expected an object")
+        file = _field(rec, "file", lambda v: isinstance(v, str) and _CHUNK_RE.fullmatch(v) is not None, where,
+                      "the name of a chunk in the cache directory (chunk-<batch>-<hex>.npy)")
+        if file in files:
+            raise ValueError(f"chunk {file!r} is listed twice")
+        files.add(file)
+        _field(rec, "nbytes", _is_count, where, "a byte count")
+        _field(rec, "checksum", _is_hash, where, "a hash of 32 hex digits")
+        rows = _field(rec, "rows", _is_count, where, "a row count")
+        _field(rec, "dim", _is_count, where, "a feature count")
+        _field(rec, "dtype", lambda v: isinstance(v, str) and v in _DTYPES, where,
+               f"one of {sorted(_DTYPES)}")
+        spans, seen = [], set()
+        for b, entry in enumerate(_field(rec, "batches", lambda v: isinstance(v, list), where, "a list")):
+            at = f"chunks[{c}].batches[{b}]"
+            if not (isinstance(entry, list) and len(entry) == 5 and _is_count(entry[0]) and _is_hash(entry[1])
+                    and _is_count(entry[2]) and _is_count(entry[3]) and _is_hash(entry[4])):
+                raise ValueError(f"{at} is {_short(entry)}, expected [batch index, input hash, first row, "
+                                 "rows, feature hash]")
+            index, _, offset, count, _ = entry
+            if index in seen:
+                raise ValueError(f"chunks[{c}] records batch {index} twice")
+            seen.add(index)
+            if offset + count > rows:
+                raise ValueError(f"{at}: batch {index}'s rows {offset}..{offset + count - 1} lie past the "
+                                 f"chunk's {rows} rows")
+            spans.append((offset, count, index))
+        spans.sort()
+        for (first, count, i), (after, _, j) in zip(spans, spans[1:]):
+            if first + count > after:
+                raise ValueError(f"chunks[{c}]: the rows of batches {i} and {j} overlap")
+        indices += [i for _, _, i in spans]
+        total += sum(count for _, count, _ in spans)
+    if not complete:
+        return
+    n = _field(man, "num_batches", _is_count, "", "a batch count")
+    if not whole:
+        if len(set(indices)) != len(indices) or any(i >= n for i in indices):
+            raise ValueError(f"its chunks record a batch twice, or one past 'num_batches' ({n})")
+        return
+    if len(indices) != n or sorted(indices) != list(range(n)):
+        raise ValueError(f"'num_batches' is {n}, but its chunks do not record each of batches 0..{n - 1} "
+                         "once")
+    _field(man, "num_rows", lambda v: _same(v, total), "", f"{total}, the sum of its batches' rows")
+    kinds = sorted({(rec["dim"], rec["dtype"]) for rec in chunks})
+    if len(kinds) > 1:
+        raise ValueError(f"its chunks differ in 'dim' or 'dtype': {kinds}")
+    dim, dtype = kinds[0] if kinds else (None, None)
+    _field(man, "dim", lambda v: _same(v, dim), "", f"{dim!r}, its chunks' 'dim'")
+    _field(man, "dtype", lambda v: _same(v, dtype), "", f"{dtype!r}, its chunks' 'dtype'")
 
 
 class _Store:
@@ -455,67 +565,80 @@ class _Store:
         self.dir, self.fp, self.rank, self.world, self.run = path, fingerprint, rank, world, run_id
         self.journal = MANIFEST if world == 1 else f"manifest.rank{rank}.json"
         self.chunks = {}     # file -> chunk record: every valid chunk known, old and new
-        self.have = {}       # (batch index, input hash) -> (file, offset, rows)
+        self.have = {}       # (batch index, input hash) -> (file, offset, rows, feature hash)
         self.recorded = {}   # batch index -> hashes recorded for it
-        self.used = {}       # batch index -> [index, hash, offset, rows, file]
+        self.used = {}       # batch index -> ([index, input hash, offset, rows, feature hash], file)
         self.memory = {}     # file -> features of the chunks this process wrote
+        self.loaded = {}     # file -> features read from it, checksum verified
+        self.verified = set()  # (file, offset, rows, feature hash) of the batches read and found intact
         self.pending, self.pending_bytes, self.started = [], 0, time.monotonic()
         self.old_batches = None  # num_batches of a complete manifest
         self.warned = False
+        self._open()
 
+    # -- reading
+
+    def _open(self):
         stale, reasons = [], []
-        for name in sorted(os.listdir(path)):
+        for name in sorted(os.listdir(self.dir)):
             if name != MANIFEST and not _JOURNAL_RE.match(name):
                 continue
             man = self._read_manifest(name)
             if man is None:
                 continue
-            why = _stale_reasons(man.get("fingerprint", {}), fingerprint)
+            why = _stale_reasons(man, self.fp)
             if why:
                 stale.append(name)
                 reasons.extend(r for r in why if r not in reasons)
                 continue
-            if name == MANIFEST and man.get("complete"):
-                self.old_batches = man.get("num_batches")
-            for rec in man.get("chunks", []):
+            if name == MANIFEST and man["complete"]:
+                self.old_batches = man["num_batches"]
+            for rec in man["chunks"]:
                 self.chunks.setdefault(rec["file"], rec)
         for rec in self.chunks.values():
             self._check_size(rec)
-            for index, digest, offset, rows in rec["batches"]:
-                self.have[(index, digest)] = (rec["file"], offset, rows)
+            for index, digest, offset, rows, fhash in rec["batches"]:
+                self.have[(index, digest)] = (rec["file"], offset, rows, fhash)
                 self.recorded.setdefault(index, set()).add(digest)
-        if rank == 0:
+        if self.rank == 0:
             if stale:
-                warnings.warn(f"feature cache {path!r} is stale and is being rebuilt: " + "; ".join(reasons),
-                              StaleCacheWarning, stacklevel=3)
+                warnings.warn(f"feature cache {self.dir!r} is stale and is being rebuilt: "
+                              + "; ".join(reasons), StaleCacheWarning, stacklevel=4)
             # Nothing is written before the barrier below, so rank 0 may tidy up: stale manifests,
             # temporaries of killed runs, and chunks no valid manifest records.
-            for name in os.listdir(path):
+            for name in os.listdir(self.dir):
                 orphan = _CHUNK_RE.match(name) and name not in self.chunks
                 if name in stale or _TMP_RE.match(name) or orphan:
                     self._unlink(name)
-        _barrier(world)
-
-    # -- reading
+        _barrier(self.world)
 
     def _read_manifest(self, name):
+        """The manifest `name` (None if it is gone), checked unless it is stale: nothing of a stale one
+        is served."""
+        path = os.path.join(self.dir, name)
         try:
-            with open(os.path.join(self.dir, name), "rb") as f:
+            with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:  # removed by rank 0 as stale while we listed the directory
             return None
         try:
             man = json.loads(raw)
-            for rec in man.get("chunks", []):
-                for key in ("file", "nbytes", "checksum", "rows", "dim", "dtype", "batches"):
-                    rec[key]
-                if not _CHUNK_RE.match(rec["file"]):  # never a path out of the directory
-                    raise ValueError(f"bad chunk name {rec['file']!r}")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CacheError(f"feature cache manifest {os.path.join(self.dir, name)!r} is unreadable "
-                             f"({type(e).__name__}: {e}); delete the directory {self.dir!r} to rebuild "
-                             "the cache") from None
+            if not isinstance(man, dict):
+                raise ValueError(f"it holds a JSON {type(man).__name__}, not an object")
+        except (ValueError, RecursionError) as e:
+            raise CacheError(f"feature cache manifest {path!r} is unreadable ({type(e).__name__}: {e}); "
+                             f"delete the directory {self.dir!r} to rebuild the cache") from None
+        if not _stale_reasons(man, self.fp):
+            try:
+                _check_manifest(man, whole=name == MANIFEST)
+            except ValueError as e:
+                raise CacheError(f"feature cache manifest {path!r} is damaged: {e}; delete the directory "
+                                 f"{self.dir!r} to rebuild the cache") from None
         return man
+
+    def _damaged(self, what: str) -> CacheError:
+        return CacheError(f"feature cache {self.dir!r} is damaged: {what}; delete the directory to rebuild "
+                          "the cache")
 
     def _check_size(self, rec):
         path = os.path.join(self.dir, rec["file"])
@@ -538,7 +661,7 @@ class _Store:
         if got != rec["nbytes"] or hashlib.blake2b(data, digest_size=16).hexdigest() != rec["checksum"]:
             raise CacheError(f"feature cache chunk {path!r} is corrupt: its checksum does not match the "
                              f"manifest's; delete the directory {self.dir!r} to rebuild the cache")
-        dtype = _dtype_of(rec["dtype"])
+        dtype = _DTYPES[rec["dtype"]]
         head = io.BytesIO(bytes(data[:min(len(data), (1 << 16) + 16)]))
         try:
             version = np.lib.format.read_magic(head)
@@ -552,13 +675,35 @@ class _Store:
         arr = np.frombuffer(data, dtype=npdtype, count=rec["rows"] * rec["dim"], offset=head.tell())
         return torch.from_numpy(arr.reshape(shape)).view(dtype)
 
+    def _batch(self, rec, index: int, offset: int, rows: int, fhash: str) -> Tensor:
+        """Batch `index`'s features: rows offset.. of chunk `rec`, read once and checked against the hash
+        recorded for the batch (which no offset or row count but the right ones can match)."""
+        feats = self.memory.get(rec["file"])
+        if feats is not None:
+            return feats[offset:offset + rows]
+        feats = self.loaded.get(rec["file"])
+        if feats is None:
+            feats = self.loaded[rec["file"]] = self._load(rec)
+        part = feats[offset:offset + rows]
+        key = (rec["file"], offset, rows, fhash)
+        if key not in self.verified:
+            if part.shape[0] != rows or _hash_features(part) != fhash:
+                raise self._damaged(f"rows {offset}..{offset + rows - 1} of chunk {rec['file']!r} are not "
+                                    f"the features recorded for batch {index}")
+            self.verified.add(key)
+        return part
+
     # -- writing
 
-    def reuse(self, index: int, digest: str) -> bool:
+    def reuse(self, index: int, digest: str, rows: int) -> bool:
         hit = self.have.get((index, digest))
         if hit is not None:
-            file, offset, rows = hit
-            self.used[index] = [index, digest, offset, rows, file]
+            file, offset, count, fhash = hit
+            if count != rows:  # the input hash covers the shapes: the manifest is wrong, not the data
+                raise self._damaged(f"its manifest records {count} rows for batch {index}, the data has "
+                                    f"{rows}")
+            self._batch(self.chunks[file], index, offset, count, fhash)  # refused before anything is written
+            self.used[index] = ([index, digest, offset, count, fhash], file)
             return True
         if index in self.recorded and not self.warned:
             self.warned = True
@@ -589,15 +734,15 @@ class _Store:
         atomic_write(os.path.join(self.dir, name), blob)
         entries, offset = [], 0
         for index, digest, f in self.pending:
-            entries.append([index, digest, offset, f.shape[0]])
+            entries.append([index, digest, offset, f.shape[0], _hash_features(f)])
             offset += f.shape[0]
         checksum = hashlib.blake2b(blob, digest_size=16).hexdigest()
         rec = {"file": name, "nbytes": len(blob), "checksum": checksum,
                "rows": feats.shape[0], "dim": feats.shape[1], "dtype": _dtype_name(dtype), "batches": entries}
         self.chunks[name] = rec
         self.memory[name] = feats
-        for index, digest, offset, rows in entries:
-            self.used[index] = [index, digest, offset, rows, name]
+        for entry in entries:
+            self.used[entry[0]] = (entry, name)
         self.pending, self.pending_bytes, self.started = [], 0, time.monotonic()
         self._write_manifest(self.journal, list(self.chunks.values()), complete=False)
 
@@ -622,12 +767,12 @@ class _Store:
     def _used_chunks(self):
         """This rank's chunk records cut down to the batches it used."""
         out = {}
-        for index, digest, offset, rows, file in sorted(self.used.values()):
+        for entry, file in sorted(self.used.values()):
             rec = out.get(file)
             if rec is None:
                 rec = out[file] = {k: v for k, v in self.chunks[file].items() if k != "batches"}
                 rec["batches"] = []
-            rec["batches"].append([index, digest, offset, rows])
+            rec["batches"].append(entry)
         return out
 
     def finish(self, n: int) -> list:
@@ -646,7 +791,8 @@ class _Store:
                     parts = []
                     for r in range(self.world):
                         man = self._read_manifest(f"manifest.rank{r}.json")
-                        if man is None or man.get("run") != self.run or not man.get("complete"):
+                        if (man is None or _stale_reasons(man, self.fp) or man["run"] != self.run
+                                or not man["complete"]):
                             raise CacheError(f"rank {r}'s journal in {self.dir!r} is missing")
                         parts.append({rec["file"]: rec for rec in man["chunks"]})
                     error = self._merge(parts, n)
@@ -658,23 +804,13 @@ class _Store:
         if error is not None:
             raise error
         man = self._read_manifest(MANIFEST) if self.world > 1 else self.final
-        if man is None or man.get("run") != self.run or man.get("num_batches") != n:
+        if man is None or _stale_reasons(man, self.fp) or man["run"] != self.run or man["num_batches"] != n:
             raise CacheError(f"feature cache manifest {os.path.join(self.dir, MANIFEST)!r} is missing")
-        loaded, where = {}, {}
+        where = {}
         for rec in man["chunks"]:
-            for index, _, offset, rows in rec["batches"]:
-                where[index] = (rec, offset, rows)
-        parts = []
-        for i in range(n):
-            rec, offset, rows = where[i]
-            feats = loaded.get(rec["file"])
-            if feats is None:
-                feats = self.memory.get(rec["file"])
-                if feats is None:
-                    feats = self._load(rec)
-                loaded[rec["file"]] = feats
-            parts.append(feats[offset:offset + rows])
-        return parts
+            for index, _, offset, rows, fhash in rec["batches"]:
+                where[index] = (rec, index, offset, rows, fhash)
+        return [self._batch(*where[i]) for i in range(n)]
 
     def _merge(self, parts: list, n: int):
         """Rank 0: the manifest of the whole from every rank's used chunks; then delete what it does not
@@ -699,7 +835,7 @@ class _Store:
         records = sorted(chunks.values(), key=lambda rec: rec["batches"][0][0])
         self.final = {"format": FORMAT, "fingerprint": self.fp, "complete": True, "run": self.run,
                       "num_batches": n,
-                      "num_rows": sum(rows for rec in records for *_, rows in rec["batches"]),
+                      "num_rows": sum(entry[3] for rec in records for entry in rec["batches"]),
                       "dim": first["dim"] if first else None, "dtype": first["dtype"] if first else None,
                       "chunks": records}
         atomic_write(os.path.join(self.dir, MANIFEST),
