@@ -2,8 +2,8 @@
 its cache: reruns that never run the body, resumption after an exception or a SIGKILL (bitwise the
 features of an uninterrupted run, the body run only on what was missing), stale caches rebuilt with a
 warning (any input, parameter or buffer changed), damaged chunks and damaged manifests refused (never
-wrong rows); plus every data form, labels, dtype, the progress bar and argument errors. The cache under
-torch.distributed is in test_extract_ddp.py."""
+wrong rows), processes sharing one cache directory taking turns; plus every data form, labels, dtype,
+the progress bar and argument errors. The cache under torch.distributed is in test_extract_ddp.py."""
 import contextlib
 import json
 import os
@@ -99,11 +99,14 @@ class Probe:
             raise RuntimeError("body failed")
 
 
+LOCK = ".lock"  # the lock file a run holds; it stays in the directory
+
+
 def cache_files(path):
-    """(manifest, the files in the directory, the files the manifest records)."""
+    """(manifest, the files in the directory but the lock, the files the manifest records)."""
     man = json.loads((path / "manifest.json").read_text())
     recorded = sorted(["manifest.json"] + [c["file"] for c in man["chunks"]])
-    return man, sorted(p.name for p in path.iterdir()), recorded
+    return man, sorted(p.name for p in path.iterdir() if p.name != LOCK), recorded
 
 
 @contextlib.contextmanager
@@ -632,6 +635,91 @@ def test_damaged_journal_is_refused(tmp_path, mutate, match):
     with pytest.raises(CacheError, match=match):
         extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
     assert probe.calls == 0
+
+
+CONCURRENT = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import torch
+import tltorch.extract as ex
+from test_extract import token_body, token_batches
+
+cache, go, out = sys.argv[1], sys.argv[2], sys.argv[4]
+ex.CHUNK_BYTES = 1  # a chunk and a manifest per batch: many writes to interleave
+body = token_body()
+calls = []
+def slow(module, args):  # the runs overlap by seconds, whatever the machine's load
+    calls.append(1)
+    time.sleep(0.3)
+body.register_forward_pre_hook(slow)
+open(out + ".ready", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+feats = ex.extract_features(body, token_batches(), pooling="mean", cache=cache, progress=False)
+torch.save({"feats": feats, "calls": len(calls)}, out)
+"""
+
+
+def test_concurrent_runs_take_turns(tmp_path):
+    """Two processes started together on one cache directory: one computes, the other waits and then
+    reads its features; the directory is left whole, and a third run reads it without the body."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    outs = [tmp_path / f"out{k}.pt" for k in range(2)]
+    children = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(cache), str(go), tests, str(out)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for out in outs]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(os.path.exists(f"{out}.ready") for out in outs):
+            assert all(c.poll() is None for c in children), [c.stdout.read().decode() for c in children]
+            assert time.monotonic() < deadline, "the children never got ready"
+            time.sleep(0.05)
+        go.touch()
+        logs = [c.communicate(timeout=120)[0].decode() for c in children]
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+    assert [c.returncode for c in children] == [0, 0], logs
+
+    body = token_body()
+    want = extract_features(body, token_batches(), pooling="mean", progress=False)
+    got = [torch.load(out) for out in outs]
+    for g in got:
+        assert torch.equal(g["feats"], want)
+    assert sorted(g["calls"] for g in got) == [0, NB]  # the second to start waited, then ran nothing
+    probe = Probe(body, fail_at=0)
+    with no_stale_warning():
+        feats = extract_features(body, token_batches(), pooling="mean", cache=cache, progress=False)
+    assert probe.calls == 0 and torch.equal(feats, want)
+    _, files, recorded = cache_files(cache)
+    assert files == recorded
+
+
+def test_nested_run_on_one_cache_raises(tmp_path):
+    """A second extraction into a directory this process is extracting into fails at once, instead of
+    waiting for itself."""
+    body = token_body()
+    batches = token_batches()
+
+    def data():
+        yield batches[0]
+        extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+        yield from batches[1:]
+    with pytest.raises(CacheError, match="in use by another extract_features call in this process"):
+        extract_features(body, data(), pooling="mean", cache=tmp_path, progress=False)
+    # the lock went with the call that held it
+    feats = extract_features(body, batches, pooling="mean", cache=tmp_path, progress=False)
+    assert torch.equal(feats, extract_features(body, batches, pooling="mean", progress=False))
+
+
+def test_without_file_locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "fcntl", None)
+    monkeypatch.setattr(ex, "msvcrt", None)
+    body = token_body()
+    with pytest.warns(UserWarning, match="cannot lock"):
+        feats = extract_features(body, token_batches(), pooling="mean", cache=tmp_path, progress=False)
+    assert torch.equal(feats, extract_features(body, token_batches(), pooling="mean", progress=False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

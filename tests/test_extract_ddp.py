@@ -9,7 +9,7 @@ import os
 import torch
 
 from conftest import run_ranks
-from test_extract import NB, Probe, token_batches, token_body
+from test_extract import NB, Probe, cache_files, token_batches, token_body
 from tltorch.extract import extract_features
 
 WORLD, KEPT = 2, 4
@@ -55,8 +55,8 @@ def test_ranks_share_the_batches_and_the_cache(tmp_path):
     cache = tmp_path / "cache"
     man = json.loads((cache / "manifest.json").read_text())
     assert man["complete"] and man["num_batches"] == NB
-    assert sorted(p.name for p in cache.iterdir()) == sorted(["manifest.json"] +
-                                                             [c["file"] for c in man["chunks"]])
+    _, files, recorded = cache_files(cache)
+    assert files == recorded
     # each rank wrote chunks of its own batches only; together they are every batch once
     owner = [{b[0] % WORLD for b in c["batches"]} for c in man["chunks"]]
     assert all(len(o) == 1 for o in owner) and set.union(*owner) == set(range(WORLD))

@@ -2,7 +2,7 @@
 optionally in a resumable, validated cache on disk.
 
 Cache layout (a directory): chunk files `chunk-<first batch>-<token>.npy` (plain .npy, read without
-pickle) and `manifest.json`:
+pickle), `manifest.json` and `.lock` (held by the run using the directory):
 
     {"format": 2,
      "fingerprint": {"format", "body", "pooling", "dtype", "batch_size"},
@@ -16,6 +16,8 @@ is the journal: rewritten atomically after each chunk, with "complete": false. A
 batch record points to any more (a batch recomputed for other data): the feature hash of each batch's
 rows is what ties a record to its bytes.
 """
+import contextlib
+import errno
 import hashlib
 import inspect
 import io
@@ -36,6 +38,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from . import functional
 from ._io import atomic_write
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
+
 __all__ = ["extract_features", "CacheError", "StaleCacheWarning"]
 
 FORMAT = 2
@@ -45,6 +56,7 @@ CHUNK_BYTES = 16 << 20
 CHUNK_SECONDS = 60.0
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 _POOLINGS = ("cls", "mean", "max")
 _LABEL_KEYS = ("labels", "label")
 _JOURNAL_RE = re.compile(r"^manifest\.rank\d+\.json$")
@@ -54,7 +66,7 @@ _TMP_RE = re.compile(r"^(chunk-.*\.npy|manifest(\.rank\d+)?\.json)\.tmp-")
 
 class CacheError(RuntimeError):
     """A feature cache on disk is damaged (a chunk truncated, corrupt or missing; a manifest unreadable or
-    naming other bytes than the features recorded)."""
+    naming other bytes than the features recorded), or in use by another call in this process."""
 
 
 class StaleCacheWarning(UserWarning):
@@ -119,7 +131,12 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     chunk, the totals, a value of the wrong JSON type) raises CacheError before body runs or anything
     is written, as do a batch whose recorded rows differ from the data's or whose bytes do not hash to
     the features recorded for it (an offset or row count off by one).
-    One extraction at a time may use a cache directory.
+    Runs that share a cache directory take turns: each holds the directory's lock file (flock; on
+    Windows msvcrt's lock) from before it reads the cache until it has its features, and a second run,
+    in another process, waits for it with a warning naming the holder, then reuses what the first
+    wrote. The system drops such a lock when its holder dies, so a killed run leaves nothing locked. A
+    second run on a directory in the process that holds it (a nested call, another thread) raises
+    CacheError rather than wait for itself; where files cannot be locked, a warning says so.
 
     torch.distributed (when initialized): every rank must pass the same body and the same data (no
     DistributedSampler); each rank reads all of it, keeping the labels, but runs body only on its share
@@ -160,7 +177,14 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
             torch.distributed.broadcast_object_list(box, src=0)
             run_id = box[0]
         store = _Store(os.fspath(cache), fingerprint, rank, world, run_id)
+    try:
+        return _extract(body, batches, total, store, device, pooling, dtype, progress, rank, world)
+    finally:
+        if store is not None:
+            store.close()
 
+
+def _extract(body, batches, total, store, device, pooling, dtype, progress, rank, world):
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="extract_features", leave=True,
                disable=not progress or rank != 0)
@@ -437,6 +461,7 @@ def _barrier(world):
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
               torch.bfloat16: np.uint16}  # numpy has no bfloat16: its bits are stored as uint16
 _HASH_RE = re.compile(r"[0-9a-f]{32}")
+_HELD = set()  # (device, inode) of the cache directories an extract_features call in this process holds
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -555,6 +580,41 @@ def _check_manifest(man: dict, whole: bool) -> None:
     _field(man, "dtype", lambda v: _same(v, dtype), "", f"{dtype!r}, its chunks' 'dtype'")
 
 
+# ---- the directory's lock
+
+def _try_lock(fd: int) -> bool:
+    """Take the lock of the open lock file fd without waiting: False if another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
+            return False
+        raise  # e.g. a file system without locks
+    return True
+
+
+def _unlock(fd: int) -> None:
+    # Explicitly rather than by closing fd: processes forked meanwhile (a DataLoader's workers) share
+    # the lock, and would hold it after the close.
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            pid = f.read(32).strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
 class _Store:
     """One rank's view of a cache directory during one extract_features call."""
 
@@ -574,7 +634,66 @@ class _Store:
         self.pending, self.pending_bytes, self.started = [], 0, time.monotonic()
         self.old_batches = None  # num_batches of a complete manifest
         self.warned = False
-        self._open()
+        self.lock = None     # rank 0: ((device, inode) of the directory, the lock file's fd or None)
+        if rank == 0:
+            self._lock()
+        try:
+            _barrier(world)  # no rank reads the directory before rank 0 holds it
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold the directory (rank 0, until every rank has its features): a run that finds it held waits,
+        and then reuses what the other wrote. flock's (or msvcrt's) lock dies with its holder, so a
+        crashed run never leaves the directory locked; a call in this process that holds the directory
+        already (a nested call, another thread) is refused at once rather than wait for itself."""
+        st = os.stat(self.dir)
+        key = (st.st_dev, st.st_ino)
+        if key in _HELD:
+            raise CacheError(f"feature cache {self.dir!r} is in use by another extract_features call in this "
+                             "process")
+        fd, why = None, "no file locks on this platform"
+        if fcntl is not None or msvcrt is not None:
+            path = os.path.join(self.dir, LOCK)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if not _try_lock(fd):
+                    warnings.warn(f"feature cache {self.dir!r} is in use by {_holder(path)}; waiting for it "
+                                  "to finish", stacklevel=4)
+                    delay = 0.01
+                    while not _try_lock(fd):
+                        time.sleep(delay)
+                        delay = min(2 * delay, 0.5)
+            except OSError as e:  # a file system without locks
+                os.close(fd)
+                fd, why = None, e.strerror or str(e)
+            except BaseException:
+                os.close(fd)
+                raise
+            else:
+                with contextlib.suppress(OSError):  # the holder's pid, for the warning of a run that waits
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+        if fd is None:
+            warnings.warn(f"cannot lock the feature cache {self.dir!r} ({why}): make sure one extraction "
+                          "at a time uses it", stacklevel=4)
+        self.lock = (key, fd)
+        _HELD.add(key)
+
+    def close(self) -> None:
+        """Let go of the directory."""
+        if self.lock is None:
+            return
+        key, fd = self.lock
+        self.lock = None
+        _HELD.discard(key)
+        if fd is not None:
+            try:
+                _unlock(fd)
+            finally:
+                os.close(fd)
 
     # -- reading
 
@@ -709,7 +828,7 @@ class _Store:
             self.warned = True
             warnings.warn(f"feature cache {self.dir!r} was made from other data: the inputs of batch {index} "
                           "differ from the cached ones; recomputing the batches that changed",
-                          StaleCacheWarning, stacklevel=3)
+                          StaleCacheWarning, stacklevel=4)
         return False
 
     def add(self, index: int, digest: str, feats: Tensor) -> None:
@@ -810,7 +929,9 @@ class _Store:
         for rec in man["chunks"]:
             for index, _, offset, rows, fhash in rec["batches"]:
                 where[index] = (rec, index, offset, rows, fhash)
-        return [self._batch(*where[i]) for i in range(n)]
+        parts = [self._batch(*where[i]) for i in range(n)]
+        _barrier(self.world)  # rank 0 holds the directory until every rank has read its features
+        return parts
 
     def _merge(self, parts: list, n: int):
         """Rank 0: the manifest of the whole from every rank's used chunks; then delete what it does not
@@ -831,7 +952,7 @@ class _Store:
         first = next(iter(chunks.values()), None)
         if self.old_batches is not None and self.old_batches != n and self.rank == 0:
             warnings.warn(f"feature cache {self.dir!r} was made from other data: it held {self.old_batches} "
-                          f"batches, the data has {n}", StaleCacheWarning, stacklevel=4)
+                          f"batches, the data has {n}", StaleCacheWarning, stacklevel=5)
         records = sorted(chunks.values(), key=lambda rec: rec["batches"][0][0])
         self.final = {"format": FORMAT, "fingerprint": self.fp, "complete": True, "run": self.run,
                       "num_batches": n,
