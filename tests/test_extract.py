@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import tltorch.extract as ex
+import tltorch.cache
+import tltorch.extract
 from conftest import assert_close
 from tltorch.extract import CacheError, StaleCacheWarning, extract_features
 
@@ -118,7 +119,7 @@ def no_stale_warning():
 
 @pytest.fixture
 def per_batch_chunks(monkeypatch):
-    monkeypatch.setattr(ex, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(tltorch.cache, "CHUNK_BYTES", 1)
 
 
 # ---- features and labels ----------------------------------------------------------------------------------
@@ -264,6 +265,14 @@ def test_progress_bar(capsys):
 
 # ---- the cache ------------------------------------------------------------------------------------------
 
+def test_cache_errors_are_one_class_under_both_names():
+    """The cache lives in tltorch.cache; tltorch.extract, where users and the README name them, serves
+    the same classes, so an except clause written with either name catches what the cache raises."""
+    assert tltorch.extract.CacheError is tltorch.cache.CacheError
+    assert tltorch.extract.StaleCacheWarning is tltorch.cache.StaleCacheWarning
+    assert {"CacheError", "StaleCacheWarning"} <= set(tltorch.extract.__all__) & set(tltorch.cache.__all__)
+
+
 def test_rerun_loads_without_running_the_body(tmp_path):
     body = token_body()
     batches = token_batches(labels=True)
@@ -271,7 +280,7 @@ def test_rerun_loads_without_running_the_body(tmp_path):
     assert_close(feats, reference(body, batches, "mean"), torch.float32)
     man, files, recorded = cache_files(tmp_path)
     assert files == recorded and man["complete"] and man["num_batches"] == NB
-    assert man["fingerprint"]["pooling"] == "mean" and man["fingerprint"]["format"] == ex.FORMAT
+    assert man["fingerprint"]["pooling"] == "mean" and man["fingerprint"]["format"] == tltorch.cache.FORMAT
     for c in man["chunks"]:  # plain .npy, no pickle, the recorded length
         assert np.load(tmp_path / c["file"], allow_pickle=False).shape == (c["rows"], 16)
         assert (tmp_path / c["file"]).stat().st_size == c["nbytes"]
@@ -289,7 +298,7 @@ def test_resume_after_an_exception(tmp_path, monkeypatch, source, chunking):
     are bitwise those of an uninterrupted run. With the default chunk size the k finished batches are
     written out as the exception passes."""
     if chunking == "per_batch":
-        monkeypatch.setattr(ex, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(tltorch.cache, "CHUNK_BYTES", 1)
     body = token_body()
     batches = token_batches(labels=True)
     full, full_labels = extract_features(body, batches, pooling="max", progress=False)
@@ -322,11 +331,12 @@ CHILD = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[4])
 import torch
+import tltorch.cache
 import tltorch.extract as ex
 from test_extract import token_body, token_batches
 
 stage, cache, ready = sys.argv[1:4]
-ex.CHUNK_BYTES = 1  # a chunk per batch
+tltorch.cache.CHUNK_BYTES = 1  # a chunk per batch
 def stall():
     open(ready, "w").close()
     time.sleep(600)
@@ -641,11 +651,12 @@ CONCURRENT = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[3])
 import torch
+import tltorch.cache
 import tltorch.extract as ex
 from test_extract import token_body, token_batches
 
 cache, go, out = sys.argv[1], sys.argv[2], sys.argv[4]
-ex.CHUNK_BYTES = 1  # a chunk and a manifest per batch: many writes to interleave
+tltorch.cache.CHUNK_BYTES = 1  # a chunk and a manifest per batch: many writes to interleave
 body = token_body()
 calls = []
 def slow(module, args):  # the runs overlap by seconds, whatever the machine's load
@@ -714,8 +725,8 @@ def test_nested_run_on_one_cache_raises(tmp_path):
 
 
 def test_without_file_locks(tmp_path, monkeypatch):
-    monkeypatch.setattr(ex, "fcntl", None)
-    monkeypatch.setattr(ex, "msvcrt", None)
+    monkeypatch.setattr(tltorch.cache, "fcntl", None)
+    monkeypatch.setattr(tltorch.cache, "msvcrt", None)
     body = token_body()
     with pytest.warns(UserWarning, match="cannot lock"):
         feats = extract_features(body, token_batches(), pooling="mean", cache=tmp_path, progress=False)
