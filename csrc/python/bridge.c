@@ -6,7 +6,19 @@
  *  2. `obj.__dlpack__(max_version=(1, m))` returns a "dltensor_versioned" capsule.
  *  3. Older producers: `obj.__dlpack__()` returns a legacy "dltensor" capsule.
  * A raw capsule may also be passed directly. A consumed capsule is renamed "used_..." so that its
- * own destructor leaves the tensor alone, and we call the deleter exactly once in tl_arg_release. */
+ * own destructor leaves the tensor alone, and we call the deleter exactly once in tl_arg_release.
+ *
+ * Streams (tl_arg_import_on, tltorch._cuda's calls): the call runs on the current stream of the producer
+ * of its first CUDA argument, for that argument's device:
+ *  - a producer with the exchange table says it (current_work_stream; torch's current stream);
+ *  - a torch tensor without it (torch < 2.9) is asked torch.cuda.current_stream(device).cuda_stream;
+ *  - any other producer (CuPy, ...) gets the legacy default stream: what DLPack's producers assume when
+ *    no stream is named, and one that their blocking streams (CuPy's default kind) are ordered with both
+ *    ways, so that the kernel runs after their pending work and before their next.
+ * Every argument read through __dlpack__ on that device is asked for stream=<the call's stream> (1 for
+ * the legacy default stream; 0 is not a DLPack stream), so its producer makes the stream wait for its
+ * own pending work; torch adds no wait when it is its current stream. The exchange table's reads do not
+ * wait, so an argument whose producer's current stream is another one is read through __dlpack__. */
 #include "bridge.h"
 
 #include <math.h>
@@ -21,8 +33,17 @@ tl_bridge_init(tl_bridge *b)
     b->max_version = Py_BuildValue("(ii)", DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION);
     b->str_dlpack = PyUnicode_InternFromString("__dlpack__");
     b->str_exchange = PyUnicode_InternFromString("__dlpack_c_exchange_api__");
+    b->str_device = PyUnicode_InternFromString("__dlpack_device__");
+    b->str_torch = PyUnicode_InternFromString("torch");
+    b->str_current_stream = PyUnicode_InternFromString("current_stream");
+    b->str_cuda_stream = PyUnicode_InternFromString("cuda_stream");
     b->kw_max_version = Py_BuildValue("(s)", "max_version");
-    if (!b->max_version || !b->str_dlpack || !b->str_exchange || !b->kw_max_version) return -1;
+    b->kw_stream = Py_BuildValue("(s)", "stream");
+    b->kw_stream_max_version = Py_BuildValue("(ss)", "stream", "max_version");
+    if (!b->max_version || !b->str_dlpack || !b->str_exchange || !b->str_device || !b->str_torch ||
+        !b->str_current_stream || !b->str_cuda_stream || !b->kw_max_version || !b->kw_stream ||
+        !b->kw_stream_max_version)
+        return -1;
     return 0;
 }
 
@@ -34,13 +55,23 @@ tl_bridge_clear(tl_bridge *b)
     Py_CLEAR(b->max_version);
     Py_CLEAR(b->str_dlpack);
     Py_CLEAR(b->str_exchange);
+    Py_CLEAR(b->str_device);
+    Py_CLEAR(b->str_torch);
+    Py_CLEAR(b->str_current_stream);
+    Py_CLEAR(b->str_cuda_stream);
     Py_CLEAR(b->kw_max_version);
+    Py_CLEAR(b->kw_stream);
+    Py_CLEAR(b->kw_stream_max_version);
+    Py_CLEAR(b->torch_tensor);
+    Py_CLEAR(b->torch_cuda);
 }
 
 int
 tl_bridge_traverse(tl_bridge *b, visitproc visit, void *arg)
 {
     for (int i = 0; i < b->n; i++) Py_VISIT(b->type[i]);
+    Py_VISIT(b->torch_tensor);
+    Py_VISIT(b->torch_cuda);
     return 0;
 }
 
@@ -186,59 +217,10 @@ from_capsule(PyObject *cap, tl_arg *out)
     return -1;
 }
 
-int
-tl_arg_import(tl_bridge *b, PyObject *obj, tl_arg *out)
+/* Keep the producer's reason (e.g. "requires grad") but say which argument it was about. Returns -1. */
+static int
+producer_failed(const tl_arg *out)
 {
-    const DLPackExchangeAPI *api = NULL;
-    PyObject *cap = NULL;
-    int rc = -1;
-
-    if (PyCapsule_CheckExact(obj)) return from_capsule(obj, out);
-    if (exchange_api(b, obj, &api) < 0) return -1;
-    if (api) {
-        out->api = api;
-        if (api->dltensor_from_py_object_no_sync) {
-            DLTensor dl;
-            if (api->dltensor_from_py_object_no_sync(obj, &dl) != 0) goto producer_failed;
-            out->via = TL_VIA_EXCHANGE;
-            return from_dltensor(&dl, out);
-        }
-        DLManagedTensorVersioned *m = NULL;
-        if (api->managed_tensor_from_py_object_no_sync(obj, &m) != 0 || !m) goto producer_failed;
-        out->managed = m;
-        out->via = TL_VIA_EXCHANGE_MANAGED;
-        out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
-        return from_dltensor(&m->dl_tensor, out);
-    }
-
-    PyObject *meth = PyObject_GetAttr(obj, b->str_dlpack);
-    if (!meth) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError,
-                     "argument '%s' must be a tensor or array that supports DLPack (torch.Tensor, "
-                     "numpy.ndarray, ...), not %.200s", out->name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    PyObject *args[2] = {NULL, b->max_version};
-    cap = PyObject_Vectorcall(meth, args + 1, 0 | PY_VECTORCALL_ARGUMENTS_OFFSET, b->kw_max_version);
-    if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) { /* a producer older than DLPack 1.0 */
-        PyErr_Clear();
-        cap = PyObject_CallNoArgs(meth);
-    }
-    Py_DECREF(meth);
-    if (!cap) goto producer_failed;
-    if (!PyCapsule_CheckExact(cap)) {
-        PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__ returned %.200s, not a capsule",
-                     out->name, Py_TYPE(cap)->tp_name);
-        goto done;
-    }
-    rc = from_capsule(cap, out);
-done:
-    Py_XDECREF(cap);
-    return rc;
-producer_failed: {
-    /* Keep the producer's reason (e.g. "requires grad") but say which argument it was about. */
     PyObject *et, *ev, *etb;
     PyErr_Fetch(&et, &ev, &etb);
     PyErr_NormalizeException(&et, &ev, &etb);
@@ -258,6 +240,208 @@ producer_failed: {
     Py_XDECREF(etb);
     return -1;
 }
+
+/* Through the exchange table: a borrowed DLTensor where the producer offers one, else a managed one. */
+static int
+from_exchange(const DLPackExchangeAPI *api, PyObject *obj, tl_arg *out)
+{
+    out->api = api;
+    if (api->dltensor_from_py_object_no_sync) {
+        DLTensor dl;
+        if (api->dltensor_from_py_object_no_sync(obj, &dl) != 0) return producer_failed(out);
+        out->via = TL_VIA_EXCHANGE;
+        return from_dltensor(&dl, out);
+    }
+    DLManagedTensorVersioned *m = NULL;
+    if (api->managed_tensor_from_py_object_no_sync(obj, &m) != 0 || !m) return producer_failed(out);
+    out->managed = m;
+    out->via = TL_VIA_EXCHANGE_MANAGED;
+    out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+    return from_dltensor(&m->dl_tensor, out);
+}
+
+/* 1 when obj is a torch tensor, 0 when not (also while torch is not imported: then none exists), -1 on
+ * error. torch.Tensor and torch.cuda are kept from the first look at an imported torch. */
+static int
+is_torch_tensor(tl_bridge *b, PyObject *obj)
+{
+    PyObject *torch = NULL, *tensor = NULL, *cuda = NULL;
+    if (!b->torch_tensor) {
+        if (!(torch = PyImport_GetModule(b->str_torch))) return PyErr_Occurred() ? -1 : 0;
+        if (!(tensor = PyObject_GetAttrString(torch, "Tensor")) ||
+            !(cuda = PyObject_GetAttrString(torch, "cuda")))
+            goto fail;
+        Py_XSETREF(b->torch_tensor, tensor);
+        Py_XSETREF(b->torch_cuda, cuda);
+        Py_DECREF(torch);
+    }
+    return PyObject_IsInstance(obj, b->torch_tensor);
+fail:
+    Py_XDECREF(torch);
+    Py_XDECREF(tensor);
+    Py_XDECREF(cuda);
+    return -1;
+}
+
+/* The current stream on CUDA device dev of obj's producer, read without its exchange table: torch's
+ * (torch.cuda.current_stream, looked up per call so that a replacement of it is obeyed) for a torch
+ * tensor, else the legacy default stream (NULL). 0, or -1 with an exception. */
+static int
+producer_stream(tl_bridge *b, PyObject *obj, int dev, void **stream)
+{
+    PyObject *fn = NULL, *cur = NULL, *handle = NULL;
+    int rc = -1, torch = is_torch_tensor(b, obj);
+    *stream = NULL;
+    if (torch <= 0) return torch;
+    if (!(fn = PyObject_GetAttr(b->torch_cuda, b->str_current_stream)) ||
+        !(cur = PyObject_CallFunction(fn, "i", dev)) || !(handle = PyObject_GetAttr(cur, b->str_cuda_stream)))
+        goto fail;
+    *stream = PyLong_AsVoidPtr(handle);
+    if (*stream || !PyErr_Occurred()) rc = 0;
+fail:
+    Py_XDECREF(fn);
+    Py_XDECREF(cur);
+    Py_XDECREF(handle);
+    return rc;
+}
+
+/* The current stream of an exchange-table producer on out's device. */
+static int
+exchange_stream(tl_bridge *b, PyObject *obj, const tl_arg *out, void **stream)
+{
+    *stream = NULL;
+    if (!out->api->current_work_stream) return producer_stream(b, obj, out->t.device_id, stream);
+    if (out->api->current_work_stream(kDLCUDA, out->t.device_id, stream) == 0) return 0;
+    if (!PyErr_Occurred())
+        PyErr_Format(PyExc_RuntimeError, "the current CUDA stream of argument '%s' could not be read", out->name);
+    return -1;
+}
+
+/* What obj.__dlpack_device__() says: *type 0 when obj has no such method. */
+static int
+dlpack_device(tl_bridge *b, PyObject *obj, const tl_arg *out, int *type, int *id)
+{
+    PyObject *meth = NULL, *dev = NULL;
+    long t = -1, i = -1;
+    int rc = -1;
+    *type = *id = 0;
+    if (!(meth = PyObject_GetAttr(obj, b->str_device))) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    if (!(dev = PyObject_CallNoArgs(meth))) {
+        rc = producer_failed(out);
+        goto done;
+    }
+    if (PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2) {
+        t = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+        i = t == -1 ? -1 : PyLong_AsLong(PyTuple_GET_ITEM(dev, 1));
+        PyErr_Clear(); /* a bad entry is reported below */
+    }
+    if (t < 0 || t > INT_MAX || i < 0 || i > INT_MAX) {
+        PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack_device__ returned %R, not a (device_type, "
+                     "device_id) pair of ints", out->name, dev);
+        goto done;
+    }
+    *type = (int)t;
+    *id = (int)i;
+    rc = 0;
+done:
+    Py_XDECREF(meth);
+    Py_XDECREF(dev);
+    return rc;
+}
+
+/* The stream= to hand obj's producer in __dlpack__ (*arg NULL: none, for a tensor that is not on a CUDA
+ * GPU, or is on another one than the call, which the device checks then refuse), deciding s first when
+ * obj is the call's first CUDA argument. */
+static int
+stream_arg(tl_bridge *b, PyObject *obj, const tl_arg *out, tl_stream *s, PyObject **arg)
+{
+    int type, id;
+    *arg = NULL;
+    if (dlpack_device(b, obj, out, &type, &id) < 0) return -1;
+    if (type != kDLCUDA || (s->decided && id != s->device_id)) return 0;
+    if (!s->decided) {
+        if (producer_stream(b, obj, id, &s->stream) < 0) return -1;
+        s->decided = 1;
+        s->device_id = id;
+    }
+    *arg = PyLong_FromVoidPtr(s->stream ? s->stream : (void *)1);
+    return *arg ? 0 : -1;
+}
+
+/* obj.__dlpack__(stream=, max_version=), stream= left out when stream is NULL and max_version dropped
+ * for a producer older than DLPack 1.0 (its TypeError). A new reference, or NULL with an exception. */
+static PyObject *
+call_dlpack(tl_bridge *b, PyObject *meth, PyObject *stream)
+{
+    const size_t off = PY_VECTORCALL_ARGUMENTS_OFFSET;
+    PyObject *args[3] = {NULL, stream, b->max_version};
+    PyObject *cap = stream ? PyObject_Vectorcall(meth, args + 1, off, b->kw_stream_max_version)
+                           : PyObject_Vectorcall(meth, args + 2, off, b->kw_max_version);
+    if (cap || !PyErr_ExceptionMatches(PyExc_TypeError)) return cap;
+    PyErr_Clear();
+    return stream ? PyObject_Vectorcall(meth, args + 1, off, b->kw_stream) : PyObject_CallNoArgs(meth);
+}
+
+int
+tl_arg_import(tl_bridge *b, PyObject *obj, tl_arg *out)
+{
+    return tl_arg_import_on(b, obj, out, NULL);
+}
+
+int
+tl_arg_import_on(tl_bridge *b, PyObject *obj, tl_arg *out, tl_stream *s)
+{
+    const DLPackExchangeAPI *api = NULL;
+    PyObject *meth = NULL, *stream = NULL, *cap = NULL;
+    int rc = -1;
+
+    if (PyCapsule_CheckExact(obj)) return from_capsule(obj, out);
+    if (exchange_api(b, obj, &api) < 0) return -1;
+    if (api) {
+        void *cur;
+        if (from_exchange(api, obj, out) < 0) return -1;
+        if (!s || out->t.device != TL_CUDA || (s->decided && out->t.device_id != s->device_id)) return 0;
+        if (exchange_stream(b, obj, out, &cur) < 0) return -1;
+        if (!s->decided) {
+            s->decided = 1;
+            s->device_id = out->t.device_id;
+            s->stream = cur;
+        }
+        if (cur == s->stream) return 0;
+        /* Its producer works on another stream than the call: ask again, through __dlpack__. */
+        tl_arg_release(out);
+        *out = (tl_arg)TL_ARG_INIT(out->name);
+    }
+
+    if (s && stream_arg(b, obj, out, s, &stream) < 0) return -1;
+    if (!(meth = PyObject_GetAttr(obj, b->str_dlpack))) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "argument '%s' must be a tensor or array that supports DLPack (torch.Tensor, "
+                         "numpy.ndarray, ...), not %.200s", out->name, Py_TYPE(obj)->tp_name);
+        }
+        goto done;
+    }
+    if (!(cap = call_dlpack(b, meth, stream))) {
+        rc = producer_failed(out);
+        goto done;
+    }
+    if (!PyCapsule_CheckExact(cap)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__ returned %.200s, not a capsule",
+                     out->name, Py_TYPE(cap)->tp_name);
+        goto done;
+    }
+    rc = from_capsule(cap, out);
+done:
+    Py_XDECREF(meth);
+    Py_XDECREF(stream);
+    Py_XDECREF(cap);
+    return rc;
 }
 
 void

@@ -2,13 +2,19 @@
  *
  * Like tltorch._C: tensors arrive as DLPack-capable objects (outputs and the cuBLAS workspace
  * included, allocated by the caller with torch), are checked with messages that name the argument,
- * and the kernel runs with the GIL released on the stream the output's producer says is current
- * (torch's current stream, asked through the DLPack exchange table). The per-device cuBLAS contexts
- * are created on first use, never at import, so the module imports on a machine without a GPU or a
- * driver (device_count() is then 0). cuBLAS itself is not linked: the first context opens the library
- * (csrc/cuda/common.cu), so the module also imports where cuBLAS is missing, and a GEMM there raises a
- * RuntimeError that says how to install it. Positional arguments only: tltorch/_ops.py is the one
- * caller. */
+ * and the kernel runs with the GIL released on one stream per call, decided by the reference argument
+ * (the output, or x), which each binding imports first:
+ *  - a torch tensor: torch's current stream for its device, asked through the DLPack exchange table
+ *    (torch >= 2.9) or, without one, as torch.cuda.current_stream(device).cuda_stream; the caching
+ *    allocator's reuse of outputs and workspaces is then ordered after the kernel;
+ *  - another producer without the table (CuPy, ...): the legacy default stream, DLPack's default.
+ * Every other argument's producer is asked for that stream (__dlpack__(stream=...)), so that it orders
+ * its pending work before the kernel; bridge.c has the details. work_stream_of(obj) says the stream.
+ * The per-device cuBLAS contexts are created on first use, never at import, so the module imports on a
+ * machine without a GPU or a driver (device_count() is then 0). cuBLAS itself is not linked: the first
+ * context opens the library (csrc/cuda/common.cu), so the module also imports where cuBLAS is missing,
+ * and a GEMM there raises a RuntimeError that says how to install it. Positional arguments only:
+ * tltorch/_ops.py is the one caller. */
 #include "bridge.h" /* first: Python.h sets the feature macros */
 
 #include <limits.h>
@@ -118,23 +124,6 @@ context_for(PyObject *mod, int dev, tl_cuda_context **out)
     return 0;
 }
 
-/* The stream to run on: the producer's current stream for the tensor's device (torch's
- * torch.cuda.current_stream()), or the legacy default stream (NULL) when the producer has no
- * exchange table to ask. */
-static int
-work_stream(const tl_arg *ref, void **stream)
-{
-    *stream = NULL;
-    if (!ref->api || !ref->api->current_work_stream) return 0;
-    if (ref->api->current_work_stream(kDLCUDA, ref->t.device_id, stream) != 0) {
-        if (!PyErr_Occurred())
-            PyErr_Format(PyExc_RuntimeError, "the current CUDA stream of argument '%s' could not be read",
-                         ref->name);
-        return -1;
-    }
-    return 0;
-}
-
 /* A CUDA tensor on the device of ref. */
 static int
 need_cuda_on(const tl_arg *a, const tl_arg *ref)
@@ -177,7 +166,8 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
            ws = TL_ARG_INIT("ws");
     PyObject *ret = NULL;
     tl_cuda_context *ctx = NULL;
-    void *stream = NULL, *ws_data = NULL;
+    tl_stream s = {0};
+    void *ws_data = NULL;
     size_t ws_bytes = 0;
     float alpha, beta;
     int tf32;
@@ -186,20 +176,21 @@ py_gemm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_nargs_is(nargs, 8, "gemm(a, b, c, bias, ws, alpha, beta, allow_tf32)") < 0) return NULL;
     if (tl_get_float(args[5], "alpha", &alpha) < 0 || tl_get_float(args[6], "beta", &beta) < 0) return NULL;
     if ((tf32 = PyObject_IsTrue(args[7])) < 0) return NULL;
-    if (tl_arg_import(br, args[0], &a) < 0 || tl_arg_import(br, args[1], &b) < 0 ||
-        tl_arg_import(br, args[2], &c) < 0)
+    /* c first: the output's producer decides the stream. */
+    if (tl_arg_import_on(br, args[2], &c, &s) < 0 || tl_arg_import_on(br, args[0], &a, &s) < 0 ||
+        tl_arg_import_on(br, args[1], &b, &s) < 0)
         goto fail;
-    if (args[3] != Py_None && tl_arg_import(br, args[3], &bias) < 0) goto fail;
-    if (args[4] != Py_None && tl_arg_import(br, args[4], &ws) < 0) goto fail;
+    if (args[3] != Py_None && tl_arg_import_on(br, args[3], &bias, &s) < 0) goto fail;
+    if (args[4] != Py_None && tl_arg_import_on(br, args[4], &ws, &s) < 0) goto fail;
 
     if (need_cuda(&c) || need_cuda_on(&a, &c) || need_cuda_on(&b, &c)) goto fail;
     if ((bias.via && need_cuda_on(&bias, &c)) || tl_check_gemm_args(&a, &b, &c, &bias) < 0) goto fail;
     if (cublas_workspace(&ws, &c, &ws_data, &ws_bytes) < 0) goto fail;
-    if (context_for(mod, c.t.device_id, &ctx) < 0 || work_stream(&c, &stream) < 0) goto fail;
+    if (context_for(mod, c.t.device_id, &ctx) < 0) goto fail;
 
     Py_BEGIN_ALLOW_THREADS
     st = tl_gemm_cuda(ctx, &a.t, &b.t, bias.via ? &bias.t : NULL, &c.t, alpha, beta, ws_data, ws_bytes,
-                      tf32, stream);
+                      tf32, s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.gemm", "a and b each need a unit stride in one dim and a leading "
                  "dimension covering the other; c a unit stride in dim 1 and rows at least c.shape[1] apart");
@@ -219,17 +210,17 @@ py_colsum(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_bridge *br = bridge_of(mod);
     tl_arg x = TL_ARG_INIT("x"), out = TL_ARG_INIT("out");
     PyObject *ret = NULL;
-    void *stream = NULL;
+    tl_stream s = {0};
     float beta;
     tl_status st;
 
     if (tl_nargs_is(nargs, 3, "colsum(x, out, beta)") < 0) return NULL;
     if (tl_get_float(args[2], "beta", &beta) < 0) return NULL;
-    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
+    /* out first: the output's producer decides the stream. */
+    if (tl_arg_import_on(br, args[1], &out, &s) < 0 || tl_arg_import_on(br, args[0], &x, &s) < 0) goto fail;
     if (need_cuda(&out) || need_cuda_on(&x, &out) || tl_check_colsum_args(&x, &out) < 0) goto fail;
-    if (work_stream(&out, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_colsum_cuda(&x.t, &out.t, beta, stream);
+    st = tl_colsum_cuda(&x.t, &out.t, beta, s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.colsum", NULL);
 fail:
@@ -256,7 +247,8 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     const int opt_pos[] = {2, 4, 8, 9, 10, 11, 12, 14};
     PyObject *ret = NULL;
     tl_cuda_context *ctx = NULL;
-    void *stream = NULL, *cws_data = NULL;
+    tl_stream s = {0};
+    void *cws_data = NULL;
     size_t cws_bytes = 0;
     tl_xent_opts o;
     int tf32;
@@ -268,13 +260,13 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (tl_get_xent_opts(args[5], args[6], args[7], &o) < 0) return NULL;
     if ((tf32 = PyObject_IsTrue(args[15])) < 0) return NULL;
-    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &w) < 0 ||
-        tl_arg_import(br, args[3], &target) < 0)
+    if (tl_arg_import_on(br, args[0], &x, &s) < 0 || tl_arg_import_on(br, args[1], &w, &s) < 0 ||
+        tl_arg_import_on(br, args[3], &target, &s) < 0)
         goto fail;
     /* None is refused below with the size it needs (unlike tltorch._C, every C takes a workspace). */
-    if (args[13] != Py_None && tl_arg_import(br, args[13], &ws) < 0) goto fail;
+    if (args[13] != Py_None && tl_arg_import_on(br, args[13], &ws, &s) < 0) goto fail;
     for (size_t k = 0; k < sizeof opt / sizeof *opt; k++)
-        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) goto fail;
+        if (args[opt_pos[k]] != Py_None && tl_arg_import_on(br, args[opt_pos[k]], opt[k], &s) < 0) goto fail;
 
     if (need_cuda(&x) || need_cuda_on(&w, &x) || need_cuda_on(&target, &x) || (ws.via && need_cuda_on(&ws, &x)))
         goto fail;
@@ -293,13 +285,13 @@ py_linear_xent(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     if (cublas_workspace(&cws, &x, &cws_data, &cws_bytes) < 0) goto fail;
-    if (context_for(mod, x.t.device_id, &ctx) < 0 || work_stream(&x, &stream) < 0) goto fail;
+    if (context_for(mod, x.t.device_id, &ctx) < 0) goto fail;
 
     Py_BEGIN_ALLOW_THREADS
     st = tl_linear_xent_cuda(ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &target.t, cw.via ? &cw.t : NULL, &o,
                              grow.via ? &grow.t : NULL, loss.via ? &loss.t : NULL, dx.via ? &dx.t : NULL,
                              dw.via ? &dw.t : NULL, db.via ? &db.t : NULL, &ws.t, cws_data, cws_bytes, tf32,
-                             &bad, stream);
+                             &bad, s.stream);
     Py_END_ALLOW_THREADS
     if (st == TL_ERR_INDEX) {
         PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) and not "
@@ -355,7 +347,8 @@ typedef struct {
     uint64_t seed;
     int tf32;
     tl_cuda_context *ctx;
-    void *stream, *cws_data;
+    tl_stream s;
+    void *cws_data;
     size_t cws_bytes;
 } lora_call;
 
@@ -369,17 +362,19 @@ lora_scalars(PyObject *const *args, PyObject *tf32, lora_call *c)
     return (c->tf32 = PyObject_IsTrue(tf32)) < 0 ? -1 : 0;
 }
 
-/* req[k] from args[req_pos[k]], opt[k] from args[opt_pos[k]] unless None; then every tensor on x's GPU
- * but the last two of opt (ws and cublas_ws: their checks come with their sizes). */
+/* req[k] from args[req_pos[k]], opt[k] from args[opt_pos[k]] unless None, for a call on c->s; req[0] is
+ * x, whose producer decides that stream. Then every tensor on x's GPU but the last two of opt (ws and
+ * cublas_ws: their checks come with their sizes). */
 static int
 lora_import(PyObject *mod, PyObject *const *args, tl_arg *const *req, const int *req_pos, size_t nreq,
-            tl_arg *const *opt, const int *opt_pos, size_t nopt, const tl_arg *x)
+            tl_arg *const *opt, const int *opt_pos, size_t nopt, lora_call *c)
 {
     tl_bridge *br = bridge_of(mod);
+    const tl_arg *x = req[0];
     for (size_t k = 0; k < nreq; k++)
-        if (tl_arg_import(br, args[req_pos[k]], req[k]) < 0) return -1;
+        if (tl_arg_import_on(br, args[req_pos[k]], req[k], &c->s) < 0) return -1;
     for (size_t k = 0; k < nopt; k++)
-        if (args[opt_pos[k]] != Py_None && tl_arg_import(br, args[opt_pos[k]], opt[k]) < 0) return -1;
+        if (args[opt_pos[k]] != Py_None && tl_arg_import_on(br, args[opt_pos[k]], opt[k], &c->s) < 0) return -1;
     if (need_cuda(x)) return -1;
     for (size_t k = 0; k < nreq; k++)
         if (req[k] != x && need_cuda_on(req[k], x)) return -1;
@@ -388,12 +383,12 @@ lora_import(PyObject *mod, PyObject *const *args, tl_arg *const *req, const int 
     return 0;
 }
 
-/* The workspaces (ws of `need` float32 elements, cws cuBLAS's), x's device's context and stream. */
+/* The workspaces (ws of `need` float32 elements, cws cuBLAS's) and x's device's context. */
 static int
 lora_setup(PyObject *mod, const tl_arg *x, const tl_arg *ws, int64_t need, const tl_arg *cws, lora_call *c)
 {
     if (lora_workspace(ws, x, need) < 0 || cublas_workspace(cws, x, &c->cws_data, &c->cws_bytes) < 0) return -1;
-    return context_for(mod, x->t.device_id, &c->ctx) < 0 || work_stream(x, &c->stream) < 0 ? -1 : 0;
+    return context_for(mod, x->t.device_id, &c->ctx);
 }
 
 #define COUNT(arr) (sizeof(arr) / sizeof *(arr))
@@ -405,18 +400,17 @@ py_dropout(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_bridge *br = bridge_of(mod);
     tl_arg x = TL_ARG_INIT("x"), out = TL_ARG_INIT("out");
     PyObject *ret = NULL;
-    void *stream = NULL;
+    tl_stream s = {0};
     float p;
     uint64_t seed;
     tl_status st;
 
     if (tl_nargs_is(nargs, 4, "dropout(x, out, p, seed)") < 0) return NULL;
     if (tl_get_dropout(args[2], &p) < 0 || tl_get_seed(args[3], &seed) < 0) return NULL;
-    if (tl_arg_import(br, args[0], &x) < 0 || tl_arg_import(br, args[1], &out) < 0) goto fail;
+    if (tl_arg_import_on(br, args[0], &x, &s) < 0 || tl_arg_import_on(br, args[1], &out, &s) < 0) goto fail;
     if (need_cuda(&x) || need_cuda_on(&out, &x) || tl_check_dropout_args(&x, &out) < 0) goto fail;
-    if (work_stream(&x, &stream) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_dropout_cuda(&x.t, &out.t, p, seed, stream);
+    st = tl_dropout_cuda(&x.t, &out.t, p, seed, s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.dropout", NULL);
 fail:
@@ -443,7 +437,7 @@ py_lora_forward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                     "allow_tf32)") < 0 ||
         lora_scalars(args + 5, args[12], &c) < 0)
         return NULL;
-    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &x) < 0 ||
+    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &c) < 0 ||
         tl_check_lora_forward_args(&x, &w, &bias, &a, &b, &y, &su) < 0)
         goto fail;
     const int64_t N = x.t.shape[0], in = x.t.shape[1];
@@ -451,7 +445,7 @@ py_lora_forward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
     Py_BEGIN_ALLOW_THREADS
     st = tl_lora_forward_cuda(c.ctx, &x.t, &w.t, bias.via ? &bias.t : NULL, &a.t, &b.t, c.scale, c.p, c.seed, &y.t,
-                              &su.t, ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.stream);
+                              &su.t, ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.lora_forward", LORA_LAYOUT_HINT);
 fail:
@@ -469,8 +463,8 @@ py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_arg dy = TL_ARG_INIT("dy"), x = TL_ARG_INIT("x"), w = TL_ARG_INIT("w"), a = TL_ARG_INIT("a"),
            b = TL_ARG_INIT("b"), su = TL_ARG_INIT("su"), dx = TL_ARG_INIT("dx"), da = TL_ARG_INIT("da"),
            db = TL_ARG_INIT("db"), ws = TL_ARG_INIT("ws"), cws = TL_ARG_INIT("cublas_ws");
-    tl_arg *req[] = {&dy, &x, &w, &a, &b, &su}, *opt[] = {&dx, &da, &db, &ws, &cws};
-    const int req_pos[] = {0, 1, 2, 3, 4, 5}, opt_pos[] = {9, 10, 11, 12, 13};
+    tl_arg *req[] = {&x, &dy, &w, &a, &b, &su}, *opt[] = {&dx, &da, &db, &ws, &cws};
+    const int req_pos[] = {1, 0, 2, 3, 4, 5}, opt_pos[] = {9, 10, 11, 12, 13};
     PyObject *ret = NULL;
     lora_call c = {0};
     tl_status st;
@@ -479,7 +473,7 @@ py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
                     "allow_tf32)") < 0 ||
         lora_scalars(args + 6, args[14], &c) < 0)
         return NULL;
-    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &x) < 0 ||
+    if (lora_import(mod, args, req, req_pos, COUNT(req), opt, opt_pos, COUNT(opt), &c) < 0 ||
         tl_check_lora_backward_args(&dy, &x, &w, &a, &b, &su, &dx, &da, &db) < 0)
         goto fail;
     /* sv (N x r) when dx or da is wanted, and the dropped x (N x in) for da. */
@@ -490,7 +484,7 @@ py_lora_backward(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     st = tl_lora_backward_cuda(c.ctx, &dy.t, &x.t, &w.t, &a.t, &b.t, &su.t, c.scale, c.p, c.seed,
                                dx.via ? &dx.t : NULL, da.via ? &da.t : NULL, db.via ? &db.t : NULL,
-                               ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.stream);
+                               ws.via ? &ws.t : NULL, c.cws_data, c.cws_bytes, c.tf32, c.s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.lora_backward", LORA_LAYOUT_HINT);
 fail:
@@ -507,17 +501,17 @@ py_pool(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     tl_bridge *br = bridge_of(mod);
     tl_arg h = TL_ARG_INIT("h"), mask = TL_ARG_INIT("mask"), out = TL_ARG_INIT("out");
     PyObject *ret = NULL;
-    void *stream = NULL;
+    tl_stream s = {0};
     int mode;
     tl_status st;
 
     if (tl_nargs_is(nargs, 4, "pool(h, mask, mode, out)") < 0 || tl_get_pool_mode(args[2], &mode) < 0) return NULL;
-    if (tl_arg_import(br, args[0], &h) < 0 || tl_arg_import(br, args[3], &out) < 0) goto fail;
-    if (args[1] != Py_None && tl_arg_import(br, args[1], &mask) < 0) goto fail;
+    if (tl_arg_import_on(br, args[0], &h, &s) < 0 || tl_arg_import_on(br, args[3], &out, &s) < 0) goto fail;
+    if (args[1] != Py_None && tl_arg_import_on(br, args[1], &mask, &s) < 0) goto fail;
     if (need_cuda(&h) || need_cuda_on(&out, &h) || (mask.via && need_cuda_on(&mask, &h))) goto fail;
-    if (tl_check_pool_args(&h, &mask, &out, mode) < 0 || work_stream(&h, &stream) < 0) goto fail;
+    if (tl_check_pool_args(&h, &mask, &out, mode) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_pool_cuda(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, stream);
+    st = tl_pool_cuda(&h.t, mask.via ? &mask.t : NULL, mode, &out.t, s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.pool", NULL);
 fail:
@@ -537,7 +531,7 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
            v = TL_ARG_INIT("exp_avg_sq");
     tl_arg *ts[] = {&param, &grad, &m, &v};
     PyObject *ret = NULL;
-    void *stream = NULL;
+    tl_stream s = {0};
     tl_adamw_opts o;
     tl_status st;
 
@@ -546,13 +540,13 @@ py_adamw(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (tl_get_adamw_opts(args + 4, &o) < 0) return NULL;
     for (size_t k = 0; k < COUNT(ts); k++)
-        if (tl_arg_import(br, args[k], ts[k]) < 0) goto fail;
+        if (tl_arg_import_on(br, args[k], ts[k], &s) < 0) goto fail;
     if (need_cuda(&param)) goto fail;
     for (size_t k = 1; k < COUNT(ts); k++)
         if (need_cuda_on(ts[k], &param)) goto fail;
-    if (tl_check_adamw_args(&param, &grad, &m, &v) < 0 || work_stream(&param, &stream) < 0) goto fail;
+    if (tl_check_adamw_args(&param, &grad, &m, &v) < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
-    st = tl_adamw_cuda(&param.t, &grad.t, &m.t, &v.t, &o, stream);
+    st = tl_adamw_cuda(&param.t, &grad.t, &m.t, &v.t, &o, s.stream);
     Py_END_ALLOW_THREADS
     ret = finish(st, "tltorch._cuda.adamw", NULL);
 fail:
@@ -593,6 +587,21 @@ py_device_name(PyObject *mod, PyObject *arg)
         return NULL;
     }
     return PyUnicode_FromString(name);
+}
+
+/* work_stream_of(obj): the stream a kernel whose reference argument is obj runs on, its producer asked
+ * as the kernels ask it (no GPU needed). */
+static PyObject *
+py_work_stream_of(PyObject *mod, PyObject *obj)
+{
+    tl_arg a = TL_ARG_INIT("obj");
+    tl_stream s = {0};
+    PyObject *ret = NULL;
+    if (tl_arg_import_on(bridge_of(mod), obj, &a, &s) < 0 || need_cuda(&a) < 0) goto fail;
+    ret = PyLong_FromVoidPtr(s.stream);
+fail:
+    tl_arg_release(&a);
+    return ret;
 }
 
 /* xent_workspace(N, D, C, dx_acc, budget) -> (floats, dw_narrow): linear_xent's workspace for these sizes
@@ -653,6 +662,9 @@ static PyMethodDef methods[] = {
      "torch.optim.AdamW step, in place, on the current stream (float32 states and math)."},
     {"device_count", py_device_count, METH_NOARGS, "CUDA devices visible (0 with no driver or GPU)."},
     {"device_name", py_device_name, METH_O, "device_name(index): the CUDA device's name."},
+    {"work_stream_of", py_work_stream_of, METH_O,
+     "work_stream_of(obj): the CUDA stream (cudaStream_t as an int; 0: the legacy default stream) that a "
+     "kernel whose output (or x) is obj runs on, obj's producer asked as the kernels ask it; needs no GPU."},
     {NULL, NULL, 0, NULL},
 };
 
