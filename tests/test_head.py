@@ -568,6 +568,69 @@ def test_inplace_change_before_recompute_raises(modified, gen):
         loss.backward(torch.tensor(2.0))
 
 
+def _inplace_case(gen):
+    """x (a non-leaf, so that it can change in place), weight, bias, target and class_weight of a small
+    head."""
+    N, D, C = 9, 7, 5
+    x = randn((N, D), torch.float32, gen).requires_grad_() * 1.0
+    w = randn((C, D), torch.float32, gen).requires_grad_()
+    b = randn((C,), torch.float32, gen).requires_grad_()
+    return dict(x=x, weight=w, bias=b, target=make_target((N,), C, gen), class_weight=torch.rand(C) + 0.5)
+
+
+def _backward_after_change(loss, changed):
+    with torch.no_grad():
+        changed.mul_(1)
+    (loss if loss.dim() == 0 else loss.sum()).backward()
+
+
+@pytest.mark.parametrize("path", ["eager", "op"])
+@pytest.mark.parametrize("modified", ["x", "weight", "bias", "target", "class_weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_change_raises(reduction, modified, path, gen):
+    """An input changed in place between forward and backward raises as autograd does, whatever the
+    reduction: for mean and sum too, whose gradients were computed with the loss (backward with an
+    upstream gradient of 1 only hands them over), and through the torch.library op that torch.compile
+    sees. torch's F.cross_entropy(F.linear(...)) raises for each of these but the bias (its logits'
+    gradient needs the softmax alone); tltorch's backward recomputes with the bias, so it raises there too."""
+    a = _inplace_case(gen)
+    if path == "eager":
+        loss = lce(a["x"], a["weight"], a["target"], a["bias"], class_weight=a["class_weight"],
+                   reduction=reduction)
+    else:
+        loss = torch.ops.tltorch.linear_cross_entropy(a["x"], a["weight"], a["target"], a["bias"],
+                                                      a["class_weight"], -100, 0.0, _ops.REDUCTIONS[reduction])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _backward_after_change(loss, a[modified])
+    if modified != "bias":
+        a = _inplace_case(gen)
+        ref = F.cross_entropy(F.linear(a["x"], a["weight"], a["bias"]), a["target"], weight=a["class_weight"],
+                              reduction=reduction)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            _backward_after_change(ref, a[modified])
+
+
+def test_inplace_change_raises_compiled(gen):
+    """The same under torch.compile (one compile, mean reduction): AOT autograd's saved inputs."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w, t, b, cw: lce(x, w, t, b, class_weight=cw), fullgraph=True,
+                      backend="aot_eager")
+    for modified in ("x", "weight", "bias", "target", "class_weight"):
+        a = _inplace_case(gen)
+        loss = f(a["x"], a["weight"], a["target"], a["bias"], a["class_weight"])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            _backward_after_change(loss, a[modified])
+    # unchanged inputs: no error, and the gradients of the uncompiled head
+    a = _inplace_case(gen)
+    x = a["x"].detach().requires_grad_()
+    f(x, a["weight"], a["target"], a["bias"], a["class_weight"]).backward()
+    grads = [t.grad for t in (x, a["weight"], a["bias"])]
+    x.grad = a["weight"].grad = a["bias"].grad = None
+    lce(x, a["weight"], a["target"], a["bias"], class_weight=a["class_weight"]).backward()
+    for name, g, t in zip(("x", "weight", "bias"), grads, (x, a["weight"], a["bias"])):
+        assert_close(g, t.grad, torch.float32, what=f"compiled d{name}")
+
+
 def test_create_graph_first_order_only(gen):
     """backward(create_graph=True) gives the right first-order gradients; differentiating them
     again raises (the kernel has no second derivative) rather than returning zeros."""

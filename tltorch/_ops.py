@@ -79,17 +79,19 @@ def _keep_for_backward(ctx, *tensors) -> None:
     the per-step path of a small head), with their version counters: _kept() raises as autograd does
     if one was modified in place in between."""
     ctx.kept = tensors
-    ctx.kept_versions = tuple(None if t is None else t._version for t in tensors)
+    ctx.kept_versions = [None if t is None else t._version for t in tensors]
 
 
 def _kept(ctx):
-    for t, v in zip(ctx.kept, ctx.kept_versions):
-        if t is not None and t._version != v:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: a tensor of shape {tuple(t.shape)} is at version {t._version}, expected "
-                f"version {v}")
-    return ctx.kept
+    kept = ctx.kept
+    if [None if t is None else t._version for t in kept] != ctx.kept_versions:
+        for t, v in zip(kept, ctx.kept_versions):
+            if t is not None and t._version != v:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an "
+                    f"inplace operation: a tensor of shape {tuple(t.shape)} is at version {t._version}, "
+                    f"expected version {v}")
+    return kept
 
 
 # ---- primitives -------------------------------------------------------------------------------------
@@ -516,6 +518,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @_once_differentiable
     def backward(ctx, g):
         grads, ctx.grads = ctx.grads, None
+        # The gradients computed with the loss are those of the inputs as they were then; an input
+        # changed in place since raises, as autograd does for the tensors it saves.
+        kept = _kept(ctx)
         if grads is not None and not g.is_cuda and g.item() == 1.0:
             dx, dw, db = grads  # the usual case: loss.backward()
         elif grads is not None and g.is_cuda:
@@ -528,7 +533,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # bit for bit. On the CPU the upstream gradient is folded into dz; on CUDA a scalar one
             # scales the gradients afterwards, as the first pass did.
             nx, nw, nb = ctx.needs_input_grad[:3]
-            x2, weight, bias, t1, class_weight = _kept(ctx)
+            x2, weight, bias, t1, class_weight = kept
             nb = nb and bias is not None
             after = g.is_cuda and ctx.red != 2
             _, dx, dw, db = _xent(x2, weight, bias, t1, class_weight, *ctx.opts, ctx.red,
