@@ -5,6 +5,7 @@ initialisation and the same shuffles; fit_head must follow it step for step.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,23 @@ def test_history_plot(gen, tmp_path):
     import matplotlib.pyplot as plt
     assert len(fig.axes) == 2 and all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
     plt.close(fig)
+
+
+def test_label_smoothing_as_torch_takes_it(gen):
+    """label_smoothing as a NumPy scalar or a 0-d tensor trains the same head as the Python float; a bool,
+    a string or a 1-D tensor is refused before any work."""
+    x, y = blobs(120, 6, 3, gen, spread=2.0)
+    vx, vy = blobs(30, 6, 3, gen, spread=2.0)
+    kw = dict(epochs=2, lr=1e-2, seed=3, val=(vx, vy))
+    base, hbase = fit(x, y, label_smoothing=float(np.float32(0.2)), **kw)
+    for value in (np.float32(0.2), torch.tensor(0.2)):
+        head, hist = fit(x, y, label_smoothing=value, **kw)
+        assert type(head.label_smoothing) is float
+        assert torch.equal(head.weight, base.weight) and hist.val_loss == hbase.val_loss
+    for value, exc in ((True, TypeError), ("0.2", TypeError), (torch.tensor([0.2]), TypeError),
+                       (float("nan"), ValueError), (-0.1, ValueError)):
+        with pytest.raises(exc, match="label_smoothing"):
+            fit(x, y, label_smoothing=value, **kw)
 
 
 def test_bad_arguments(gen):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo.testing
@@ -971,6 +972,18 @@ def _bad_cases():
         ("label_smoothing > 1", (x, w, t), dict(label_smoothing=1.5), ValueError, "label_smoothing"),
         ("label_smoothing nan", (x, w, t), dict(label_smoothing=float("nan")), ValueError,
          "label_smoothing"),
+        # torch reads True as 1.0 here; a flag passed where a number belongs is refused
+        ("label_smoothing bool", (x, w, t), dict(label_smoothing=True), TypeError, "label_smoothing"),
+        ("label_smoothing str", (x, w, t), dict(label_smoothing="0.1"), TypeError, "label_smoothing"),
+        ("label_smoothing 1-D", (x, w, t), dict(label_smoothing=torch.tensor([0.1])), TypeError,
+         "label_smoothing"),
+        ("label_smoothing complex", (x, w, t), dict(label_smoothing=0.1 + 0j), TypeError, "label_smoothing"),
+        ("ignore_index bool", (x, w, t), dict(ignore_index=True), TypeError, "ignore_index"),
+        ("ignore_index bool tensor", (x, w, t), dict(ignore_index=torch.tensor(True)), TypeError,
+         "ignore_index"),
+        ("ignore_index float", (x, w, t), dict(ignore_index=1.0), TypeError, "ignore_index"),
+        ("ignore_index float tensor", (x, w, t), dict(ignore_index=torch.tensor(1.0)), TypeError,
+         "ignore_index"),
     ]
 
 
@@ -979,6 +992,97 @@ def test_bad_arguments(case):
     _, args, kwargs, exc, name = case
     with pytest.raises(exc, match=rf"\b{name}\b"):
         lce(*args, **kwargs)
+
+
+# (argument, value): values torch's F.cross_entropy and nn.CrossEntropyLoss take or refuse alike
+SCALAR_ARGS = [
+    ("ignore_index", np.int64(2)), ("ignore_index", np.int32(2)), ("ignore_index", torch.tensor(2)),
+    ("ignore_index", torch.tensor(2, dtype=torch.int32)), ("ignore_index", True), ("ignore_index", False),
+    ("ignore_index", 2.0), ("ignore_index", np.float64(2.0)), ("ignore_index", np.bool_(True)),
+    ("ignore_index", torch.tensor(2.0)), ("ignore_index", "2"),
+    ("label_smoothing", np.float32(0.25)), ("label_smoothing", np.float64(0.25)),
+    ("label_smoothing", torch.tensor(0.25)), ("label_smoothing", torch.tensor(0.25, dtype=torch.float64)),
+    ("label_smoothing", np.int64(1)), ("label_smoothing", torch.tensor(0)), ("label_smoothing", 1),
+    ("label_smoothing", 2.0), ("label_smoothing", np.float32(1.5)), ("label_smoothing", "0.25"),
+    ("label_smoothing", None), ("label_smoothing", torch.tensor([0.25])),
+]
+
+
+def _arg_id(v):
+    if isinstance(v, torch.Tensor):
+        return f"tensor{list(v.shape)}({v.reshape(-1)[0].item()},{dtype_id(v.dtype)})"
+    return v if isinstance(v, str) and v in ("ignore_index", "label_smoothing") else repr(v)
+
+
+@pytest.mark.parametrize("name,value", SCALAR_ARGS, ids=_arg_id)
+def test_scalar_arguments_like_torch(name, value, gen):
+    """ignore_index and label_smoothing as torch takes them: what F.cross_entropy and nn.CrossEntropyLoss
+    accept (NumPy scalars, integer or real 0-d tensors) gives their loss, in the functional and in the
+    module; what they refuse (a bool or a float for an int, a string, a label_smoothing outside [0, 1])
+    is refused, as TypeError or ValueError naming the argument (the module: when it is built)."""
+    N, D, C = 12, 6, 4
+    x = randn((N, D), torch.float32, gen)
+    t = make_target((N,), C, gen, 2, ignore_every=3)
+    lin = torch.nn.Linear(D, C)
+    try:
+        ref = F.cross_entropy(lin(x), t, **{name: value})
+        ref_module = torch.nn.CrossEntropyLoss(**{name: value})(lin(x), t)
+    except (TypeError, RuntimeError):
+        ref = None
+    if ref is None:
+        with pytest.raises((TypeError, ValueError), match=name):
+            lce(x, lin.weight, t, lin.bias, **{name: value})
+        with pytest.raises((TypeError, ValueError), match=name):
+            LinearCrossEntropy(D, C, **{name: value})
+        with pytest.raises((TypeError, ValueError), match=name):
+            LinearCrossEntropy.from_linear(lin, **{name: value})
+        return
+    plain = int(value) if name == "ignore_index" else float(value)
+    got = lce(x, lin.weight, t, lin.bias, **{name: value})
+    assert torch.equal(got, lce(x, lin.weight, t, lin.bias, **{name: plain}))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for m in (LinearCrossEntropy.from_linear(lin, **{name: value}),
+              LinearCrossEntropy(D, C, **{name: value})):
+        stored = getattr(m, name)
+        assert type(stored) is type(plain) and stored == plain
+        m.load_state_dict(lin.state_dict())
+        torch.testing.assert_close(m(x, t), ref_module, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_module_checks_options_when_built():
+    """A bad option fails when the head is built, naming it, not at its first forward."""
+    cases = [
+        (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+        (dict(label_smoothing=-0.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(num_classes=-3), ValueError, "num_classes"),
+        (dict(num_classes=5.0), TypeError, "num_classes"),
+        (dict(num_classes=True), TypeError, "num_classes"),
+        (dict(in_features=-1), ValueError, "in_features"),
+        (dict(ignore_index=True), TypeError, "ignore_index"),
+        (dict(ignore_index=-1.5), TypeError, "ignore_index"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(reduction=None), ValueError, "reduction"),
+        (dict(class_weight=[1.0, 2.0]), ValueError, "class_weight"),
+    ]
+    for changes, exc, word in cases:
+        args = {"in_features": 8, "num_classes": 5, **changes}
+        with pytest.raises(exc, match=word):
+            LinearCrossEntropy(args.pop("in_features"), args.pop("num_classes"), **args)
+    lin = torch.nn.Linear(8, 5)
+    for changes, exc, word in cases:
+        if "num_classes" in changes or "in_features" in changes:
+            continue
+        with pytest.raises(exc, match=word):
+            LinearCrossEntropy.from_linear(lin, **changes)
+    with pytest.raises(ValueError, match="num_classes"):
+        LinearCrossEntropy.from_linear(torch.nn.Linear(8, 0))
+    with pytest.raises(TypeError, match="unexpected options: bias"):
+        LinearCrossEntropy.from_linear(lin, bias=False)
+    # in_features = 0 stays allowed, as nn.Linear allows it
+    assert LinearCrossEntropy(0, 3).weight.shape == (3, 0)
 
 
 # ---- nn.LinearCrossEntropy ------------------------------------------------------------------------------

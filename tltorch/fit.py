@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from .functional import check_label_smoothing
 from .nn.head import LinearCrossEntropy
 
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -139,6 +140,7 @@ def fit_head(features: Tensor, labels: Tensor, num_classes: Optional[int] = None
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    label_smoothing = check_label_smoothing(label_smoothing)
     if early_stopping is not None:
         if isinstance(early_stopping, bool) or not isinstance(early_stopping, int) or early_stopping < 1:
             raise ValueError(f"early_stopping must be None or a patience >= 1 (epochs), got {early_stopping!r}")
@@ -204,7 +206,7 @@ def fit_head(features: Tensor, labels: Tensor, num_classes: Optional[int] = None
                     xb = xb.to(w.dtype)
                 yb = y[idx]
                 # one pass: the loss and the head's gradients, no logits kept, no autograd graph
-                loss, _, dw, db = _ops._xent(xb, w.detach(), b.detach(), yb, cw, -100, float(label_smoothing), red,
+                loss, _, dw, db = _ops._xent(xb, w.detach(), b.detach(), yb, cw, -100, label_smoothing, red,
                                              None, True, False, True, True)
                 step_lr = lr * _lr_factor(schedule, step, total)
                 step += 1

@@ -1,4 +1,6 @@
 """Stateless functions: tltorch's kernels with torch's calling conventions and autograd."""
+import numbers
+import operator
 from typing import Optional
 
 import torch
@@ -118,6 +120,48 @@ def lora_dropout(x: Tensor, p: float, seed) -> Tensor:
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def check_reduction(reduction) -> int:
+    """The kernels' code for reduction "mean", "sum" or "none"."""
+    red = _ops.REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return red
+
+
+def check_ignore_index(ignore_index) -> int:
+    """ignore_index as a Python int. Whatever torch takes for an int argument is taken (an int, a NumPy
+    integer, an integer tensor of one element); a bool is refused, as torch refuses it, rather than read
+    as 0 or 1."""
+    if type(ignore_index) is int:
+        return ignore_index
+    if isinstance(ignore_index, bool) or (isinstance(ignore_index, torch.Tensor)
+                                          and ignore_index.dtype is torch.bool):
+        raise TypeError("ignore_index must be an int, not a bool")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
+
+
+def check_label_smoothing(label_smoothing) -> float:
+    """label_smoothing as a Python float in [0, 1]: a real number (NumPy's included) or a 0-d real
+    tensor, as torch takes; a bool is refused rather than read as 0 or 1."""
+    t = label_smoothing
+    if type(t) is not float:
+        if isinstance(t, torch.Tensor):
+            ok = t.dim() == 0 and t.dtype is not torch.bool and not t.is_complex()
+        else:
+            ok = isinstance(t, numbers.Real) and not isinstance(t, bool)
+        if not ok:
+            what = f"a tensor of shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, torch.Tensor) \
+                else type(t).__name__
+            raise TypeError(f"label_smoothing must be a number in [0, 1], got {what}")
+        t = float(t)
+    if not 0.0 <= t <= 1.0:  # refuses nan too
+        raise ValueError(f"label_smoothing must be in [0, 1], got {t!r}")
+    return t
+
+
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          class_weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
@@ -133,7 +177,8 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     (int64 or int32), each in [0, num_classes) or equal to ignore_index; bias: (num_classes,) or None;
     class_weight: (num_classes,) or None, float32, bfloat16 or float16 (taken as float32 unless it is x's
     dtype). x, weight and bias share one dtype: float32, bfloat16 or float16 (logits and softmax are
-    computed in float32). reduction: "mean", "sum" or "none".
+    computed in float32). reduction: "mean", "sum" or "none". ignore_index: an int (a NumPy integer or
+    a one-element integer tensor too, not a bool); label_smoothing: a number in [0, 1] (or a 0-d tensor).
     """
     _check_tensor("x", x)
     _check_tensor("weight", weight)
@@ -169,19 +214,15 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
                              f"got {tuple(class_weight.shape)}")
         if class_weight.dtype not in (torch.float32, x.dtype):
             class_weight = class_weight.to(torch.float32)
-    red = _ops.REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
-    if red is None:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    red = check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    ignore_index = check_ignore_index(ignore_index)
     # torch's lazy negation bit is not part of DLPack: materialise it (a no-op for ordinary tensors).
     x, weight = x.resolve_neg(), weight.resolve_neg()
     bias = None if bias is None else bias.resolve_neg()
     class_weight = None if class_weight is None else class_weight.resolve_neg()
-    return _ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index,
-                                     float(label_smoothing), red)
+    return _ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                     red)
 
 
 # Mask dtypes the kernels read as they are (besides hidden's own dtype); others are compared with 0.

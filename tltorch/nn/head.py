@@ -1,11 +1,24 @@
 """LinearCrossEntropy: a classifier (or vocabulary) head whose loss never materialises the logits."""
 import math
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as TF
+
+
+def _size(name: str, value, least: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+    return value
 
 
 class LinearCrossEntropy(nn.Module):
@@ -23,17 +36,26 @@ class LinearCrossEntropy(nn.Module):
                  reduction: str = "mean", device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
+        self.in_features = _size("in_features", in_features, 0)
+        self.num_classes = _size("num_classes", num_classes, 1)
+        self._set_options(ignore_index, label_smoothing, reduction, class_weight, device)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(self.num_classes, **factory)) if bias else None
+        self.reset_parameters()
+
+    def _set_options(self, ignore_index, label_smoothing, reduction, class_weight, device) -> None:
+        """Checks and stores the loss options, so that a bad one fails here rather than at the first
+        forward."""
+        TF.check_reduction(reduction)
+        self.ignore_index = TF.check_ignore_index(ignore_index)
+        self.label_smoothing = TF.check_label_smoothing(label_smoothing)
         self.reduction = reduction
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32, device=device)
+            if tuple(class_weight.shape) != (self.num_classes,):
+                raise ValueError(f"class_weight must have shape ({self.num_classes},) (one weight per class), "
+                                 f"got {tuple(class_weight.shape)}")
         self.register_buffer("class_weight", class_weight)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation."""
@@ -47,21 +69,17 @@ class LinearCrossEntropy(nn.Module):
         """A head that shares `linear`'s weight and bias (the same Parameter objects)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, not {type(linear).__name__}")
+        unknown = set(options) - {"ignore_index", "label_smoothing", "class_weight", "reduction"}
+        if unknown:
+            raise TypeError(f"unexpected options: {', '.join(sorted(unknown))}")
         head = cls.__new__(cls)
         nn.Module.__init__(head)
         head.in_features = linear.in_features
-        head.num_classes = linear.out_features
+        head.num_classes = _size("linear.out_features (num_classes)", linear.out_features, 1)
+        head._set_options(options.get("ignore_index", -100), options.get("label_smoothing", 0.0),
+                          options.get("reduction", "mean"), options.get("class_weight"), linear.weight.device)
         head.weight = linear.weight
         head.bias = linear.bias
-        head.ignore_index = options.pop("ignore_index", -100)
-        head.label_smoothing = options.pop("label_smoothing", 0.0)
-        head.reduction = options.pop("reduction", "mean")
-        cw = options.pop("class_weight", None)
-        if options:
-            raise TypeError(f"unexpected options: {', '.join(sorted(options))}")
-        if cw is not None:
-            cw = torch.as_tensor(cw, dtype=torch.float32, device=linear.weight.device)
-        head.register_buffer("class_weight", cw)
         return head
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
