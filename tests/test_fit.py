@@ -242,6 +242,28 @@ def test_history_plot(gen, tmp_path):
     plt.close(fig)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_val_loss_is_torch_class_weighted_mean(label_smoothing, gen):
+    """History's validation loss is nn.CrossEntropyLoss(weight=class_weight)'s on the final head: the sum
+    of the rows' weighted losses divided by the sum of their target classes' weights (not by the row
+    count). The validation labels are skewed towards the heaviest class, so the two divisors differ by
+    a factor of about 2."""
+    cw = torch.tensor([0.25, 3.0, 1.0, 0.5])
+    x, y = blobs(200, 6, 4, gen, spread=3.0)
+    vy = torch.tensor([1] * 30 + [0, 2, 3] * 4)
+    vx, _ = blobs(len(vy), 6, 4, gen, spread=3.0, labels=vy)
+    head, hist = fit(x, y, 4, val=(vx, vy), epochs=3, lr=1e-2, class_weight=cw, label_smoothing=label_smoothing,
+                     seed=1)
+    ce = torch.nn.CrossEntropyLoss(weight=cw, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        logits = head.logits(vx)
+        ref = ce(logits, vy).item()
+        summed = torch.nn.CrossEntropyLoss(weight=cw, reduction="sum", label_smoothing=label_smoothing)
+        per_row = summed(logits, vy).item() / len(vy)
+    assert abs(per_row - ref) > 0.1 * ref  # the test tells the two apart
+    assert hist.val_loss[-1] == pytest.approx(ref, rel=1e-5)
+
+
 def test_label_smoothing_as_torch_takes_it(gen):
     """label_smoothing as a NumPy scalar or a 0-d tensor trains the same head as the Python float; a bool,
     a string or a 1-D tensor is refused before any work."""

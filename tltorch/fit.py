@@ -122,8 +122,11 @@ def fit_head(features: Tensor, labels: Tensor, num_classes: Optional[int] = None
     keeps the best epoch's weights (needs val). class_weight: None or (num_classes,) weights, as in
     F.cross_entropy. device: where to train (default: the features' device). seed: seeds the initial
     weights and the shuffling, so that a run repeats exactly (default: torch's global generator). On
-    small datasets (a few thousand rows) raise lr (1e-2) or epochs: 20 epochs of batch 256 are few steps. The history's "train_acc" is measured on up to 8192 fixed
-    training rows (all of them for smaller sets).
+    small datasets (a few thousand rows) raise lr (1e-2) or epochs: 20 epochs of batch 256 are few steps.
+    The history's "train_acc" is measured on up to 8192 fixed training rows (all of them for smaller
+    sets). Its "val_loss" is the validation loss as ``nn.CrossEntropyLoss(weight=class_weight,
+    label_smoothing=label_smoothing)`` computes it on the head after each epoch: with class weights, the
+    weighted sum over the rows divided by the sum of their target classes' weights.
     """
     _check_xy("features/labels", features, labels)
     if val is not None:
