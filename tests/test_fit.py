@@ -226,7 +226,13 @@ def test_seeded_runs_are_reproducible(gen):
     assert torch.equal(c.weight, d.weight)
 
 
+def _legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_history_plot(gen, tmp_path):
+    """The saved figure says what it shows: the title asked for, axis labels, and legends naming the
+    training curves and the validation ones with their metric."""
     x, y = blobs(80, 4, 3, gen)
     vx, vy = blobs(40, 4, 3, gen)
     _, hist = fit(x, y, val=(vx, vy), epochs=3)
@@ -234,12 +240,66 @@ def test_history_plot(gen, tmp_path):
     with pytest.raises(AttributeError):
         hist.no_such_record
     pytest.importorskip("matplotlib")
-    path = tmp_path / "history.png"
-    fig = hist.plot(str(path))
-    assert path.stat().st_size > 1000
     import matplotlib.pyplot as plt
-    assert len(fig.axes) == 2 and all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
-    plt.close(fig)
+    path = tmp_path / "history.png"
+    fig = hist.plot(str(path), title="a head on blobs")
+    try:
+        assert path.stat().st_size > 1000
+        assert fig.get_suptitle() == "a head on blobs"
+        (loss_ax, acc_ax) = fig.axes
+        assert all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            assert ax.get_xlabel() == "epoch" and metric in ax.get_ylabel()
+            train, val = _legend_texts(ax)
+            assert train.startswith(f"train {metric}")
+            assert val == f"validation {metric} (held-out split)"
+    finally:
+        plt.close(fig)
+    with pytest.raises(TypeError, match="title"):
+        hist.plot(title=3)
+    # no validation data: the training curves alone, no title unless asked for
+    _, hist = fit(x, y, epochs=2)
+    fig = hist.plot()
+    try:
+        assert fig.get_suptitle() == ""
+        assert [len(_legend_texts(ax)) for ax in fig.axes] == [1, 1]
+    finally:
+        plt.close(fig)
+
+
+def test_history_plot_marks_the_epoch_kept(gen):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    x = torch.randn(40, 64, generator=gen)
+    y = torch.randint(0, 2, (40,), generator=gen)
+    vx, vy = torch.randn(200, 64, generator=gen), torch.randint(0, 2, (200,), generator=gen)
+    _, hist = fit(x, y, 2, val=(vx, vy), epochs=40, lr=1e-2, weight_decay=0.0, batch_size=16,
+                  schedule="constant", early_stopping=3, seed=4)
+    assert hist.best_epoch is not None
+    fig = hist.plot()
+    try:
+        for ax in fig.axes:
+            assert "epoch kept (lowest validation loss)" in _legend_texts(ax)
+            assert any(list(line.get_xdata()) == [hist.best_epoch] * 2 for line in ax.lines)
+    finally:
+        plt.close(fig)
+
+
+def test_demo_fit_head_figure(gen, tmp_path):
+    """The demo's fit_head.png: titled with what was trained on what, legends naming its curves."""
+    pytest.importorskip("matplotlib")
+    from tltorch import demo
+    x, y = blobs(60, 4, 3, gen)
+    vx, vy = blobs(20, 4, 3, gen)
+    _, hist = fit(x, y, val=(vx, vy), epochs=2)
+    path = tmp_path / "fit_head.png"
+    fig = demo.plot_fit_head(hist, str(path), 60, 20)
+    assert path.stat().st_size > 1000
+    title = fig.get_suptitle()
+    for words in ("fit_head", "linear head", "all-MiniLM-L6-v2", "product reviews", "60 training",
+                  "20 validation"):
+        assert words in title, title
+    assert _legend_texts(fig.axes[0])[1] == "validation loss (held-out split)"
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

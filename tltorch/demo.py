@@ -319,6 +319,22 @@ def plot(results, path):
     return True
 
 
+def plot_fit_head(history, path, n_train, n_val):
+    """(b)'s training curves (fit_head's History) under a title that says what was trained on what.
+    Returns the figure (closed), or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig = history.plot(path, title=f"fit_head: a {len(LABELS)}-class linear head on frozen all-MiniLM-L6-v2 "
+                       f"features (mean-pooled)\nof generated product reviews ({n_train} training, {n_val} "
+                       "validation reviews)")
+    plt.close(fig)
+    return fig
+
+
 def _cache_complete(path, rows):
     """Whether `path` holds a finished feature cache of `rows` rows (then (b) reads instead of running)."""
     try:
@@ -417,7 +433,7 @@ def main(argv=None) -> int:
     print()
     plotted = plot(results, os.path.join(out, "demo.png"))
     if plotted:
-        history.plot(os.path.join(out, "fit_head.png"))
+        plot_fit_head(history, os.path.join(out, "fit_head.png"), sizes[0], sizes[1])
     summary = {"device": device, "quick": args.quick, "sizes": dict(zip(("train", "val", "test"), sizes)),
                "epochs": epochs, "lora_epochs": lora_epochs, "features_cached": cached, "speedup_b_over_a": speedup,
                "seconds_per_head_epoch": {"a": epoch_a, "b": epoch_b},
@@ -425,7 +441,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     files = [("demo.png", "accuracy and wall time of the three recipes"),
-             ("fit_head.png", "fit_head's loss and accuracy per epoch")] if plotted else []
+             ("fit_head.png", "(b)'s loss and accuracy per epoch, training and validation")] if plotted else []
     files += [("results.json", "the numbers above"),
               (os.path.relpath(cache, out) + "/",
                "extract_features' cache (a rerun reads it instead of running the body)"),

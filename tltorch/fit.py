@@ -26,9 +26,13 @@ class History(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def plot(self, path: Optional[str] = None):
-        """Loss and accuracy per epoch (train and, if any, validation) in two panels; saved to `path`
-        when given. Needs matplotlib (an optional dependency). Returns the figure."""
+    def plot(self, path: Optional[str] = None, title: Optional[str] = None):
+        """Loss and accuracy per epoch in two panels: the training curves and, when fit_head had
+        validation data, the validation ones (the held-out rows, scored after each epoch); with early
+        stopping, the epoch kept. `title` heads the figure (say what was trained on what). Saved to
+        `path` when given. Needs matplotlib (an optional dependency). Returns the figure."""
+        if title is not None and not isinstance(title, str):
+            raise TypeError(f"title must be a str or None, not {type(title).__name__}")
         try:
             import matplotlib
             if path is not None:
@@ -37,17 +41,21 @@ class History(dict):
         except ImportError as e:
             raise ImportError("History.plot needs matplotlib: pip install matplotlib") from e
         epochs = range(1, len(self["train_loss"]) + 1)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax1.plot(epochs, self["train_loss"], label="train")
-        ax2.plot(epochs, self["train_acc"], label="train")
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
+        ax1.plot(epochs, self["train_loss"], marker=".", label="train loss (mean over the epoch's batches)")
+        ax2.plot(epochs, self["train_acc"], marker=".", label=f"train accuracy (up to {_ACC_SAMPLE} training rows)")
         if self["val_loss"]:
-            ax1.plot(epochs, self["val_loss"], label="validation")
-            ax2.plot(epochs, self["val_acc"], label="validation")
-        ax1.set(xlabel="epoch", ylabel="loss")
-        ax2.set(xlabel="epoch", ylabel="accuracy")
-        for ax in (ax1, ax2):
-            ax.legend()
-        fig.tight_layout()
+            ax1.plot(epochs, self["val_loss"], marker=".", label="validation loss (held-out split)")
+            ax2.plot(epochs, self["val_acc"], marker=".", label="validation accuracy (held-out split)")
+        if self.get("best_epoch") is not None:
+            for ax in (ax1, ax2):
+                ax.axvline(self["best_epoch"], color="k", ls=":", lw=1, label="epoch kept (lowest validation loss)")
+        ax1.set(title="loss", xlabel="epoch", ylabel="cross-entropy loss")
+        ax2.set(title="accuracy", xlabel="epoch", ylabel="accuracy (fraction correct)")
+        for ax in (ax1, ax2):  # below the panel, where it hides no curve
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        if title is not None:
+            fig.suptitle(title)
         if path is not None:
             fig.savefig(path)
         return fig
