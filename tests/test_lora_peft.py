@@ -177,7 +177,7 @@ def test_layer_matches_peft_layer(conv1d, rslora):
         ours.lora_B.normal_()
         theirs.lora_A["default"].weight.copy_(ours.lora_A)
         theirs.lora_B["default"].weight.copy_(ours.lora_B)
-    ours.base.weight.requires_grad_(False)  # as add_lora leaves it
+    ours.base.bias.requires_grad_(True)  # bias="lora_only", as PEFT's layer above has it
     x = torch.randn(2, 5, 13)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = ours(x1), theirs(x2)

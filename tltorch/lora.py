@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write
-from .nn.lora import LoRALinear, check_lora_args, is_conv1d
+from .nn.lora import INITS, LoRALinear, check_lora_args, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,6 +50,7 @@ class LoraConfig:
     config.model_type). modules_to_save: names (matched like target_modules) of modules trained in
     full and saved with the adapter, e.g. a new classifier. bias: which biases train: "none", "all",
     or "lora_only" (those of the adapted layers). task_type is only recorded, as PEFT does.
+    init_lora_weights: True, False, "gaussian" or "orthogonal" (r even).
     """
     r: int = 8
     lora_alpha: float = 8
@@ -97,9 +98,9 @@ class LoraConfig:
             if d.get(key):
                 raise ValueError(f"{key}={d[key]!r} is not supported (plain LoRA only)")
         init = d.get("init_lora_weights", True)
-        if not (isinstance(init, bool) or init == "gaussian"):
+        if not (isinstance(init, bool) or init in INITS):
             raise ValueError(f"init_lora_weights={init!r}: such adapters need the base weights PEFT changed at "
-                             "initialisation; only plain LoRA (True, False or 'gaussian') is supported")
+                             f"initialisation; only True, False, {' and '.join(map(repr, INITS))} are supported")
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**kw)
 

@@ -8,6 +8,9 @@ from torch import Tensor, nn
 
 from .. import functional as TF
 
+# The string values of init_lora_weights: initialisations that leave the base weights as they are.
+INITS = ("gaussian", "orthogonal")
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """A transformers Conv1D (GPT-2's projections): a Linear whose weight is stored (in, out).
@@ -17,36 +20,50 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
 
 
+def check_rank(name: str, r) -> None:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(r).__name__}")
+    if r <= 0:
+        raise ValueError(f"{name} must be a positive int, got {r}")
+
+
+def check_alpha(name: str, lora_alpha) -> None:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(lora_alpha).__name__}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"{name} must be finite, got {lora_alpha}")
+
+
 def check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
     """The ValueError/TypeError LoraConfig and LoRALinear raise for bad hyperparameters."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"r must be an int, not {type(r).__name__}")
-    if r <= 0:
-        raise ValueError(f"r must be a positive int, got {r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise TypeError(f"lora_alpha must be a number, not {type(lora_alpha).__name__}")
-    if not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    check_rank("r", r)
+    check_alpha("lora_alpha", lora_alpha)
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
         raise TypeError(f"lora_dropout must be a number, not {type(lora_dropout).__name__}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    if not (isinstance(init_lora_weights, bool) or init_lora_weights in INITS):
+        raise ValueError(f"init_lora_weights must be True, False, {' or '.join(map(repr, INITS))}, "
+                         f"got {init_lora_weights!r}")
+    if init_lora_weights == "orthogonal" and r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even r, got {r}")
 
 
 class LoRALinear(nn.Module):
-    """``y = base(x) + s * dropout(x) @ lora_A.T @ lora_B.T``, with ``s = lora_alpha / r``
+    """A frozen Linear (or transformers Conv1D) ``base`` plus a trainable low-rank update:
+    ``y = base(x) + s * dropout(x) @ lora_A.T @ lora_B.T``, with ``s = lora_alpha / r``
     (``lora_alpha / sqrt(r)`` with ``use_rslora``), computed by tltorch's fused LoRA kernel.
 
     base: an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored (in, out), read transposed in
-    place). It is kept as ``self.base`` and its parameters are left as they are: ``add_lora`` freezes
-    them, a hand-built LoRALinear leaves that to the caller. ``lora_A`` (r, in_features) and ``lora_B``
+    place), kept as ``self.base``. Its parameters are frozen here (requires_grad False, as PEFT
+    does), so backward computes no weight gradient for it; set ``base.bias.requires_grad_(True)`` to
+    train its bias (``add_lora``'s ``bias="lora_only"``). ``lora_A`` (r, in_features) and ``lora_B``
     (out_features, r) take base's dtype and device.
 
-    init_lora_weights: True (lora_A Kaiming-uniform with a=sqrt(5), lora_B zeros) or "gaussian"
-    (lora_A ~ N(0, std=1/r), lora_B zeros) make the layer start as exactly ``base``; False draws both
-    like nn.Linear's weight (a nonzero update, for tests).
+    init_lora_weights: True (lora_A Kaiming-uniform with a=sqrt(5), lora_B zeros), "gaussian"
+    (lora_A ~ N(0, std=1/r), lora_B zeros) or "orthogonal" (PEFT's: both nonzero, with
+    lora_B @ lora_A = 0; r even) make the layer start as exactly ``base``; False draws both like
+    nn.Linear's weight (a nonzero update, for tests).
 
     ``merge()`` folds the update into base's weight (then forward runs base alone), ``unmerge()``
     takes it out again; ``disabled = True`` also runs base alone.
@@ -66,6 +83,7 @@ class LoRALinear(nn.Module):
         else:
             raise TypeError(f"base must be a torch.nn.Linear or a transformers Conv1D, not {type(base).__name__}")
         check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        base.requires_grad_(False)
         self.base = base
         self.r = int(r)
         self.lora_dropout = float(lora_dropout)
@@ -84,6 +102,15 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        if init_lora_weights == "orthogonal":
+            # PEFT's: with Q a random orthogonal r x r matrix and G1, G2 Gaussian, A = Q[0::2]^T G1 and
+            # B = G2 Q[1::2], so B @ A = G2 Q[1::2] Q[0::2]^T G1 = 0 (Q's rows are orthonormal).
+            q, _ = torch.linalg.qr(torch.randn(self.r, self.r))
+            a = (torch.randn(self.in_features, self.r // 2) @ q[0::2]).T / 10.0
+            b = torch.randn(self.out_features, self.r // 2) @ q[1::2] / 10.0
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+            return
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / self.r)  # PEFT's choice: std 1/r
         else:
