@@ -1,12 +1,22 @@
-"""Adapter files and the habits of PEFT users: LoRALinear's frozen base, PEFT's orthogonal init."""
+"""Adapter files that are hostile, damaged or half-written: rank and alpha patterns matched as PEFT
+matches them (in bounded time), numbers and dtypes from files checked, failed loads that leave the
+model as it was; LoRALinear's frozen base and PEFT's orthogonal init."""
 import copy
 import json
+import os
+import random
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+import tltorch
+import tltorch.lora
 from tltorch import LoraConfig, add_lora, load_adapter, save_adapter
+from tltorch._pattern import PatternKey
 from tltorch.nn import LoRALinear
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -90,6 +100,298 @@ def assert_unchanged(model, snap):
     assert attrs == snap[3]
 
 
+# ---- rank_pattern / alpha_pattern keys -----------------------------------------------------------------
+
+def peft_match(key, path):
+    """PEFT's rule (peft.utils.other.get_pattern_key)."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
+KEYS = ["layers.1", "1", "layers\\.1", "ayers.1", "layers.1.", "query", "q_proj", "layers\\.\\d+\\.query",
+        "(q|v)_proj", "layers.1|layers.2", "^layers.1", "^model.layers.0", "\\d", ".*query", "blocks.1.query",
+        "[0-9]{2}", "layers.(0|10)", "ers.1", "(?:self_attn.)?q_proj", "layers\\.1$", "\\bquery",
+        "q(?s:.)proj", "layers.1)(", "a)|(q_proj"]
+PATHS = ["layers.1", "layers.10", "layers.11", "model.layers.1", "layers.2", "blocks.1.query", "blocks.1xquery",
+         "blocks.10.query", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "q_proj",
+         "xq_proj", "layers.1.query", "query", "a", "1", "layers", "model.layers.0", "layers.1\n", "a\nb.q_proj"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_pattern_keys_match_as_peft(key):
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        with pytest.raises(ValueError):
+            PatternKey(key)
+        return
+    pk = PatternKey(key)
+    for path in PATHS:
+        assert pk.matches(path) == peft_match(key, path), (key, path)
+
+
+def test_pattern_keys_agree_with_re_on_random_regexes():
+    """Random regexes (groups, alternation, classes, anchors, greedy/lazy/counted repeats, scoped
+    flags) against random strings: the NFA's answer is re.match's."""
+    rng = random.Random(0)
+    atoms = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "\\w", "\\W", "\\s", "1", "_", "\\b", "\\B", "^", "$",
+             "\\A", "\\Z", "[a-c1]", "[^\\d.]", "\n"]
+    anchors = ("^", "$", "\\b", "\\B", "\\A", "\\Z")
+
+    def gen(depth=0, nested=0):
+        quantified = nested < 2 and rng.random() < 0.3
+        inner = nested + quantified
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            x = rng.choice(atoms)
+        elif r < 0.6:
+            x = "(" + rng.choice(["", "?:", "?s:", "?m:", "?a:"]) + gen(depth + 1, inner) + ")"
+        elif r < 0.75:
+            x = "(?:" + gen(depth + 1, inner) + "|" + gen(depth + 1, inner) + ")"
+        else:
+            x = gen(depth + 1, inner) + gen(depth + 1, inner)
+        if quantified and x not in anchors:
+            x = "(?:" + x + ")" + rng.choice(["*", "+", "?", "{2}", "{1,3}", "*?", "+?", "??", "{0,2}?"])
+        return x
+
+    checked = 0
+    while checked < 1500:
+        key = gen()
+        try:
+            want = re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            continue
+        pk = PatternKey(key)
+        for _ in range(6):
+            s = "".join(rng.choice("ab.1_ \n") for _ in range(rng.randint(0, 8)))
+            assert pk.matches(s) == (want.match(s) is not None), (key, s)
+        checked += 1
+
+
+def test_hostile_pattern_loads_in_bounded_time(tmp_path):
+    """re.match("(.*\\.)?((.|.)*Z)$", path) backtracks through 2^len(path) ways on a long path; a load
+    must finish, and apply the keys that match."""
+    long = "a_module_name_long_enough_for_exponential_backtracking_to_never_end"
+    script = f"""
+import json, sys, torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+import tltorch
+torch.manual_seed(0)
+model = nn.Sequential()
+model.add_module("{long}", nn.Linear(4, 4))
+model.add_module("other", nn.Linear(4, 4))
+tltorch.add_lora(model, tltorch.LoraConfig(r=2, lora_alpha=2, target_modules=["{long}", "other"]))
+tltorch.save_adapter(model, sys.argv[1])
+path = sys.argv[1] + "/adapter_config.json"
+cfg = json.load(open(path))
+cfg["alpha_pattern"] = {{"(.|.)*Z": 9.0, "(.|.)*never_(.|.)*d": 6.0}}
+json.dump(cfg, open(path, "w"))
+w_path = sys.argv[1] + "/adapter_model.safetensors"  # as another tool writes it: no tltorch digest
+save_file(load_file(w_path), w_path, metadata={{"format": "pt"}})
+fresh = nn.Sequential()
+fresh.add_module("{long}", nn.Linear(4, 4))
+fresh.add_module("other", nn.Linear(4, 4))
+tltorch.load_adapter(fresh, sys.argv[1])
+print(json.dumps({{n: m.lora_alpha for n, m in fresh.named_modules() if isinstance(m, tltorch.nn.LoRALinear)}}))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tltorch.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    alphas = json.loads(out.stdout.strip().splitlines()[-1])
+    assert alphas == {long: 6.0, "other": 2}  # "(.|.)*Z" matches nothing; the second key matches the long one
+
+
+@pytest.mark.parametrize("key", ["(a)\\1", "(?=layers)layers.1", "(?<!x)layers.1", "(?>layers).1", "layers.1++",
+                                 "(?i:LAYERS).1", "(?:(?:a{30}){30}){30}", "(a", "(?P<x>a)(?(x)b|c)"])
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_refused_pattern_keys(tmp_path, key, field):
+    with pytest.raises(ValueError, match=re.escape(repr(key))):
+        LoraConfig(**CFG, **{field: {key: 2}})
+    base = make_stack()
+    save_adapter(trained(base), tmp_path)
+    rewrite(tmp_path, config={field: {"layers.2": 2, key: 2}})
+    for model in (copy.deepcopy(base), add_lora(copy.deepcopy(base), LoraConfig(**CFG))):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            load_adapter(model, tmp_path)
+        assert_unchanged(model, snap)
+
+
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match:RuntimeWarning")
+def test_patterns_match_path_suffixes_not_substrings(tmp_path):
+    """Key "1" and key "layers.1" name layers.1 only: not layers.10, whose name contains both. In
+    add_lora, in a fresh load and in a load into a model with adapters, and as PEFT resolves them."""
+    peft = pytest.importorskip("peft")
+    base = make_stack()
+    targets = ["layers.1", "layers.2", "layers.10"]
+    patterns = dict(alpha_pattern={"1": 10.0, "ayers.2": 7.0}, rank_pattern={"layers.1": 4})  # "ayers.2": no layer
+    model = add_lora(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=targets, **patterns))
+    ranks = {n: (m.r, m.lora_alpha) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert ranks == {"layers.1": (4, 10.0), "layers.2": (2, 4), "layers.10": (2, 4)}
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                                  **patterns))
+    theirs = {n.removeprefix(PREFIX): (m.r["default"], m.lora_alpha["default"])
+              for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert theirs == ranks
+
+    randomize(model, classifier=False)
+    save_adapter(model, tmp_path)
+    rewrite(tmp_path, config={"alpha_pattern": {"1": 10.0}})  # PEFT's key, not save_adapter's escaped path
+    want = {"layers.1": 10.0 / 4, "layers.2": 4 / 2, "layers.10": 4 / 2}
+    fresh = load_adapter(copy.deepcopy(base), tmp_path)
+    assert scalings(fresh) == want
+    torch.testing.assert_close(fresh(X), model(X), rtol=0, atol=0)
+    adapted = copy.deepcopy(base)
+    adapted.layers[1] = LoRALinear(adapted.layers[1], r=4)
+    adapted.layers[2] = LoRALinear(adapted.layers[2], r=2)
+    adapted.layers[10] = LoRALinear(adapted.layers[10], r=2)
+    load_adapter(adapted, tmp_path)
+    assert scalings(adapted) == want
+    torch.testing.assert_close(adapted(X), model(X), **TOL)
+
+
+# ---- numbers, dtypes and half-written pairs ------------------------------------------------------------
+
+def test_load_into_adapted_model_applies_alpha_pattern(tmp_path):
+    base = make_stack()
+    model = trained(base, alpha_pattern={"layers.10": 11.0, "layers.2": 1.5})
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha_pattern"]
+    other = add_lora(copy.deepcopy(base), LoraConfig(**CFG))  # alpha 4 everywhere
+    load_adapter(other, tmp_path)
+    assert scalings(other) == scalings(model)
+    torch.testing.assert_close(other(X), model(X), rtol=0, atol=0)
+
+
+def test_lora_dropout_read_from_file(tmp_path):
+    base = make_stack()
+    save_adapter(trained(base, lora_dropout=0.25), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["lora_dropout"] == 0.25 and LoraConfig.from_dict(cfg).lora_dropout == 0.25
+    fresh = load_adapter(copy.deepcopy(base), tmp_path)
+    drops = {m.lora_dropout for m in fresh.modules() if isinstance(m, LoRALinear)}
+    assert drops == {0.25}
+
+
+BAD_NUMBERS = [
+    {"alpha_pattern": {"layers.2": float("nan")}}, {"alpha_pattern": {"layers.10": float("inf")}},
+    {"alpha_pattern": {"layers.2": "4"}}, {"alpha_pattern": {"layers.2": True}}, {"alpha_pattern": [1]},
+    {"rank_pattern": {"layers.2": 0}}, {"rank_pattern": {"layers.2": 2.5}}, {"rank_pattern": {"layers.2": -2}},
+    {"lora_alpha": float("nan")}, {"lora_alpha": float("-inf")}, {"r": 4.0}, {"r": -1},
+    {"lora_dropout": float("nan")}, {"lora_dropout": 1.5}, {"use_rslora": "yes"},
+]
+
+
+@pytest.mark.parametrize("defect", BAD_NUMBERS, ids=lambda d: json.dumps(d))
+@pytest.mark.parametrize("into", ["fresh", "adapted"])
+def test_bad_numbers_in_file_refused(tmp_path, defect, into):
+    base = make_stack()
+    save_adapter(trained(base), tmp_path)
+    rewrite(tmp_path, config=defect)
+    model = copy.deepcopy(base) if into == "fresh" else add_lora(copy.deepcopy(base), LoraConfig(**CFG))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+FAILURES = {
+    # each fails after the first adapted layer has been read: nothing may stay changed
+    "nan alpha, 2nd layer": dict(config={"alpha_pattern": {"layers\\.2": float("nan")}}),
+    "str alpha, 2nd layer": dict(config={"alpha_pattern": {"layers\\.2": "x"}}),
+    "odd rank, orthogonal": dict(config={"init_lora_weights": "orthogonal"},
+                                 tensors={PREFIX + "layers.10.lora_A.weight": torch.zeros(3, 6),
+                                          PREFIX + "layers.10.lora_B.weight": torch.zeros(6, 3)}),
+    "int32 lora_B, last layer": dict(tensors={PREFIX + "layers.10.lora_B.weight": torch.ones(6, 2, dtype=torch.int32)}),
+    "classifier shape": dict(tensors={PREFIX + "classifier.weight": torch.zeros(4, 6)}),
+    "bias missing": dict(tensors={PREFIX + "layers.10.base_layer.bias": None}),
+    "unknown layer": dict(tensors={PREFIX + "nowhere.lora_A.weight": torch.zeros(2, 6)}),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("into", ["fresh", "adapted"])
+def test_failed_load_leaves_model_as_it_was(tmp_path, failure, into):
+    base = make_stack()
+    save_adapter(trained(base), tmp_path)
+    rewrite(tmp_path, **FAILURES[failure])
+    model = copy.deepcopy(base) if into == "fresh" else add_lora(copy.deepcopy(base), LoraConfig(**CFG))
+    if into == "adapted":
+        randomize(model, seed=5)
+    snap = snapshot(model)
+    y = model(X)
+    with pytest.raises(ValueError):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+    torch.testing.assert_close(model(X), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8])
+def test_non_floating_adapter_tensors_refused(tmp_path, dtype):
+    base = make_stack()
+    save_adapter(trained(base), tmp_path)
+    key = PREFIX + "layers.2.lora_A.weight"
+    rewrite(tmp_path, tensors={key: torch.ones(2, 6).to(dtype)})
+    for model in (copy.deepcopy(base), add_lora(copy.deepcopy(base), LoraConfig(**CFG))):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            load_adapter(model, tmp_path)
+        assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_floating_dtypes_cast(tmp_path, dtype):
+    """As PEFT: the file's floating tensors take the model's dtype (float32 here)."""
+    from safetensors.torch import load_file
+
+    base = make_stack()
+    save_adapter(trained(base), tmp_path)
+    want = load_adapter(copy.deepcopy(base), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    rewrite(tmp_path, tensors={k: v.to(dtype) for k, v in tensors.items()})
+    got = load_adapter(copy.deepcopy(base), tmp_path)
+    loaded = [n for n, _ in want.named_parameters() if ".lora_" in n or n.startswith("classifier.")]
+    assert len(loaded) == 8
+    for n in loaded:
+        p, q = got.get_parameter(n), want.get_parameter(n)
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_interrupted_save_is_refused(tmp_path, monkeypatch):
+    """A save killed between its two files leaves new weights beside the old config: load refuses it."""
+    base = make_stack()
+    old = trained(base, lora_alpha=16)
+    save_adapter(old, tmp_path)
+    new = trained(base, seed=7, lora_alpha=2)
+    real = tltorch.lora.atomic_write
+
+    def killed_before_config(path, data, mode=None):
+        if os.path.basename(path) == "adapter_config.json":
+            raise KeyboardInterrupt
+        real(path, data, mode=mode)
+
+    monkeypatch.setattr(tltorch.lora, "atomic_write", killed_before_config)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(new, tmp_path)
+    monkeypatch.setattr(tltorch.lora, "atomic_write", real)
+    for model in (copy.deepcopy(base), add_lora(copy.deepcopy(base), LoraConfig(**CFG))):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match="not the configuration"):
+            load_adapter(model, tmp_path)
+        assert_unchanged(model, snap)
+
+    save_adapter(new, tmp_path)  # the completed save loads
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(X), new(X), rtol=0, atol=0)
+    # the fields the digest leaves out may still be edited by hand
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(base_model_name_or_path="/models/elsewhere", inference_mode=False, target_modules=["layers.2"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(X), new(X), rtol=0, atol=0)
+
+
 # ---- LoRALinear's base, orthogonal init ----------------------------------------------------------------
 
 def test_hand_built_layer_freezes_base():
@@ -115,6 +417,9 @@ def test_orthogonal_init():
             assert (m.lora_B @ m.lora_A).abs().max() < 1e-6
     with pytest.raises(ValueError, match="even"):
         LoraConfig(r=3, target_modules=["layers.1"], init_lora_weights="orthogonal")
+    with pytest.raises(ValueError, match="even"):
+        add_lora(copy.deepcopy(base), LoraConfig(r=4, rank_pattern={"layers.1": 3}, target_modules=["layers.1"],
+                                                 init_lora_weights="orthogonal"))
 
 
 # ---- with PEFT and transformers ------------------------------------------------------------------------

@@ -6,17 +6,19 @@ everything else is frozen. Unlike PEFT, modules_to_save are trained in place (no
 is kept), so disable_lora turns off the low-rank updates only.
 """
 import contextlib
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._io import atomic_write
-from .nn.lora import INITS, LoRALinear, check_lora_args, is_conv1d
+from ._pattern import first_match, pattern_key
+from .nn.lora import INITS, LoRALinear, check_alpha, check_lora_args, check_rank, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +37,10 @@ _DEFAULT_TARGETS = {
     "gemma2": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
+# adapter_model.safetensors metadata: the digest of the config fields that the weights alone do not
+# determine, recorded by save_adapter so that load_adapter can tell a weights file from its config's.
+_DIGEST_KEY = "tltorch_config_sha256"
+_DIGEST_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias")
 # PEFT options whose adapters compute something LoRALinear does not: refused when a file sets them.
 _UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
                 "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config")
@@ -50,7 +56,10 @@ class LoraConfig:
     config.model_type). modules_to_save: names (matched like target_modules) of modules trained in
     full and saved with the adapter, e.g. a new classifier. bias: which biases train: "none", "all",
     or "lora_only" (those of the adapted layers). task_type is only recorded, as PEFT does.
-    init_lora_weights: True, False, "gaussian" or "orthogonal" (r even).
+    rank_pattern / alpha_pattern: {key: r} / {key: lora_alpha} for the layers whose path a key
+    matches as PEFT matches it (the first key for which re.match(rf"(.*\\.)?({key})$", path)
+    succeeds), in time linear in the path; keys with backreferences, lookarounds, atomic groups or
+    IGNORECASE are refused. init_lora_weights: True, False, "gaussian" or "orthogonal" (r even).
     """
     r: int = 8
     lora_alpha: float = 8
@@ -62,9 +71,13 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     fan_in_fan_out: bool = False
     task_type: Optional[str] = None
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
+        self.rank_pattern = _patterns("rank_pattern", self.rank_pattern, check_rank)
+        self.alpha_pattern = _patterns("alpha_pattern", self.alpha_pattern, check_alpha)
         self.target_modules = _name_list("target_modules", self.target_modules, regex_ok=True)
         self.modules_to_save = _name_list("modules_to_save", self.modules_to_save, regex_ok=False)
         if self.bias not in _BIAS:
@@ -84,8 +97,8 @@ class LoraConfig:
             "target_modules": self.target_modules, "use_rslora": self.use_rslora,
             "modules_to_save": self.modules_to_save, "bias": self.bias,
             "init_lora_weights": self.init_lora_weights, "fan_in_fan_out": self.fan_in_fan_out,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-            "use_dora": False,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern), "use_dora": False,
         }
 
     @classmethod
@@ -102,7 +115,31 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights={init!r}: such adapters need the base weights PEFT changed at "
                              f"initialisation; only True, False, {' and '.join(map(repr, INITS))} are supported")
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for name in ("rank_pattern", "alpha_pattern"):
+            if kw.get(name, {}) is None:  # written as null by some versions: no pattern
+                kw[name] = {}
         return cls(**kw)
+
+    def layer_args(self, path: str) -> Tuple[int, float]:
+        """(r, lora_alpha) of the layer at path: rank_pattern / alpha_pattern's value for it, or r / lora_alpha."""
+        r, alpha = first_match(self.rank_pattern, path), first_match(self.alpha_pattern, path)
+        return (self.r if r is None else self.rank_pattern[r],
+                self.lora_alpha if alpha is None else self.alpha_pattern[alpha])
+
+
+def _patterns(what: str, v, check) -> dict:
+    """A copy of a rank_pattern / alpha_pattern dict, each key compiled and each value checked."""
+    if not isinstance(v, dict):
+        raise TypeError(f"{what} must be a dict of {{key: value}}, not {type(v).__name__}")
+    for key, value in v.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what} keys must be str, not {type(key).__name__}")
+        try:
+            pattern_key(key)
+        except ValueError as e:
+            raise ValueError(f"{what} key {key!r}: {e}") from None
+        check(f"{what}[{key!r}]", value)
+    return dict(v)
 
 
 def _name_list(what: str, v, regex_ok: bool):
@@ -220,8 +257,30 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Undo adding adapters to a model without them when the body raises: its layers, requires_grad
+    flags and the attributes add_lora sets go back to what they were."""
+    grads = {p: p.requires_grad for p in model.parameters()}
+    attrs = {k: model.__dict__[k] for k in (_ATTR,) if k in model.__dict__}
+    try:
+        yield
+    except BaseException:
+        _remove_layers(model)
+        model.__dict__.update(attrs)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        raise
+
+
 def _inject(model: nn.Module, config: LoraConfig, ranks: Dict[str, Tuple[int, float]], mts: List[str]) -> None:
-    """Replace each layer at ranks' paths by a LoRALinear of rank r and alpha, then freeze the rest."""
+    """Replace each layer at ranks' paths by a LoRALinear of rank r and alpha, then freeze the rest.
+    Every layer's arguments are checked before the model is changed."""
+    for path, (r, alpha) in ranks.items():
+        try:
+            check_lora_args(r, alpha, config.lora_dropout, config.init_lora_weights)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {path!r}: {e}") from None
     made = {}
     for path, (r, alpha) in ranks.items():
         base = model.get_submodule(path)
@@ -250,7 +309,7 @@ def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module
     (except modules_to_save and the biases config.bias names). Changes model in place and returns it.
 
     Each selected nn.Linear (or transformers Conv1D) becomes a tltorch.nn.LoRALinear wrapping it.
-    ValueError when nothing matches or the model already has adapters."""
+    ValueError when nothing matches or the model already has adapters; the model is then unchanged."""
     config = LoraConfig() if config is None else config
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a tltorch.LoraConfig, not {type(config).__name__}")
@@ -266,7 +325,8 @@ def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module
         hint = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
         raise ValueError(f"target_modules={config.target_modules!r} matches no Linear layer of the model "
                          f"(its Linear layers: {hint or 'none'})")
-    _inject(model, config, {p: (config.r, config.lora_alpha) for p in paths}, mts)
+    with _all_or_nothing(model):
+        _inject(model, config, {p: config.layer_args(p) for p in paths}, mts)
     return root
 
 
@@ -307,12 +367,11 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
 
 
 def _remove_layers(model: nn.Module) -> None:
-    """Put each LoRALinear's base layer back in its place."""
+    """Put each LoRALinear's base layer back in its place; drop the config add_lora recorded."""
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if name and isinstance(m, LoRALinear):
             _set_module(model, name, m.base)
-    if hasattr(model, _ATTR):
-        delattr(model, _ATTR)
+    model.__dict__.pop(_ATTR, None)
 
 
 def trainable_parameters(model: nn.Module, print_summary: bool = False) -> Tuple[int, int]:
@@ -366,19 +425,19 @@ def _adapter_keys(model: nn.Module, config: LoraConfig, layers: Dict[str, LoRALi
     return {peft_key(k): k for k in dict.fromkeys(keys)}
 
 
-def _pattern_key(patterns: dict, path: str):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a suffix of path."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return key
-    return None
+def _config_digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps({k: d.get(k) for k in _DIGEST_FIELDS}, sort_keys=True).encode()).hexdigest()
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write the model's adapter to folder `path` in PEFT's format (adapter_config.json and
     adapter_model.safetensors), so that peft.PeftModel.from_pretrained(base_model, path) loads it.
 
-    Each file is written to a temporary file in the folder and renamed into place."""
+    Each file is written to a temporary file in the folder and renamed into place, the weights
+    first. The weights file's metadata records a digest of the config's r, lora_alpha, rank/alpha
+    patterns, use_rslora, lora_dropout and bias: a save interrupted between the two renames leaves
+    new weights beside an old config, which load_adapter then refuses instead of loading with the
+    old scaling."""
     from safetensors.torch import save_file
 
     model = _unwrap(model)
@@ -390,8 +449,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         raise ValueError("the adapters mix use_rslora=True and False; PEFT's format has one setting")
     d = config.to_dict()
     d["use_rslora"] = next(iter(layers.values())).use_rslora
-    # Layers whose rank or alpha differ from the config's are written as PEFT's per-layer patterns
-    # (regexes anchored at a path suffix, so an escaped full path names exactly one layer).
+    # Each layer's own rank and alpha, where they differ from the config's, as PEFT's per-layer
+    # patterns (regexes anchored at a path suffix, so an escaped full path names exactly one layer).
     d["rank_pattern"] = {re.escape(n): m.r for n, m in layers.items() if m.r != config.r}
     d["alpha_pattern"] = {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.lora_alpha}
     targets = config.target_modules
@@ -412,10 +471,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    meta = {"format": "pt", _DIGEST_KEY: _config_digest(d)}
 
     # 0644: safetensors may leave 0600, unreadable to the other users of a shared model folder
-    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-                 mode=0o644)
+    atomic_write(os.path.join(path, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, metadata=meta), mode=0o644)
     atomic_write(os.path.join(path, CONFIG_NAME), text.encode("utf-8"), mode=0o644)
 
 
@@ -434,7 +493,7 @@ def _read_adapter(path: str):
     try:
         with open(cfg_path, encoding="utf-8") as f:
             d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{cfg_path!r} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_path!r} does not hold a JSON object")
@@ -442,12 +501,17 @@ def _read_adapter(path: str):
         config = LoraConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_path!r}: {e}") from None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
     try:
-        tensors = load_file(w_path)
+        with safe_open(w_path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{w_path!r} is not a readable safetensors file: {e}") from None
+    if _DIGEST_KEY in meta and meta[_DIGEST_KEY] != _config_digest(d):
+        raise ValueError(f"{cfg_path!r} is not the configuration {w_path!r} was saved with (its r, lora_alpha, "
+                         "rank/alpha patterns, use_rslora, lora_dropout or bias differ; a save interrupted "
+                         "between the two files leaves this): save the adapter again")
     bad = [k for k in tensors if not k.startswith(_PREFIX)]
     if bad:
         raise ValueError(f"{w_path!r}: key {bad[0]!r} does not start with {_PREFIX!r}; not a PEFT adapter")
@@ -460,21 +524,23 @@ def _read_adapter(path: str):
             plain = k.replace(".modules_to_save.", ".", 1)
             tensors.setdefault(plain, tensors[k])
             del tensors[k]
-    return d, config, tensors
+    return config, tensors
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load an adapter saved by save_adapter or by PEFT's save_pretrained into model; returns model.
 
     A model without adapters first gets them, on the layers the file has weights for, with the file's
-    rank, alpha, dropout, bias and modules_to_save settings; a model with adapters must match the file
-    (same layers and shapes). ValueError/FileNotFoundError for a bad or mismatched file."""
+    rank, alpha (alpha_pattern included), dropout, bias and modules_to_save settings; a model with
+    adapters must match the file (same layers and shapes) and takes its weights and scaling.
+    ValueError/FileNotFoundError for a bad or mismatched file, and the model is then left exactly as
+    it was. Tensors of another floating dtype are cast to the model's, as PEFT does; integer, bool
+    and complex tensors are refused (they are no adapter's weights)."""
     root = model
     model = _unwrap(model)
     path = os.fspath(path)
-    d, config, tensors = _read_adapter(path)
+    config, tensors = _read_adapter(path)
     w_path = os.path.join(path, WEIGHTS_NAME)
-    alpha_pattern = d.get("alpha_pattern") or {}
     layers = _lora_layers(model)
     if not layers:
         ranks = {}
@@ -489,32 +555,26 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                     raise ValueError(f"{w_path!r} has an adapter for {p!r}, a {type(m).__name__}, not a Linear")
                 if t.dim() != 2 or t.shape[0] < 1:
                     raise ValueError(f"{w_path!r}: {k!r} has shape {tuple(t.shape)}, not (r, in_features)")
-                key = _pattern_key(alpha_pattern, p)
-                ranks[p] = (t.shape[0], config.lora_alpha if key is None else alpha_pattern[key])
+                ranks[p] = (t.shape[0], config.layer_args(p)[1])
         if not ranks:
             raise ValueError(f"{w_path!r} holds no LoRA weights (no '*.lora_A.weight' key)")
-        grads = {p: p.requires_grad for p in model.parameters()}
-        _inject(model, config, ranks, _modules_to_save(model, config, strict=False))
-        try:
+        with _all_or_nothing(model):
+            _inject(model, config, ranks, _modules_to_save(model, config, strict=False))
             _copy_adapter(model, config, tensors, w_path)
-        except BaseException:
-            _remove_layers(model)  # leave the model as it was, not half-loaded
-            for p, g in grads.items():
-                p.requires_grad_(g)
-            raise
         return root
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"{merged[0]!r} is merged; unmerge the adapters before loading new weights")
+    alphas = {n: config.layer_args(n)[1] for n in layers}
     _copy_adapter(model, config, tensors, w_path)
     for n, m in layers.items():
-        key = _pattern_key(alpha_pattern, n)
-        m.set_scaling(config.lora_alpha if key is None else alpha_pattern[key], config.use_rslora)
+        m.set_scaling(alphas[n], config.use_rslora)
     return root
 
 
 def _copy_adapter(model: nn.Module, config: LoraConfig, tensors: dict, w_path: str) -> None:
-    """Check that tensors are exactly the model's adapter weights (keys and shapes), then copy them in."""
+    """Check that tensors are exactly the model's adapter weights (keys, shapes, dtypes), then copy
+    them in, all or none."""
     expected = _adapter_keys(model, config, _lora_layers(model))
     missing = [k for k in expected if k not in tensors]
     if missing:
@@ -525,9 +585,21 @@ def _copy_adapter(model: nn.Module, config: LoraConfig, tensors: dict, w_path: s
                          f"e.g. {unexpected[0]!r}")
     state = model.state_dict(keep_vars=True)
     for fk, mk in expected.items():
-        if tensors[fk].shape != state[mk].shape:
-            raise ValueError(f"{w_path!r}: {fk!r} has shape {tuple(tensors[fk].shape)} but the model's "
-                             f"{mk!r} has {tuple(state[mk].shape)}")
+        src, dst = tensors[fk], state[mk]
+        if src.shape != dst.shape:
+            raise ValueError(f"{w_path!r}: {fk!r} has shape {tuple(src.shape)} but the model's "
+                             f"{mk!r} has {tuple(dst.shape)}")
+        # Floating dtypes convert (float64/16/bfloat16 weights into float32 layers); nothing else is
+        # an adapter's weight, and an integer buffer (of a module saved whole) only takes its own dtype.
+        if src.dtype != dst.dtype and not (src.is_floating_point() and dst.is_floating_point()):
+            raise ValueError(f"{w_path!r}: {fk!r} is {src.dtype}, which cannot be loaded into the model's "
+                             f"{mk!r} ({dst.dtype}): adapter weights are floating point")
     with torch.no_grad():
-        for fk, mk in expected.items():
-            state[mk].copy_(tensors[fk])
+        old = {mk: state[mk].detach().clone() for mk in expected.values()}
+        try:
+            for fk, mk in expected.items():
+                state[mk].copy_(tensors[fk])
+        except BaseException:
+            for mk, t in old.items():
+                state[mk].copy_(t)
+            raise
