@@ -1,6 +1,6 @@
-"""Adapter files that are hostile, damaged or half-written: rank and alpha patterns matched as PEFT
-matches them (in bounded time), numbers and dtypes from files checked, failed loads that leave the
-model as it was; LoRALinear's frozen base and PEFT's orthogonal init."""
+"""Adapter files that are hostile, damaged or half-written, and PEFT / Trainer habits: rank and alpha
+patterns matched as PEFT matches them (in bounded time), numbers and dtypes from files checked, failed
+loads that leave the model as it was, task types, Trainer.save_model, orthogonal init, frozen bases."""
 import copy
 import json
 import os
@@ -15,7 +15,7 @@ from torch import nn
 
 import tltorch
 import tltorch.lora
-from tltorch import LoraConfig, add_lora, load_adapter, save_adapter
+from tltorch import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from tltorch._pattern import PatternKey
 from tltorch.nn import LoRALinear
 
@@ -280,7 +280,7 @@ BAD_NUMBERS = [
     {"alpha_pattern": {"layers.2": "4"}}, {"alpha_pattern": {"layers.2": True}}, {"alpha_pattern": [1]},
     {"rank_pattern": {"layers.2": 0}}, {"rank_pattern": {"layers.2": 2.5}}, {"rank_pattern": {"layers.2": -2}},
     {"lora_alpha": float("nan")}, {"lora_alpha": float("-inf")}, {"r": 4.0}, {"r": -1},
-    {"lora_dropout": float("nan")}, {"lora_dropout": 1.5}, {"use_rslora": "yes"},
+    {"lora_dropout": float("nan")}, {"lora_dropout": 1.5}, {"use_rslora": "yes"}, {"task_type": "CLASSIFY"},
 ]
 
 
@@ -464,3 +464,90 @@ def test_orthogonal_adapters_move_both_ways(tmp_path):
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["init_lora_weights"] == "orthogonal"
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     torch.testing.assert_close(outputs(back), want, **TOL)
+
+
+TASKS = [("SEQ_CLS", "BertForSequenceClassification", "classifier", 3),
+         ("TOKEN_CLS", "BertForTokenClassification", "classifier", 3),
+         ("QUESTION_ANS", "BertForQuestionAnswering", "qa_outputs", 2)]
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], "all-linear"], ids=["query,value", "all-linear"])
+@pytest.mark.parametrize("task, cls, head, labels", TASKS, ids=[t[0] for t in TASKS])
+def test_task_type_trains_and_saves_head(tmp_path, task, cls, head, labels, targets):
+    peft = pytest.importorskip("peft")
+    base = _bert(cls, num_labels=labels)
+    model = add_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets, task_type=task))
+    assert type(getattr(model, head)) is nn.Linear  # trained whole, no adapter
+    assert all(p.requires_grad for p in getattr(model, head).parameters())
+    if targets != "all-linear" or task == "SEQ_CLS":
+        # (PEFT's get_peft_model fails on the others: its "all-linear" adapts the head that its task
+        # type then wraps as a module to save; tltorch leaves the head to be trained whole.)
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets, task_type=task))
+        assert tltorch.trainable_parameters(model)[0] == pm.get_nb_trainable_parameters()[0]
+
+    perturb(model, seed=4)
+    want = outputs(model)
+    assert not torch.allclose(want, outputs(base), atol=1e-3)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(outputs(theirs), want, **TOL)
+    torch.testing.assert_close(outputs(load_adapter(copy.deepcopy(base), tmp_path)), want, rtol=0, atol=0)
+
+
+def test_task_type_without_its_head():
+    with pytest.raises(ValueError, match="SEQ_CLS"):
+        add_lora(make_stack().layers, LoraConfig(target_modules=["0"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="task_type"):
+        LoraConfig(target_modules=["q"], task_type="seq_cls")
+    # CAUSAL_LM trains no module whole
+    net = add_lora(make_stack(), LoraConfig(target_modules=["layers.0"], task_type="CAUSAL_LM"))
+    assert not any(p.requires_grad for p in net.classifier.parameters())
+
+
+def test_trainer_save_model_writes_the_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = _bert("BertForSequenceClassification")
+    model = add_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 50, (7,), generator=g), "attention_mask": torch.ones(7, dtype=torch.long),
+             "labels": torch.randint(0, 3, (), generator=g)} for _ in range(16)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=5e-2, use_cpu=True, report_to=[], save_strategy="no",
+                                          logging_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    model.eval()
+    want = outputs(model)
+    assert not torch.allclose(want, outputs(base), atol=1e-3)  # the adapters and the classifier trained
+    files = set(os.listdir(tmp_path / "out"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
+    torch.testing.assert_close(outputs(load_adapter(copy.deepcopy(base), tmp_path / "out")), want, rtol=0, atol=0)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    torch.testing.assert_close(outputs(theirs), want, **TOL)
+
+    twin = copy.deepcopy(model)  # a copy saves its own adapter
+    perturb(twin, seed=8)
+    twin.save_pretrained(tmp_path / "twin")
+    torch.testing.assert_close(outputs(load_adapter(copy.deepcopy(base), tmp_path / "twin")), outputs(twin),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+    merge_lora(model, unload=True)  # a plain model again: the class's own save_pretrained
+    assert "save_pretrained" not in model.__dict__
+    model.save_pretrained(tmp_path / "full")
+    again = type(base).from_pretrained(tmp_path / "full").eval()
+    torch.testing.assert_close(outputs(again), want, **TOL)
+
+
+def test_failed_add_lora_leaves_transformers_model_as_it_was():
+    base = _bert("BertForSequenceClassification")
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match="even"):
+        add_lora(base, LoraConfig(r=4, rank_pattern={"value": 3}, target_modules=["query", "value"],
+                                  init_lora_weights="orthogonal"))
+    assert_unchanged(base, snap)
+    assert "save_pretrained" not in base.__dict__

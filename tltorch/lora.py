@@ -37,6 +37,12 @@ _DEFAULT_TARGETS = {
     "gemma2": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
+# PEFT's task types, and the modules each one trains in full and saves with the adapter (its
+# PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering add them to
+# modules_to_save; those present in the model are used).
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                 "QUESTION_ANS": ("qa_outputs",)}
 # adapter_model.safetensors metadata: the digest of the config fields that the weights alone do not
 # determine, recorded by save_adapter so that load_adapter can tell a weights file from its config's.
 _DIGEST_KEY = "tltorch_config_sha256"
@@ -55,7 +61,9 @@ class LoraConfig:
     transformers Conv1D except the output head), or None (PEFT's default for the model's
     config.model_type). modules_to_save: names (matched like target_modules) of modules trained in
     full and saved with the adapter, e.g. a new classifier. bias: which biases train: "none", "all",
-    or "lora_only" (those of the adapted layers). task_type is only recorded, as PEFT does.
+    or "lora_only" (those of the adapted layers). task_type: one of PEFT's task types; as in PEFT,
+    "SEQ_CLS" and "TOKEN_CLS" also train and save the model's "classifier" or "score" module, and
+    "QUESTION_ANS" its "qa_outputs" (added to modules_to_save, so they get no LoRA adapter).
     rank_pattern / alpha_pattern: {key: r} / {key: lora_alpha} for the layers whose path a key
     matches as PEFT matches it (the first key for which re.match(rf"(.*\\.)?({key})$", path)
     succeeds), in time linear in the path; keys with backreferences, lookarounds, atomic groups or
@@ -87,6 +95,8 @@ class LoraConfig:
                 raise TypeError(f"{name} must be a bool, not {type(getattr(self, name)).__name__}")
         if self.task_type is not None and not isinstance(self.task_type, str):
             raise TypeError(f"task_type must be a str or None, not {type(self.task_type).__name__}")
+        if self.task_type is not None and self.task_type not in _TASK_TYPES:
+            raise ValueError(f"task_type must be one of {', '.join(_TASK_TYPES)} or None, got {self.task_type!r}")
 
     def to_dict(self) -> dict:
         """The adapter_config.json PEFT writes for this configuration (its core LoRA fields)."""
@@ -190,18 +200,35 @@ def _lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig, strict: bool) -> List[str]:
-    """Paths of the modules named in modules_to_save (outermost ones only)."""
-    if not config.modules_to_save:
-        return []
+    """Paths of the modules named in modules_to_save or by the task type (outermost ones only).
+    strict: ValueError for a modules_to_save name that matches nothing, and for a task type whose
+    modules the model lacks when modules_to_save is empty (nothing would train the task's head)."""
+    named = list(config.modules_to_save or [])
+    task = _TASK_MODULES.get(config.task_type, ())
+    names = named + [t for t in task if t not in named]
     paths = []
     for name, _ in model.named_modules():
-        if name and _name_matches(name, config.modules_to_save) and not _within(name, paths):
+        if name and _name_matches(name, names) and not _within(name, paths):
             paths.append(name)
     if strict:
-        for t in config.modules_to_save:
-            if not any(p == t or p.endswith("." + t) for p in paths):
+        for t in named:
+            if not any(_name_matches(p, [t]) for p in paths):
                 raise ValueError(f"modules_to_save: no module of the model is named {t!r}")
+        if task and not named and not paths:
+            raise ValueError(f"task_type={config.task_type!r} trains the model's {' or '.join(map(repr, task))} "
+                             "module, as PEFT does, but the model has none; name the module to train in "
+                             "modules_to_save")
     return paths
+
+
+def _saved_names(model: nn.Module, config: LoraConfig) -> Optional[List[str]]:
+    """modules_to_save as written to adapter_config.json: the config's names and those of the task's
+    modules the model has (as PEFT writes them), so that any reader trains and loads the same modules."""
+    paths = _modules_to_save(model, config, strict=False)
+    names = list(config.modules_to_save or [])
+    names += [t for t in _TASK_MODULES.get(config.task_type, ())
+              if t not in names and any(_name_matches(p, [t]) for p in paths)]
+    return names or None
 
 
 def _output_heads(model: nn.Module, config: LoraConfig) -> set:
@@ -257,12 +284,36 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
+
+
+class _AdapterSaver:
+    """model.save_pretrained on a transformers model with tltorch adapters: writes the adapter (PEFT's
+    two files, what a PeftModel's save_pretrained writes), so that Trainer.save_model saves what
+    load_adapter and PeftModel.from_pretrained load. The class's own save_pretrained would write the
+    whole model under tltorch's names (query.base.weight), which from_pretrained of the model's class
+    does not load: it re-initialises those weights with only a log message."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *, state_dict: Optional[dict] = None, is_main_process: bool = True,
+                 push_to_hub: bool = False, **kwargs) -> None:
+        if push_to_hub:
+            raise ValueError("push_to_hub: this model saves its LoRA adapter; upload the folder save_pretrained "
+                             "writes, or tltorch.merge_lora(model, unload=True) first to save the whole model")
+        if is_main_process:
+            _save_adapter(self.model, save_directory, state_dict)
+
+
 @contextlib.contextmanager
 def _all_or_nothing(model: nn.Module) -> Iterator[None]:
     """Undo adding adapters to a model without them when the body raises: its layers, requires_grad
     flags and the attributes add_lora sets go back to what they were."""
     grads = {p: p.requires_grad for p in model.parameters()}
-    attrs = {k: model.__dict__[k] for k in (_ATTR,) if k in model.__dict__}
+    attrs = {k: model.__dict__[k] for k in (_ATTR, "save_pretrained") if k in model.__dict__}
     try:
         yield
     except BaseException:
@@ -302,13 +353,17 @@ def _inject(model: nn.Module, config: LoraConfig, ranks: Dict[str, Tuple[int, fl
     for path in mts:
         model.get_submodule(path).requires_grad_(True)
     setattr(model, _ATTR, config)
+    if _is_transformers_model(model):
+        model.save_pretrained = _AdapterSaver(model)
 
 
 def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module:
     """Put LoRA adapters on the layers config.target_modules selects and freeze everything else
     (except modules_to_save and the biases config.bias names). Changes model in place and returns it.
 
-    Each selected nn.Linear (or transformers Conv1D) becomes a tltorch.nn.LoRALinear wrapping it.
+    Each selected nn.Linear (or transformers Conv1D) becomes a tltorch.nn.LoRALinear wrapping it. On
+    a transformers model, save_pretrained (and so Trainer.save_model) then writes the adapter, as a
+    PeftModel's does; merge_lora(model, unload=True) gives the class's own back.
     ValueError when nothing matches or the model already has adapters; the model is then unchanged."""
     config = LoraConfig() if config is None else config
     if not isinstance(config, LoraConfig):
@@ -367,11 +422,13 @@ def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
 
 
 def _remove_layers(model: nn.Module) -> None:
-    """Put each LoRALinear's base layer back in its place; drop the config add_lora recorded."""
+    """Put each LoRALinear's base layer back in its place; drop what add_lora set on the model."""
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if name and isinstance(m, LoRALinear):
             _set_module(model, name, m.base)
     model.__dict__.pop(_ATTR, None)
+    if isinstance(model.__dict__.get("save_pretrained"), _AdapterSaver):
+        del model.__dict__["save_pretrained"]
 
 
 def trainable_parameters(model: nn.Module, print_summary: bool = False) -> Tuple[int, int]:
@@ -438,6 +495,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     patterns, use_rslora, lora_dropout and bias: a save interrupted between the two renames leaves
     new weights beside an old config, which load_adapter then refuses instead of loading with the
     old scaling."""
+    _save_adapter(model, path)
+
+
+def _save_adapter(model: nn.Module, path, state_dict: Optional[dict] = None) -> None:
+    """save_adapter; state_dict: the model's state_dict to take the tensors from (what a trainer that
+    shards parameters gathers), else the model's own."""
     from safetensors.torch import save_file
 
     model = _unwrap(model)
@@ -453,6 +516,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     # patterns (regexes anchored at a path suffix, so an escaped full path names exactly one layer).
     d["rank_pattern"] = {re.escape(n): m.r for n, m in layers.items() if m.r != config.r}
     d["alpha_pattern"] = {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != config.lora_alpha}
+    d["modules_to_save"] = _saved_names(model, config)
     targets = config.target_modules
     try:
         same = set(_targets(model, config, _modules_to_save(model, config, strict=False))) == set(layers)
@@ -465,9 +529,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     d["base_model_name_or_path"] = name or None
 
-    state = model.state_dict(keep_vars=True)
-    tensors = {fk: state[mk].detach().to("cpu", copy=True).contiguous()
-               for fk, mk in _adapter_keys(model, config, layers).items()}
+    state = model.state_dict(keep_vars=True) if state_dict is None else state_dict
+    keys = _adapter_keys(model, config, layers)
+    absent = [mk for mk in keys.values() if mk not in state]
+    if absent:
+        raise ValueError(f"state_dict lacks {len(absent)} of the adapter's tensors, e.g. {absent[0]!r}")
+    tensors = {fk: state[mk].detach().to("cpu", copy=True).contiguous() for fk, mk in keys.items()}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n"
