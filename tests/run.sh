@@ -45,7 +45,7 @@ wheeldir=$(mktemp -d)
 TLTORCH_CUDA=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$wheeldir" . >/dev/null
 $PY -m pip install -q --no-deps --target "$wheeldir/site" "$wheeldir"/tltorch-*.whl
 (cd / && PYTHONPATH="$wheeldir/site" $PY -c "
-import tltorch, tltorch.nn, tltorch.functional, tltorch._ops
+import tltorch, tltorch.nn, tltorch.functional, tltorch.ops
 assert tltorch.__file__.startswith('$wheeldir'), tltorch.__file__
 print('wheel ok:', sorted(tltorch.__all__), tltorch.backend_info()['cpu_isa'])")
 rm -rf "$wheeldir"

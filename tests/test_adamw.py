@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import LOW_PRECISION, UNIT, dtype_id, names_arg, rel_err
-from tltorch import _C, _ops
+from tltorch import _C, ops
 from tltorch.optim import AdamW
 
 SHAPES = [(37, 19), (5,), (1,), (), (3, 1, 7)]
@@ -302,9 +302,9 @@ def test_ops_adamw_needs_contiguous_state():
     p, g = torch.randn(4, 6), torch.randn(4, 6)
     m, v = torch.zeros(6, 4).t(), torch.zeros(4, 6)
     with pytest.raises(ValueError, match="exp_avg"):
-        _ops.adamw_(p, g, m, v, *HP)
+        ops.adamw_(p, g, m, v, *HP)
     with pytest.raises(ValueError, match="param"):
-        _ops.adamw_(p.t(), g.t(), v, v.clone(), *HP)
+        ops.adamw_(p.t(), g.t(), v, v.clone(), *HP)
 
 
 def _c_bad_cases():
@@ -361,7 +361,7 @@ def test_c_adamw_arity():
 
 # ---- CUDA twin ----------------------------------------------------------------------------------------
 
-HAVE_GPU = torch.cuda.is_available() and _ops.cuda_built()
+HAVE_GPU = torch.cuda.is_available() and ops.cuda_built()
 
 
 @pytest.mark.cuda

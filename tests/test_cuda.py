@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import tltorch
 from conftest import (DTYPES, LOW_PRECISION, TOL, TWIN, assert_close, dtype_id, empty2d, make2d,
                       names_arg, randn, rel_err)
-from tltorch import _C, _ops
+from tltorch import _C, ops
 from tltorch.functional import linear
 
 KC = _C.GEMM_KC
@@ -83,13 +83,13 @@ def test_cuda_gemm_matches_cpu_twin(shape, la, lb, dtype, gen, no_tf32):
     bias = randn((N,), dtype, gen)
     c_cpu = empty2d(M, N, "contig", dtype)
     c_gpu = to_cuda(c_cpu)
-    _ops.gemm(a, b, c_cpu, bias)
-    _ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias))
+    ops.gemm(a, b, c_cpu, bias)
+    ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias))
     ref = ref_gemm(a, b, None, bias, 1.0, 0.0)
     assert_twin(c_gpu, c_cpu, ref, dtype, what=f"gemm {shape} {la}/{lb}")
     if dtype in LOW_PRECISION and K > 0:  # no worse than torch's own cuBLAS call on the same inputs
         c_plain = torch.empty(M, N, dtype=dtype, device="cuda")
-        _ops.gemm(to_cuda(a), to_cuda(b), c_plain)
+        ops.gemm(to_cuda(a), to_cuda(b), c_plain)
         assert_close(c_plain, ref_gemm(a, b, None, None, 1.0, 0.0), dtype,
                      torch_out=to_cuda(a) @ to_cuda(b))
 
@@ -109,8 +109,8 @@ def test_cuda_gemm_alpha_beta(alpha, beta, c_layout, with_bias, dtype, gen, no_t
     if beta != 0:
         c_cpu.copy_(c0)
     c_gpu = to_cuda(c_cpu)
-    _ops.gemm(a, b, c_cpu, bias, alpha, beta)
-    _ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias), alpha, beta)
+    ops.gemm(a, b, c_cpu, bias, alpha, beta)
+    ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias), alpha, beta)
     assert not torch.isnan(c_gpu).any()
     assert_twin(c_gpu, c_cpu, ref_gemm(a, b, c0, bias, alpha, beta), dtype, what=f"a={alpha} b={beta}")
 
@@ -124,12 +124,12 @@ def test_cuda_gemm_mixed_dtypes(in_dtype, gen, no_tf32):
     a, b = randn((M, K), in_dtype, gen), randn((K, N), in_dtype, gen)
     bias32 = torch.randn(N, generator=gen)
     c32 = torch.empty(M, N, device="cuda")
-    _ops.gemm(to_cuda(a), to_cuda(b), c32, to_cuda(bias32))
+    ops.gemm(to_cuda(a), to_cuda(b), c32, to_cuda(bias32))
     assert_close(c32, ref_gemm(a, b, None, bias32, 1.0, 0.0), torch.float32, what="float32 c")
     c_cpu = torch.empty(M, N, dtype=in_dtype)
     c_gpu = to_cuda(c_cpu)
-    _ops.gemm(a, b, c_cpu, bias32)
-    _ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias32))
+    ops.gemm(a, b, c_cpu, bias32)
+    ops.gemm(to_cuda(a), to_cuda(b), c_gpu, to_cuda(bias32))
     assert_twin(c_gpu, c_cpu, ref_gemm(a, b, None, bias32, 1.0, 0.0), in_dtype, what="float32 bias")
 
 
@@ -143,9 +143,9 @@ def test_cuda_gemm_runs_on_the_current_stream(gen, no_tf32):
         ag, bg = a.cuda(non_blocking=True), b.cuda(non_blocking=True)
         ag.mul_(2.0)  # queued on s: a kernel on another stream could read ag before this
         c = torch.empty(512, 200, device="cuda")
-        _ops.gemm(ag, bg, c)
+        ops.gemm(ag, bg, c)
         out = torch.empty(200, device="cuda")
-        _ops.colsum(c, out)
+        ops.colsum(c, out)
     s.synchronize()
     ref = 2.0 * (a.double() @ b.double())
     assert_close(c, ref, torch.float32)
@@ -159,21 +159,21 @@ def test_cuda_gemm_bad_arguments(gen):
     b = torch.randn(3, 5, device="cuda")
     c = torch.zeros(4, 5, device="cuda")
     with pytest.raises(ValueError):  # c needs a unit stride in dim 1 on CUDA (tl.h)
-        _ops.gemm(a, b, torch.zeros(5, 4, device="cuda").t())
+        ops.gemm(a, b, torch.zeros(5, 4, device="cuda").t())
     with pytest.raises(ValueError) as ei:
-        _ops.gemm(a.cpu(), b, c)
+        ops.gemm(a.cpu(), b, c)
     names_arg(ei, "a")
     with pytest.raises(ValueError) as ei:
-        _ops.gemm(a, b, c, torch.zeros(5))
+        ops.gemm(a, b, c, torch.zeros(5))
     names_arg(ei, "bias")
     with pytest.raises(TypeError) as ei:
-        _ops.gemm(a.double(), b.double(), c)
+        ops.gemm(a.double(), b.double(), c)
     names_arg(ei, "a")
     with pytest.raises(ValueError) as ei:
-        _ops.gemm(a, b[:2], c)
+        ops.gemm(a, b[:2], c)
     names_arg(ei, "b")
     with pytest.raises(ValueError) as ei:
-        _ops.gemm(a, b, torch.zeros(1, 5, device="cuda").expand(4, 5))
+        ops.gemm(a, b, torch.zeros(1, 5, device="cuda").expand(4, 5))
     names_arg(ei, "c")
     assert torch.equal(c, torch.zeros_like(c))
 
@@ -197,8 +197,8 @@ def test_cuda_colsum_matches_cpu_twin(shape, layout, dtype, out_kind, beta, gen)
     out_cpu = base[::2] if out_kind == "strided" else base
     out_cpu.copy_(out0 if beta != 0 else torch.full_like(out0, NAN))
     out_gpu = to_cuda(out_cpu)
-    _ops.colsum(x, out_cpu, beta)
-    _ops.colsum(to_cuda(x), out_gpu, beta)
+    ops.colsum(x, out_cpu, beta)
+    ops.colsum(to_cuda(x), out_gpu, beta)
     ref = x.double().sum(0) + (beta * out0.double() if beta != 0 else 0)
     assert_twin(out_gpu, out_cpu, ref, out_dtype, what=f"colsum {shape} {layout}")
 
@@ -300,7 +300,7 @@ def test_cuda_tf32_flag_reaches_cublas(gen):
         for flag in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = flag
             c = torch.empty(64, 64, device="cuda")
-            _ops.gemm(a.cuda(), b.cuda(), c)
+            ops.gemm(a.cuda(), b.cuda(), c)
             errs[flag] = rel_err(c, ref)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
@@ -324,7 +324,7 @@ def test_cuda_extension_built_when_expected():
 def test_cuda_extension_rejects_cpu_tensors_cleanly():
     """The CUDA binding imports without a GPU and answers CPU tensors with a ValueError naming the
     argument (before it ever touches the CUDA runtime)."""
-    cuda = _ops.cuda_module()
+    cuda = ops.cuda_module()
     n = cuda.device_count()
     assert isinstance(n, int) and n >= 0
     a, b, c = torch.randn(4, 3), torch.randn(3, 5), torch.zeros(4, 5)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from conftest import (DTYPES, LOW_PRECISION, TOL, UNIT, assert_close, assert_rounded_once, dtype_id, make2d,
                       randn, rel_err)
-from tltorch import _ops
+from tltorch import ops
 from tltorch.functional import linear_cross_entropy as lce
 from tltorch.nn import LinearCrossEntropy
 
@@ -363,10 +363,10 @@ def test_many_chunks_at_the_default_chunk_size(reduction, dtype, gen):
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_chunk_boundaries(chunk_rows, reduction, dtype, gen, monkeypatch):
-    """The workspace shrunk (tltorch._ops._XENT_CHUNK_FLOATS) to `chunk_rows` rows: a batch of 150 rows
+    """The workspace shrunk (tltorch.ops.head._XENT_CHUNK_FLOATS) to `chunk_rows` rows: a batch of 150 rows
     in many chunks, the last one partial, with ignored rows and class weights across chunk edges."""
     N, D, C = 150, 33, 29
-    monkeypatch.setattr(_ops, "_XENT_CHUNK_FLOATS", chunk_rows * (C + D + 1))
+    monkeypatch.setattr(ops.head, "_XENT_CHUNK_FLOATS", chunk_rows * (C + D + 1))
     x = make_x((N,), D, "strided", dtype, gen).requires_grad_()
     w = make_w(C, D, "t", dtype, gen).requires_grad_()
     b = randn((C,), dtype, gen).requires_grad_()
@@ -600,7 +600,7 @@ def test_inplace_change_raises(reduction, modified, path, gen):
                    reduction=reduction)
     else:
         loss = torch.ops.tltorch.linear_cross_entropy(a["x"], a["weight"], a["target"], a["bias"],
-                                                      a["class_weight"], -100, 0.0, _ops.REDUCTIONS[reduction])
+                                                      a["class_weight"], -100, 0.0, ops.REDUCTIONS[reduction])[0]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         _backward_after_change(loss, a[modified])
     if modified != "bias":
@@ -801,9 +801,9 @@ def _op_sample(N, D, C, dtype, gen, bias=True, cw=None, rg=True, reduction="mean
 
 
 def op_args(x, w, t, b, cw, reduction, ii, ls):
-    """The positional arguments of torch.ops.tltorch.linear_cross_entropy (tltorch/_ops.py): x, weight,
-    target, bias, class_weight, ignore_index, label_smoothing, reduction (as _ops.REDUCTIONS' int)."""
-    return (x, w, t, b, cw, ii, ls, _ops.REDUCTIONS[reduction])
+    """The positional arguments of torch.ops.tltorch.linear_cross_entropy (tltorch/ops/head.py): x, weight,
+    target, bias, class_weight, ignore_index, label_smoothing, reduction (as ops.REDUCTIONS' int)."""
+    return (x, w, t, b, cw, ii, ls, ops.REDUCTIONS[reduction])
 
 
 OPCHECK_CASES = [
@@ -831,7 +831,7 @@ def test_opcheck_backward(flags, reduction, gen):
                                            ls=0.1)
     g = torch.randn(6 if reduction == "none" else (), generator=gen)
     torch.library.opcheck(torch.ops.tltorch.linear_cross_entropy_backward.default,
-                          (g, x, w, t, b, cw, ii, ls, _ops.REDUCTIONS[reduction], *flags))
+                          (g, x, w, t, b, cw, ii, ls, ops.REDUCTIONS[reduction], *flags))
 
 
 def test_torch_compile_fullgraph(gen):

@@ -158,15 +158,16 @@ def test_cuda_head_scaled_and_twice(gen):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("plan", ["classes", "rows"])
 def test_cuda_head_plans(plan, reduction, dtype, gen, monkeypatch):
-    """The CUDA workspace's budget (_ops._XENT_CUDA_FLOATS) shrunk so that 150 rows x 200 classes go by
-    blocks of classes (64, 64, 64 and 8: two passes, dW written per block in W's dtype, dX accumulated
-    over blocks) or by chunks of a few rows (dW float32, added up over chunks): the CPU twin's results."""
-    from tltorch import _ops
+    """The CUDA workspace's budget (tltorch.ops.head._XENT_CUDA_FLOATS) shrunk so that 150 rows x 200
+    classes go by blocks of classes (64, 64, 64 and 8: two passes, dW written per block in W's dtype, dX
+    accumulated over blocks) or by chunks of a few rows (dW float32, added up over chunks): the CPU
+    twin's results."""
+    from tltorch import ops
     N, D, C = 150, 33, 200
     budget = 1300 + N * 64 if plan == "classes" else 64 + 5 * (C + D + 1)
-    monkeypatch.setattr(_ops, "_XENT_CUDA_FLOATS", budget)
+    monkeypatch.setattr(ops.head, "_XENT_CUDA_FLOATS", budget)
     acc = dtype is not torch.float32
-    floats, narrow = _ops.cuda_module().xent_workspace(N, D, C, acc, budget + (N * D if acc else 0))
+    floats, narrow = ops.cuda_module().xent_workspace(N, D, C, acc, budget + (N * D if acc else 0))
     assert floats < 64 + N * (C + D + 1) and narrow == (plan == "classes")
     x = make_x((N,), D, "strided", dtype, gen).requires_grad_()
     w = make_w(C, D, "t", dtype, gen).requires_grad_()

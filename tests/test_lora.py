@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DTYPES, UNIT, assert_close, dropout_keep_mask, dtype_id, make2d, randn
-from tltorch import _ops
+from tltorch import ops
 from tltorch.functional import lora_dropout, lora_linear
 
 
@@ -73,7 +73,7 @@ def seed_for(s):
     """The dropout seed lora_linear draws right after torch.manual_seed(s) (a 0-d int64 tensor, so that
     torch.compile traces the draw)."""
     torch.manual_seed(s)
-    return _ops.next_dropout_seed()
+    return ops.next_dropout_seed()
 
 
 def dropout_mask(seed, rows, cols, p):
@@ -590,7 +590,7 @@ OPCHECK_CASES = [
 def test_opcheck_lora_linear(case, gen):
     lead, IN, OUT, R, dtype, bias, rg, xl, wl, s, p = case
     x, w, b, a, bb = _op_sample(lead, IN, OUT, R, dtype, gen, bias, rg, xl, wl)
-    seed = _ops.next_dropout_seed() if p > 0 else None
+    seed = ops.next_dropout_seed() if p > 0 else None
     torch.library.opcheck(torch.ops.tltorch.lora_linear.default, (x, w, b, a, bb, s, p, seed))
 
 
@@ -599,7 +599,7 @@ def test_opcheck_lora_linear(case, gen):
                          ids=["x+A+B-p0.4", "A+B-p0", "x-p0.4", "B-p0.4"])
 def test_opcheck_lora_linear_backward(flags, p, gen):
     x, w, _, a, bb = _op_sample((2, 3), 6, 5, 2, torch.float32, gen, rg=False, wl="conv1d")
-    seed = _ops.next_dropout_seed() if p > 0 else None
+    seed = ops.next_dropout_seed() if p > 0 else None
     _, su = torch.ops.tltorch.lora_linear(x, w, None, a, bb, 1.5, p, seed)
     g = torch.randn(2, 3, 5, generator=gen)
     torch.library.opcheck(torch.ops.tltorch.lora_linear_backward.default,

@@ -22,7 +22,7 @@ import torch
 from conftest import (DTYPES, TOL, TWIN, dropout_keep_mask, dtype_id, empty2d, gpu_marks, host, make2d, names_arg,
                       randn, rel_err)
 from test_cuda import HAVE_GPU, INFO, no_tf32, to_cuda as on_device  # noqa: F401  (no_tf32: a fixture)
-from tltorch import _C, _ops
+from tltorch import _C, ops
 
 NAN = float("nan")
 DEVICE = "cuda"
@@ -30,7 +30,7 @@ gpu_test = gpu_marks(HAVE_GPU, "no_tf32")  # full float32 products (no TF32)
 
 
 def kernels():
-    return _ops.cuda_module()
+    return ops.cuda_module()
 
 
 def keep_scale(p):
@@ -299,7 +299,7 @@ def test_cuda_lora_refuses_before_writing(gen):
 @pytest.mark.skipif(not INFO["cuda_built"], reason="tltorch._cuda is not built")
 def test_cuda_lora_arguments_checked_without_a_gpu():
     """Scalars are checked first (no GPU needed to see it), then CPU tensors are refused by name."""
-    K = _ops.cuda_module()
+    K = ops.cuda_module()
     x, out = torch.randn(4, 3), torch.zeros(4, 3)
     w, a, b = torch.randn(5, 3), torch.randn(2, 3), torch.randn(5, 2)
     y, su = torch.zeros(4, 5), torch.zeros(4, 2)

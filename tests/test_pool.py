@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, LOW_PRECISION, TOL, assert_close, dtype_id, names_arg, randn
-from tltorch import _C, _ops
+from tltorch import _C, ops
 from tltorch.functional import pool
 
 MODES = ("cls", "mean", "max")
@@ -138,7 +138,7 @@ def test_pool_float32_out(mode, dtype, gen):
     h = make3d(3, 11, 19, "offset", dtype, gen)
     mask = make_mask(3, 11, "uint8", dtype, gen)
     out = torch.full((19, 3), float("nan")).t()  # a transposed output
-    _C.pool(h, mask, _ops.POOL_MODES[mode], out, 1)
+    _C.pool(h, mask, ops.POOL_MODES[mode], out, 1)
     check(out, ref_pool(h, mask, mode), mode, torch.float32, f"{mode} float32 out")
 
 
@@ -150,7 +150,7 @@ def test_pool_threads_do_not_change_the_result(mode, gen):
     outs = []
     for nt in (1, 2, 3):
         out = torch.empty(5, 301)
-        _C.pool(h, mask, _ops.POOL_MODES[mode], out, nt)
+        _C.pool(h, mask, ops.POOL_MODES[mode], out, nt)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     check(outs[0], ref_pool(h, mask, mode), mode, torch.float32, mode)
@@ -182,7 +182,7 @@ def test_pool_negative_view(gen):
 def test_opcheck_pool(mode, gen):
     h = make3d(3, 5, 7, "transposed", torch.float32, gen)
     for mask in (None, make_mask(3, 5, "int64", torch.float32, gen)):
-        torch.library.opcheck(torch.ops.tltorch.pool.default, (h, mask, _ops.POOL_MODES[mode]))
+        torch.library.opcheck(torch.ops.tltorch.pool.default, (h, mask, ops.POOL_MODES[mode]))
 
 
 def test_pool_meta_and_compile(gen):
@@ -273,7 +273,7 @@ def test_c_pool_arity():
 
 # ---- CUDA twin ----------------------------------------------------------------------------------------
 
-HAVE_GPU = torch.cuda.is_available() and _ops.cuda_built()
+HAVE_GPU = torch.cuda.is_available() and ops.cuda_built()
 
 
 @pytest.mark.cuda

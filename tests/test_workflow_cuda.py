@@ -17,7 +17,7 @@ import torch
 from conftest import (DTYPES, LOW_PRECISION, TOL, assert_rounded_once, dtype_id, gpu_marks, host, names_arg, randn,
                       rel_err)
 from test_cuda import HAVE_GPU, INFO, to_cuda as on_device
-from tltorch import _C, _ops
+from tltorch import _C, ops
 
 NAN = float("nan")
 DEVICE = "cuda"
@@ -25,7 +25,7 @@ gpu_test = gpu_marks(HAVE_GPU)
 
 
 def kernels():
-    return _ops.cuda_module()
+    return ops.cuda_module()
 
 
 # ---- pooling ------------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_cuda_adamw_empty_and_refusals():
 @pytest.mark.skipif(not INFO["cuda_built"], reason="tltorch._cuda is not built")
 def test_cuda_workflow_arguments_checked_without_a_gpu():
     """Scalars are checked first (no GPU needed to see it), then CPU tensors are refused by name."""
-    K = _ops.cuda_module()
+    K = ops.cuda_module()
     h, out = torch.randn(2, 3, 4), torch.zeros(2, 4)
     for mode in (3, -1):
         with pytest.raises(ValueError) as ei:

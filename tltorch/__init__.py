@@ -29,7 +29,7 @@ try:
 except ImportError as _err:  # a compiled module that exists but fails to load says why in _err
     raise _missing_extension(_err) from None
 
-from . import _ops, functional, nn, optim
+from . import functional, nn, ops, optim
 from .extract import extract_features
 from .fit import History, fit_head
 from .freeze import freeze
@@ -50,12 +50,12 @@ def backend_info() -> dict:
     device_name (the current CUDA device, or None), cpu_isa (the SIMD path of the CPU kernels:
     avx512, avx2 or portable), num_threads (the CPU threads kernels use: torch.get_num_threads()).
     """
-    built = _ops.cuda_built()
+    built = ops.cuda_built()
     available = False
     name = None
     if built:
         try:
-            cuda = _ops.cuda_module()
+            cuda = ops.cuda_module()
             available = cuda.device_count() > 0
             if available:
                 idx = torch.cuda.current_device() if torch.cuda.is_available() else 0

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
 from .functional import check_label_smoothing
 from .nn.head import LinearCrossEntropy
 
@@ -82,8 +82,8 @@ def _evaluate(head: LinearCrossEntropy, x: Tensor, y: Tensor, chunk: int = 16384
     for i in range(0, x.shape[0], chunk):
         xb = x[i:i + chunk].to(head.weight.dtype)
         yb = y[i:i + chunk]
-        loss_sum += float(_ops.linear_cross_entropy(xb, head.weight, yb, head.bias, head.class_weight,
-                                                    head.ignore_index, head.label_smoothing, 1))
+        loss_sum += float(ops.linear_cross_entropy(xb, head.weight, yb, head.bias, head.class_weight,
+                                                   head.ignore_index, head.label_smoothing, 1))
         weight_sum += float(yb.numel() if head.class_weight is None else head.class_weight[yb].sum())
         correct += int((head.logits(xb).argmax(-1) == yb).sum())
     n = x.shape[0]
@@ -217,12 +217,12 @@ def fit_head(features: Tensor, labels: Tensor, num_classes: Optional[int] = None
                     xb = xb.to(w.dtype)
                 yb = y[idx]
                 # one pass: the loss and the head's gradients, no logits kept, no autograd graph
-                loss, _, dw, db = _ops._xent(xb, w.detach(), b.detach(), yb, cw, -100, label_smoothing, red,
+                loss, (_, dw, db) = ops.xent(xb, w.detach(), yb, b.detach(), cw, -100, label_smoothing, red,
                                              None, True, False, True, True)
                 step_lr = lr * _lr_factor(schedule, step, total)
                 step += 1
                 for (p, m, v, wd), g in zip(states, (dw, db)):
-                    _ops.adamw_(p, g, m, v, step_lr, betas[0], betas[1], eps, wd, step)
+                    ops.adamw_(p, g, m, v, step_lr, betas[0], betas[1], eps, wd, step)
                 loss_sum += float(loss) * idx.numel()
             history["train_loss"].append(loss_sum / n)
             history["train_acc"].append(_evaluate(head, acc_x, acc_y)[1])

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,8 +52,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     x, weight = x.resolve_neg(), weight.resolve_neg()
     bias = None if bias is None else bias.resolve_neg()
     if x.dim() == 1:
-        return _ops.linear(x.unsqueeze(0), weight, bias).squeeze(0)
-    return _ops.linear(x, weight, bias)
+        return ops.linear(x.unsqueeze(0), weight, bias).squeeze(0)
+    return ops.linear(x, weight, bias)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -99,14 +99,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     x, weight, lora_A, lora_B = x.resolve_neg(), weight.resolve_neg(), lora_A.resolve_neg(), lora_B.resolve_neg()
     bias = None if bias is None else bias.resolve_neg()
     if x.dim() == 1:
-        return _ops.lora_linear(x.unsqueeze(0), weight, bias, lora_A, lora_B, float(scaling),
+        return ops.lora_linear(x.unsqueeze(0), weight, bias, lora_A, lora_B, float(scaling),
                                 float(dropout)).squeeze(0)
-    return _ops.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout))
+    return ops.lora_linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout))
 
 
 def lora_dropout(x: Tensor, p: float, seed) -> Tensor:
     """What lora_linear's dropout does to a 2-D x with seed `seed` (an int, or the 0-d tensor that
-    ``tltorch._ops.next_dropout_seed()`` returns): ``x * mask / (1 - p)``. For tests and inspection."""
+    ``tltorch.ops.next_dropout_seed()`` returns): ``x * mask / (1 - p)``. For tests and inspection."""
     _check_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
@@ -114,7 +114,7 @@ def lora_dropout(x: Tensor, p: float, seed) -> Tensor:
         raise ValueError(f"p must be a number in [0, 1), got {p!r}")
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())
-    return _ops.dropout(x.resolve_neg(), float(p), seed)
+    return ops.dropout(x.resolve_neg(), float(p), seed)
 
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -122,7 +122,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 
 def check_reduction(reduction) -> int:
     """The kernels' code for reduction "mean", "sum" or "none"."""
-    red = _ops.REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    red = ops.REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return red
@@ -221,7 +221,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     x, weight = x.resolve_neg(), weight.resolve_neg()
     bias = None if bias is None else bias.resolve_neg()
     class_weight = None if class_weight is None else class_weight.resolve_neg()
-    return _ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing,
+    return ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing,
                                      red)
 
 
@@ -241,7 +241,7 @@ def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "m
     _check_tensor("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be 3-D (batch, tokens, features), got shape {tuple(hidden.shape)}")
-    code = _ops.POOL_MODES.get(mode) if isinstance(mode, str) else None
+    code = ops.POOL_MODES.get(mode) if isinstance(mode, str) else None
     if code is None:
         raise ValueError(f"mode must be 'cls', 'mean' or 'max', got {mode!r}")
     B, T, _ = hidden.shape
@@ -270,4 +270,4 @@ def pool(hidden: Tensor, attention_mask: Optional[Tensor] = None, mode: str = "m
     hidden = hidden.resolve_neg()
     if attention_mask is not None:
         attention_mask = attention_mask.resolve_neg()
-    return _ops.pool(hidden, attention_mask, code)
+    return ops.pool(hidden, attention_mask, code)

@@ -4,7 +4,7 @@ from itertools import chain
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -91,7 +91,7 @@ class AdamW(torch.optim.Optimizer):
         else:
             state["step"] = n = int(step) + 1
         target = p if p.is_contiguous() else p.contiguous()
-        _ops.adamw_(target, g, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, n)
+        ops.adamw_(target, g, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, n)
         if target is not p:
             p.copy_(target)
 

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _ops
+from .. import ops
 
 STORAGES = ("float32", "bfloat16", "float16", "int8")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,7 +57,7 @@ class FrozenLinear(nn.Module):
 
     def dequantized_weight(self, dtype=torch.float32) -> Tensor:
         """The weight the layer computes with, as a dense tensor (for inspection and tests)."""
-        return _ops._dequant(self.weight, self.weight_scale, dtype)
+        return ops.dequant(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor):
@@ -70,8 +70,8 @@ class FrozenLinear(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
         x = x.resolve_neg()
         if x.dim() == 1:
-            return _ops.frozen_linear(x.unsqueeze(0), self.weight, self.weight_scale, self.bias).squeeze(0)
-        return _ops.frozen_linear(x, self.weight, self.weight_scale, self.bias)
+            return ops.frozen_linear(x.unsqueeze(0), self.weight, self.weight_scale, self.bias).squeeze(0)
+        return ops.frozen_linear(x, self.weight, self.weight_scale, self.bias)
 
     def weight_bytes(self) -> int:
         n = self.weight.numel() * self.weight.element_size()

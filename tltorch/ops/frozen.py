@@ -1,0 +1,93 @@
+"""Frozen linear: y = x (W * s)^T + bias and dx = dy (W * s), with a stored weight W (bfloat16, float16, or
+int8 with a per-output-channel scale s).
+
+On the CPU the GEMM reads W in its stored dtype and scales it as it packs it (no dequantised copy); on
+CUDA the weight is converted to x's dtype for cuBLAS (a temporary the size of the layer's weight).
+There is never a weight gradient.
+"""
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from ._define import define_op
+from ._device import rows
+from .linear import GEMM_KC, gemm_cuda
+
+
+def dequant(weight: Tensor, scale: Optional[Tensor], dtype) -> Tensor:
+    """W * s as a dense tensor of `dtype`."""
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype)[:, None]
+
+
+# ---- qgemm: forward: a (n, in) -> a (W*s)^T + bias; else a (n, out) -> a (W*s) ---------------------------
+
+def _qgemm_output(a, weight, forward):
+    return torch.empty(a.shape[0], weight.shape[0] if forward else weight.shape[1], dtype=a.dtype,
+                       device=a.device)
+
+
+def _qgemm_cpu(a, weight, scale, bias, forward):
+    c = _qgemm_output(a, weight, forward)
+    ws = torch.empty(c.numel(), dtype=torch.float32) if a.dtype is not torch.float32 and a.shape[1] > GEMM_KC \
+        else None
+    _C.qgemm(a, weight, scale, 1 if forward else 0, c, bias, ws, torch.get_num_threads(), 2 if forward else 0)
+    return c
+
+
+def _qgemm_cuda(a, weight, scale, bias, forward):
+    c = _qgemm_output(a, weight, forward)
+    gemm_cuda(a, dequant(weight, scale, a.dtype), c, None if bias is None else bias.to(a.dtype), 1.0, 0.0,
+               2 if forward else 0)
+    return c
+
+
+def _qgemm_fake(a, weight, scale, bias, forward):
+    return a.new_empty(a.shape[0], weight.shape[0] if forward else weight.shape[1])
+
+
+qgemm = define_op("qgemm", "(Tensor a, Tensor weight, Tensor? scale, Tensor? bias, bool forward) -> Tensor",
+                  {"cpu": _qgemm_cpu, "cuda": _qgemm_cuda}, _qgemm_fake)
+
+
+# ---- frozen_linear ------------------------------------------------------------------------------------
+
+def _frozen_linear(qgemm, x, weight, scale, bias):
+    return qgemm(rows(x), weight, scale, bias, True).view(*x.shape[:-1], weight.shape[0])
+
+
+def _frozen_linear_fake(x, weight, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _frozen_linear_backward(qgemm, grad, weight, scale):
+    return qgemm(rows(grad), weight, scale, None, False).view(*grad.shape[:-1], weight.shape[1])
+
+
+def _frozen_linear_backward_fake(grad, weight, scale):
+    return grad.new_empty(*grad.shape[:-1], weight.shape[1])
+
+
+frozen_linear_backward = define_op("frozen_linear_backward", "(Tensor grad, Tensor weight, Tensor? scale) -> Tensor",
+                                   {"cpu": partial(_frozen_linear_backward, _qgemm_cpu),
+                                    "cuda": partial(_frozen_linear_backward, _qgemm_cuda)},
+                                   _frozen_linear_backward_fake)
+
+
+def _frozen_setup(ctx, inputs, output):
+    x, weight, scale, bias = inputs
+    ctx.save_for_backward(weight, scale)
+
+
+def _frozen_grad(ctx, grad):
+    weight, scale = ctx.saved_tensors
+    return frozen_linear_backward(grad, weight, scale), None, None, None
+
+
+frozen_linear = define_op("frozen_linear", "(Tensor x, Tensor weight, Tensor? scale, Tensor? bias) -> Tensor",
+                          {"cpu": partial(_frozen_linear, _qgemm_cpu), "cuda": partial(_frozen_linear, _qgemm_cuda)},
+                          _frozen_linear_fake, setup_context=_frozen_setup, backward=_frozen_grad,
+                          differentiable=("x",))

@@ -1,0 +1,231 @@
+"""linear + cross-entropy (the fused head): the loss of x W^T + b without materialising the logits.
+
+One kernel call (xent) gives any of the loss, dx, dW and db, a chunk of rows at a time (csrc/cpu/head.c,
+csrc/cuda/head.cu). On the eager autograd route, for reduction mean and sum, the forward op computes the
+gradients with the loss in the same pass (its need_* flags, set there from requires_grad; an upstream
+gradient of 1) and returns them as extra outputs, which backward hands over or scales. For "none", and on
+the torch.ops route (torch.compile, whose graph can neither look at the upstream gradient nor let an op
+hand over tensors it was given), the flags are off and backward recomputes the logits with each row's
+upstream gradient folded in (the backward op).
+"""
+import threading
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from ._define import DeviceTable, by_device, define_op
+from ._device import allow_tf32, cublas_ready, cublas_workspace, cuda_module
+
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+# At most this many float32 logits per chunk of rows (32 MB): the head's working memory on the CPU.
+_XENT_CHUNK_FLOATS = 8 << 20
+# On CUDA, the workspace's budget (64 MB; tl.h's tl_xent_cuda_workspace says how it is used).
+_XENT_CUDA_FLOATS = 16 << 20
+_XENT_SKINNY_C = _C.XENT_SKINNY_C
+
+_tls = threading.local()
+
+
+def _cpu_workspace(numel: int) -> Tensor:
+    """A float32 scratch of at least `numel` elements, kept per thread between calls: torch has no
+    caching allocator on the CPU, and a fresh multi-megabyte buffer costs a page fault per 4 KiB on
+    every call. It never grows beyond one chunk of logits (32 MB)."""
+    ws = getattr(_tls, "ws", None)
+    if ws is None or ws.numel() < numel:
+        ws = _tls.ws = None  # drop the old one before allocating the larger
+        ws = _tls.ws = torch.empty(numel, dtype=torch.float32)
+    return ws
+
+
+# ---- xent: one call of the fused kernel ----------------------------------------------------------------
+
+def _launch_cpu(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx, db,
+                need_weight):
+    """The CPU kernel on 2-D x2 and 1-D t1, into loss, dx and db; returns dW (float32), when needed."""
+    n, d = x2.shape
+    c = weight.shape[0]
+    dw = torch.empty((c, d), dtype=torch.float32, device=x2.device) if need_weight else None
+    per_row = c + d + 1
+    chunk = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
+    # With few classes the CPU kernel takes a single pass that needs no workspace.
+    ws = _cpu_workspace(chunk * per_row) if c > _XENT_SKINNY_C else None
+    _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx,
+                   dw, db, ws, torch.get_num_threads())
+    return dw
+
+
+def _launch_cuda(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx, db,
+                 need_weight):
+    """The CUDA kernel, likewise; dW in W's dtype when written by blocks of classes, else float32."""
+    n, d = x2.shape
+    c = weight.shape[0]
+    cuda = cuda_module()
+    # The whole batch at once when it fits the budget, else blocks of classes (dW then written once, in
+    # W's dtype), else chunks of rows; dX's float32 accumulator (bfloat16/float16 x) comes on top.
+    acc = dx is not None and x2.dtype != torch.float32
+    wsn, narrow = cuda.xent_workspace(n, d, c, acc, _XENT_CUDA_FLOATS + (n * d if acc else 0))
+    dw = torch.empty((c, d), dtype=weight.dtype if narrow else torch.float32,
+                     device=x2.device) if need_weight else None
+    ws = torch.empty(wsn, dtype=torch.float32, device=x2.device)
+    cuda.linear_xent(cublas_ready(x2), cublas_ready(weight), bias, t1, class_weight, ignore_index, label_smoothing,
+                     red, grad_rows, loss, dx, dw, db, ws, cublas_workspace(x2.device), allow_tf32())
+    return dw
+
+
+def _xent(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
+          want_loss, need_x, need_weight, need_bias):
+    """One call of the fused kernel (launch: a device's) on x and target of any leading shape, flattened
+    to rows: (loss, (dx, dw, db)), each None unless asked for; dx in x's shape, dw and db in weight's and
+    bias's dtypes. grad_rows: the upstream gradient per row, or None for 1."""
+    n = target.numel()
+    x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
+    t1 = target if target.dim() == 1 else target.reshape(n)
+    dev = x.device
+    loss = torch.empty((n,) if reduction == 2 else (), dtype=x.dtype, device=dev) if want_loss else None
+    dx = torch.empty((n, x2.shape[1]), dtype=x.dtype, device=dev) if need_x else None
+    db = torch.empty(weight.shape[0], dtype=torch.float32, device=dev) if need_bias else None
+    dw = launch(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, reduction, grad_rows, loss, dx,
+                db, need_weight)
+    if dw is not None and weight.dtype is not torch.float32:
+        dw = dw.to(weight.dtype)
+    if db is not None and bias.dtype is not torch.float32:
+        db = db.to(bias.dtype)
+    if dx is not None and x.dim() != 2:
+        dx = dx.view(x.shape)
+    return loss, (dx, dw, db)
+
+
+xent = by_device({"cpu": partial(_xent, _launch_cpu), "cuda": partial(_xent, _launch_cuda)})
+
+
+# ---- the ops ---------------------------------------------------------------------------------------
+
+def _forward(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, need_x,
+             need_weight, need_bias):
+    """The loss and, for mean and sum, the gradients the need_* flags ask for (upstream gradient 1)."""
+    scalar = reduction != 2
+    loss, grads = _xent(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                        None, True, need_x and scalar, need_weight and scalar, need_bias and scalar)
+    return loss if scalar else loss.view(target.shape), grads
+
+
+def _forward_fake(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, need_x,
+                  need_weight, need_bias):
+    scalar = reduction != 2
+    return x.new_empty(() if scalar else target.shape), (
+        x.new_empty(x.shape) if need_x and scalar else None,
+        weight.new_empty(weight.shape) if need_weight and scalar else None,
+        bias.new_empty(bias.shape) if need_bias and scalar else None)
+
+
+def _upstream_rows(g: Tensor, n: int) -> Tensor:
+    """The upstream gradient as one value per row (a broadcast view for a scalar)."""
+    return g.reshape(-1).expand(n) if g.dim() == 0 else g.reshape(n)
+
+
+def _backward(launch, grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+              need_x, need_weight, need_bias):
+    """The gradients, recomputed with each row's upstream gradient folded into dz."""
+    return _xent(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                 _upstream_rows(grad, target.numel()), False, need_x, need_weight, need_bias)[1]
+
+
+def _backward_fake(grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                   need_x, need_weight, need_bias):
+    return (x.new_empty(x.shape) if need_x else None, weight.new_empty(weight.shape) if need_weight else None,
+            weight.new_empty(weight.shape[0]) if need_bias else None)
+
+
+_linear_cross_entropy_backward = define_op(
+    "linear_cross_entropy_backward", "(Tensor grad, Tensor x, Tensor weight, Tensor target, Tensor? bias, "
+    "Tensor? class_weight, SymInt ignore_index, float label_smoothing, SymInt reduction, bool need_x, "
+    "bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+    {"cpu": partial(_backward, _launch_cpu), "cuda": partial(_backward, _launch_cuda)}, _backward_fake)
+
+
+# ---- the autograd formula --------------------------------------------------------------------------
+
+def _keep_for_backward(ctx, *tensors) -> None:
+    """Keeps input tensors for a backward that may not need them (cheaper than save_for_backward on
+    the per-step path of a small head), with their version counters: _kept() raises as autograd does
+    if one was modified in place in between."""
+    ctx.kept = tensors
+    ctx.kept_versions = [None if t is None else t._version for t in tensors]
+
+
+def _kept(ctx):
+    kept = ctx.kept
+    if [None if t is None else t._version for t in kept] != ctx.kept_versions:
+        for t, v in zip(kept, ctx.kept_versions):
+            if t is not None and t._version != v:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an "
+                    f"inplace operation: a tensor of shape {tuple(t.shape)} is at version {t._version}, "
+                    f"expected version {v}")
+    return kept
+
+
+def _scaled_(grads, g: Tensor):
+    """The gradients, each scaled in place by the scalar upstream gradient g (read on the device)."""
+    for t in grads:
+        if t is not None:
+            t.mul_(g.to(t.dtype))
+    return grads
+
+
+def _reuse_cpu(g, grads, ctx, need):
+    """Reading the upstream gradient costs nothing here: when it is 1 (the usual loss.backward()) the
+    forward's gradients are the answer; otherwise None, and backward recomputes with it folded in, as a
+    first pass with that upstream gradient would have, so that repeated backward passes agree bit for
+    bit."""
+    return grads if grads is not None and g.item() == 1.0 else None
+
+
+def _reuse_cuda(g, grads, ctx, need):
+    """No host sync to look at the upstream gradient: the forward's gradients scaled by it in place and
+    handed over (no copy: nothing else holds them). After a first backward through a retained graph
+    took them, the forward's gradients again, scaled alike, so repeated backward passes agree bit for
+    bit."""
+    if grads is None:
+        x, weight, bias, target, class_weight = ctx.kept
+        grads = _xent(_launch_cuda, x, weight, target, bias, class_weight, *ctx.opts, None, False, *need)[1]
+    return _scaled_(grads, g)
+
+
+_reuse = DeviceTable({"cpu": _reuse_cpu, "cuda": _reuse_cuda})
+
+
+def _setup(ctx, inputs, output):
+    x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, nx, nw, nb = inputs
+    ctx.opts = (ignore_index, label_smoothing, reduction)
+    _keep_for_backward(ctx, x, weight, bias, target, class_weight)
+    ctx.reuse = reduction != 2 and (nx or nw or nb)  # the forward computed gradients with the loss
+    ctx.grads = output[1] if ctx.reuse else None
+
+
+def _grad(ctx, g, *_unread):
+    # The gradients computed with the loss are those of the inputs as they were then; an input changed
+    # in place since raises, as autograd does for the tensors it saves.
+    x, weight, bias, target, class_weight = _kept(ctx)
+    nx, nw, _, nb = ctx.needs_input_grad[:4]
+    nb = nb and bias is not None
+    grads, ctx.grads = ctx.grads, None
+    if ctx.reuse:
+        grads = _reuse[g.device](g, grads, ctx, (nx, nw, nb))
+    if grads is None:
+        grads = _linear_cross_entropy_backward(g, x, weight, target, bias, class_weight, *ctx.opts, nx, nw, nb)
+    dx, dw, db = grads
+    return dx if nx else None, dw if nw else None, None, db if nb else None, *(None,) * 7
+
+
+# linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction)
+# returns the loss; reduction is a REDUCTIONS code.
+linear_cross_entropy = define_op(
+    "linear_cross_entropy", "(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+    "SymInt ignore_index, float label_smoothing, SymInt reduction, bool need_x=False, bool need_weight=False, "
+    "bool need_bias=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    {"cpu": partial(_forward, _launch_cpu), "cuda": partial(_forward, _launch_cuda)}, _forward_fake,
+    setup_context=_setup, backward=_grad, differentiable=("x", "weight", "bias"), kept_outputs=3,
+    grad_flags={"need_x": "x", "need_weight": "weight", "need_bias": "bias"})
