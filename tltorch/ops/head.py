@@ -221,7 +221,9 @@ def _grad(ctx, g, *_unread):
 
 
 # linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction)
-# returns the loss; reduction is a REDUCTIONS code.
+# returns the loss; reduction is a REDUCTIONS code. The need_* flags are the eager autograd route's (set
+# there from requires_grad): passed True to torch.ops under torch.compile, backward would have to read the
+# upstream gradient, which a traced graph cannot.
 linear_cross_entropy = define_op(
     "linear_cross_entropy", "(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
     "SymInt ignore_index, float label_smoothing, SymInt reduction, bool need_x=False, bool need_weight=False, "
