@@ -86,7 +86,8 @@ if SANITIZE:
 if env_flag("TLTORCH_NATIVE"):
     C_FLAGS.append("-march=native")
 
-CPU_SOURCES = (sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/python/bridge.c", "csrc/python/module.c"]
+CPU_SOURCES = (sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/check.c", "csrc/python/bridge.c",
+                                                     "csrc/python/module.c"]
                + sorted(glob.glob("csrc/python/bind_*.c")))
 # Every header a source may include: build_ext rebuilds an extension when one of these is newer than it
 # (setuptools otherwise compares only the .c files, and an edited header keeps the old build).
@@ -185,8 +186,9 @@ def extensions():
         cuda_lib = os.path.join(cuda_home, "lib")
     ext = Extension(
         "tltorch._cuda",
-        # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses.
-        sources=["csrc/cpu/common.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
+        # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses;
+        # check.c: the argument checks the kernels share with tltorch._C.
+        sources=["csrc/cpu/common.c", "csrc/check.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
         include_dirs=["csrc", os.path.join(cuda_home, "include")],
         depends=HEADERS,
         library_dirs=[cuda_lib],

@@ -301,6 +301,72 @@ tl_status tl_pool_cuda(const tl_tensor *h, const tl_tensor *mask, int mode, tl_t
 tl_status tl_adamw_cuda(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,
                         const tl_adamw_opts *o, void *stream);
 
+/* ---- argument checks (csrc/check.c) ------------------------------------------------------------- */
+
+/* Each op's tensors are checked by one function below, on either device: dims, dtypes, sizes, and, where
+ * the caller says which tensors are read-only, that the outputs may be written (none read-only, no
+ * element twice). It returns TL_OK or the status of the first unmet requirement, which it describes in
+ * *why (NULL: not wanted) for the caller to word: the Python bindings build their messages from it
+ * ("argument '<name>' ..."), the kernels return the status. Devices and workspaces are each device's
+ * business. Optional tensors are NULL when absent. */
+typedef enum {
+    TL_NEED_NDIM = 1,    /* arg has `want` dims */
+    TL_NEED_DTYPE,       /* arg's dtype is one of `what` ("float32, bfloat16 or float16") */
+    TL_NEED_DTYPE_OF,    /* arg has ref's dtype */
+    TL_NEED_DTYPE_OR,    /* arg's dtype is `what` or ref's */
+    TL_NEED_DTYPE_IS,    /* arg's dtype is `want` (a tl_dtype) */
+    TL_NEED_SIZE,        /* arg->shape[dim] == want, which is `what` ("x.shape[1]") */
+    TL_NEED_WRITABLE,    /* arg is an output, and the caller may not write it (readonly) */
+    TL_NEED_NO_BROADCAST, /* arg is an output with stride 0 in dim `dim` */
+    TL_NEED_NO_OVERLAP,  /* arg is an output with a stride of `got` not stepping over the `want` elements
+                          * the smaller strides span */
+    TL_NEED_APART,       /* arg is an output sharing memory with ref */
+    TL_NEED_TEXT,        /* `what` says it, after "argument '<arg>' " (arg NULL: all of it) */
+} tl_need;
+
+typedef struct tl_check {
+    /* in: whether the caller may not write t (DLPack's read-only flag); NULL (and a NULL tl_check): outputs
+     * are not checked for being writable (read-only, or overlapping themselves) */
+    int (*readonly)(const tl_tensor *t);
+    /* out: the first unmet requirement */
+    tl_status status;
+    tl_need need;
+    const tl_tensor *arg, *ref;
+    int dim;
+    int64_t want, got;
+    const char *what;
+} tl_check;
+
+/* Two of the requirements the op checks below are made of, for the callers' own checks (workspaces). */
+tl_status tl_check_ndim(const tl_tensor *t, int ndim, tl_check *why);
+tl_status tl_check_writable(const tl_tensor *t, tl_check *why);
+
+/* tl_gemm_cpu's a, b, c, bias as the bindings take them: a and b of one float dtype. */
+tl_status tl_check_gemm(const tl_tensor *a, const tl_tensor *b, const tl_tensor *c, const tl_tensor *bias,
+                        tl_check *why);
+/* tl_qgemm_cpu's: a float, b float or int8 with its scale along `axis` (0 or 1). */
+tl_status tl_check_qgemm(const tl_tensor *a, const tl_tensor *b, const tl_tensor *scale, int axis,
+                         const tl_tensor *c, const tl_tensor *bias, tl_check *why);
+tl_status tl_check_colsum(const tl_tensor *x, const tl_tensor *out, tl_check *why);
+/* The fused head's tensors and options; dw float32, or also x's dtype when dw_of_x (CUDA: its plan then
+ * says whether it writes each row of dW once). */
+tl_status tl_check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                        const tl_tensor *class_weight, const tl_xent_opts *o, const tl_tensor *grad_rows,
+                        const tl_tensor *loss, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
+                        int dw_of_x, tl_check *why);
+tl_status tl_check_dropout(const tl_tensor *x, const tl_tensor *out, tl_check *why);
+tl_status tl_check_lora_forward(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *a,
+                                const tl_tensor *b, const tl_tensor *y, const tl_tensor *su, tl_check *why);
+tl_status tl_check_lora_backward(const tl_tensor *dy, const tl_tensor *x, const tl_tensor *w, const tl_tensor *a,
+                                 const tl_tensor *b, const tl_tensor *su, const tl_tensor *dx, const tl_tensor *da,
+                                 const tl_tensor *db, tl_check *why);
+/* mode (TL_POOL_*): CLS needs a token; apart: out must also share no memory with h and mask. */
+tl_status tl_check_pool(const tl_tensor *h, const tl_tensor *mask, int mode, const tl_tensor *out, int apart,
+                        tl_check *why);
+/* apart: the three states must share no memory with each other or with grad. */
+tl_status tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *exp_avg,
+                         const tl_tensor *exp_avg_sq, int apart, tl_check *why);
+
 #ifdef __cplusplus
 }
 #endif

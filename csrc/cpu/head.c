@@ -507,56 +507,19 @@ load_index(const tl_tensor *t, int64_t i)
     return t->dtype == TL_INT64 ? ((const int64_t *)t->data)[off] : ((const int32_t *)t->data)[off];
 }
 
+/* tl_check_xent's requirements (csrc/check.c), on the CPU, and the workspace's. */
 static tl_status
 check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
            const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, const tl_tensor *loss,
            const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db, const tl_tensor *ws)
 {
-    tl_status st;
-    if ((st = tl_check_cpu(x, 2)) || (st = tl_check_cpu(w, 2)) || (st = tl_check_cpu(target, 1)))
-        return st;
+    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, dx, dw, db};
+    tl_status st = tl_check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, 0, NULL);
+    if (st) return st;
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++)
+        if (all[k] && (st = tl_check_cpu(all[k], all[k]->ndim))) return st;
+    if (loss && (loss->device != TL_CPU || (tl_numel(loss) > 0 && !loss->data))) return TL_ERR_VALUE;
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
-    if (!tl_is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
-    if (target->dtype != TL_INT64 && target->dtype != TL_INT32) return TL_ERR_DTYPE;
-    if (w->shape[1] != D || target->shape[0] != N || C < 1) return TL_ERR_SHAPE;
-    if (o->reduction < TL_REDUCE_MEAN || o->reduction > TL_REDUCE_NONE) return TL_ERR_VALUE;
-    if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f)) return TL_ERR_VALUE;
-    if (bias) {
-        if ((st = tl_check_cpu(bias, 1))) return st;
-        if (bias->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (bias->shape[0] != C) return TL_ERR_SHAPE;
-    }
-    if (cw) {
-        if ((st = tl_check_cpu(cw, 1))) return st;
-        if (cw->dtype != TL_FLOAT32 && cw->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (cw->shape[0] != C) return TL_ERR_SHAPE;
-    }
-    if (grad_rows) {
-        if ((st = tl_check_cpu(grad_rows, 1))) return st;
-        if (!tl_is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
-        if (grad_rows->shape[0] != N) return TL_ERR_SHAPE;
-    }
-    if (loss) {
-        if (loss->device != TL_CPU || (tl_numel(loss) > 0 && !loss->data)) return TL_ERR_VALUE;
-        if (loss->dtype != TL_FLOAT32 && loss->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (o->reduction == TL_REDUCE_NONE ? (loss->ndim != 1 || loss->shape[0] != N) : tl_numel(loss) != 1)
-            return TL_ERR_SHAPE;
-    }
-    if (dx) {
-        if ((st = tl_check_cpu(dx, 2))) return st;
-        if (dx->dtype != TL_FLOAT32 && dx->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (dx->shape[0] != N || dx->shape[1] != D) return TL_ERR_SHAPE;
-    }
-    if (dw) {
-        if ((st = tl_check_cpu(dw, 2))) return st;
-        if (dw->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
-        if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
-    }
-    if (db) {
-        if ((st = tl_check_cpu(db, 1))) return st;
-        if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
-        if (db->shape[0] != C) return TL_ERR_SHAPE;
-    }
     if (C <= TL_XENT_SKINNY_C && !ws) return TL_OK; /* the single-pass path needs no workspace */
     if (!ws || (st = tl_check_cpu(ws, 1))) return ws ? st : TL_ERR_VALUE;
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;

@@ -547,6 +547,7 @@ tl_xent_cuda_workspace(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t budg
     return ws;
 }
 
+/* tl_check_xent's requirements (csrc/check.c), on ctx's device, and the workspace's and GEMMs'. */
 static tl_status
 check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
            const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows,
@@ -556,53 +557,17 @@ check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, c
     tl_status st;
     if (!ctx || !x || !w || !target || !o || !ws) return TL_ERR_VALUE;
     const int dev = ctx->device_id;
-    if ((st = tl_cuda_check_tensor(x, 2, dev)) || (st = tl_cuda_check_tensor(w, 2, dev)) || (st = tl_cuda_check_tensor(target, 1, dev)) ||
-        (st = tl_cuda_check_tensor(ws, 1, dev)))
-        return st;
-    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
-    if (!tl_is_float_dtype(x->dtype) || w->dtype != x->dtype) return TL_ERR_DTYPE;
-    if (target->dtype != TL_INT64 && target->dtype != TL_INT32) return TL_ERR_DTYPE;
-    if (w->shape[1] != D || target->shape[0] != N || C < 1) return TL_ERR_SHAPE;
-    if (o->reduction < TL_REDUCE_MEAN || o->reduction > TL_REDUCE_NONE) return TL_ERR_VALUE;
-    if (!(o->label_smoothing >= 0.0f && o->label_smoothing <= 1.0f)) return TL_ERR_VALUE;
-    if (bias) {
-        if ((st = tl_cuda_check_tensor(bias, 1, dev))) return st;
-        if (bias->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (bias->shape[0] != C) return TL_ERR_SHAPE;
-    }
-    if (cw) {
-        if ((st = tl_cuda_check_tensor(cw, 1, dev))) return st;
-        if (cw->dtype != TL_FLOAT32 && cw->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (cw->shape[0] != C) return TL_ERR_SHAPE;
-    }
-    if (grad_rows) {
-        if ((st = tl_cuda_check_tensor(grad_rows, 1, dev))) return st;
-        if (!tl_is_float_dtype(grad_rows->dtype)) return TL_ERR_DTYPE;
-        if (grad_rows->shape[0] != N) return TL_ERR_SHAPE;
-    }
+    if ((st = tl_check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, 1, NULL))) return st;
+    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, dx, dw, db};
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++)
+        if (all[k] && (st = tl_cuda_check_tensor(all[k], all[k]->ndim, dev))) return st;
+    if ((st = tl_cuda_check_tensor(ws, 1, dev))) return st;
     if (loss) {
         if (loss->device != TL_CUDA || loss->device_id != dev) return TL_ERR_DEVICE;
         if (tl_numel(loss) > 0 && !loss->data) return TL_ERR_VALUE;
-        if (loss->dtype != TL_FLOAT32 && loss->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (o->reduction == TL_REDUCE_NONE ? (loss->ndim != 1 || loss->shape[0] != N) : tl_numel(loss) != 1)
-            return TL_ERR_SHAPE;
         if (o->reduction == TL_REDUCE_NONE && loss->strides[0] < 0) return TL_ERR_SHAPE;
     }
-    if (dx) {
-        if ((st = tl_cuda_check_tensor(dx, 2, dev))) return st;
-        if (dx->dtype != TL_FLOAT32 && dx->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (dx->shape[0] != N || dx->shape[1] != D) return TL_ERR_SHAPE;
-    }
-    if (dw) {
-        if ((st = tl_cuda_check_tensor(dw, 2, dev))) return st;
-        if (dw->dtype != TL_FLOAT32 && dw->dtype != x->dtype) return TL_ERR_DTYPE;
-        if (dw->shape[0] != C || dw->shape[1] != D) return TL_ERR_SHAPE;
-    }
-    if (db) {
-        if ((st = tl_cuda_check_tensor(db, 1, dev))) return st;
-        if (db->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
-        if (db->shape[0] != C) return TL_ERR_SHAPE;
-    }
+    const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
     if (N == 0) return TL_OK; /* no GEMM runs, no workspace is read */
     if (ws->shape[0] < TL_XENT_CUDA_WS_EXTRA + C + D + 1) return TL_ERR_VALUE; /* room for one row */
