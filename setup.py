@@ -86,9 +86,10 @@ if SANITIZE:
 if env_flag("TLTORCH_NATIVE"):
     C_FLAGS.append("-march=native")
 
-CPU_SOURCES = (sorted(glob.glob("csrc/cpu/*.c")) + ["csrc/check.c", "csrc/python/bridge.c",
-                                                     "csrc/python/module.c"]
-               + sorted(glob.glob("csrc/python/bind_*.c")))
+# The bindings (bind.c, bind_*.c) and the argument checks (check.c) are compiled into both extensions.
+BIND_SOURCES = (["csrc/check.c", "csrc/python/bridge.c", "csrc/python/bind.c"]
+                + sorted(glob.glob("csrc/python/bind_*.c")))
+CPU_SOURCES = sorted(glob.glob("csrc/cpu/*.c")) + BIND_SOURCES + ["csrc/python/module.c"]
 # Every header a source may include: build_ext rebuilds an extension when one of these is newer than it
 # (setuptools otherwise compares only the .c files, and an edited header keeps the old build).
 HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
@@ -186,9 +187,8 @@ def extensions():
         cuda_lib = os.path.join(cuda_home, "lib")
     ext = Extension(
         "tltorch._cuda",
-        # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) bridge.c uses;
-        # check.c: the argument checks the kernels share with tltorch._C.
-        sources=["csrc/cpu/common.c", "csrc/check.c", "csrc/python/bridge.c", "csrc/python/cuda_module.c"],
+        # common.c: the status and dtype tables (tl_status_string, tl_dtype_name, tl_numel) the bindings use.
+        sources=["csrc/cpu/common.c"] + BIND_SOURCES + ["csrc/python/cuda_module.c"],
         include_dirs=["csrc", os.path.join(cuda_home, "include")],
         depends=HEADERS,
         library_dirs=[cuda_lib],
