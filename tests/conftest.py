@@ -72,6 +72,23 @@ def make2d(rows, cols, layout, dtype, gen, scale=1.0):
     return t
 
 
+def make_x(lead, D, layout, dtype, gen, scale=1.0):
+    """x of shape (*lead, D) in `layout`: contig, strided (every other feature), transposed (.mT of a
+    (..., D, T) tensor), offset (a slice starting inside a bigger buffer) or expanded (stride 0)."""
+    shape = (*lead, D)
+    if layout == "contig" or len(lead) == 0:
+        return randn(shape, dtype, gen, scale)
+    if layout == "strided":
+        return randn((*lead, 2 * D), dtype, gen, scale)[..., ::2]
+    if layout == "transposed":
+        return randn((*lead[:-1], D, lead[-1]), dtype, gen, scale).mT
+    if layout == "offset":
+        return randn((*lead[:-1], lead[-1] + 2, D + 1), dtype, gen, scale)[..., 2:, 1:]
+    if layout == "expanded":  # one row repeated: stride 0 between rows
+        return randn((*lead[:-1], 1, D), dtype, gen, scale).expand(shape)
+    raise AssertionError(layout)
+
+
 def empty2d(rows, cols, layout, dtype, fill=float("nan")):
     """An output buffer of (rows, cols) in `layout`, filled with `fill` (NaN: must be written)."""
     if layout == "contig":
@@ -86,6 +103,16 @@ def empty2d(rows, cols, layout, dtype, fill=float("nan")):
         raise AssertionError(layout)
     t.fill_(fill)
     return t
+
+
+def ref_gemm(a, b, c0, bias, alpha, beta):
+    """alpha a b + beta c0 + bias in float64 (c0 not read when beta is 0)."""
+    r = alpha * (a.double() @ b.double())
+    if beta != 0:
+        r = r + beta * c0.double()
+    if bias is not None:
+        r = r + bias.double()
+    return r
 
 
 def rel_err(out, ref):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tltorch
 from conftest import (DTYPES, LOW_PRECISION, TOL, TWIN, assert_close, dtype_id, empty2d, make2d,
-                      names_arg, randn, rel_err)
+                      names_arg, randn, ref_gemm, rel_err)
 from tltorch import _C, ops
 from tltorch.functional import linear
 
@@ -50,15 +50,6 @@ def assert_twin(out_cuda, out_cpu, ref, dtype, what=""):
         scale = ref.abs().max().item() or 1.0
         d = (out_cuda.detach().cpu().double() - out_cpu.detach().double()).abs().max().item() / scale
         assert d <= TWIN[dtype], f"{what}: cuda and cpu differ by {d:.3g} > {TWIN[dtype]:.3g}"
-
-
-def ref_gemm(a, b, c0, bias, alpha, beta):
-    r = alpha * (a.double() @ b.double())
-    if beta != 0:
-        r = r + beta * c0.double()
-    if bias is not None:
-        r = r + bias.double()
-    return r
 
 
 # ---- gemm ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import (DTYPES, LAYOUTS, LOW_PRECISION, TOL, assert_close, assert_rounded_once,
-                      dtype_id, empty2d, make2d, names_arg, randn)
+                      dtype_id, empty2d, make2d, names_arg, randn, ref_gemm)
 from tltorch import _C
 
 KC = _C.GEMM_KC
@@ -20,15 +20,6 @@ def ws_for(c, K):
     if c.dtype != torch.float32 and K > KC and c.numel():
         return torch.empty(c.numel(), dtype=torch.float32).fill_(NAN)  # contents must not matter
     return None
-
-
-def ref_gemm(a, b, c0, bias, alpha, beta):
-    r = alpha * (a.double() @ b.double())
-    if beta != 0:
-        r = r + beta * c0.double()
-    if bias is not None:
-        r = r + bias.double()
-    return r
 
 
 # (M, K, N): odd sizes, each of M/K/N empty, K just past one block, several K blocks (K > GEMM_KC),

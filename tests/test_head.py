@@ -23,7 +23,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 from conftest import (DTYPES, LOW_PRECISION, TOL, UNIT, assert_close, assert_rounded_once, dtype_id, make2d,
-                      randn, rel_err)
+                      make_x, randn, rel_err)
 from tltorch import ops
 from tltorch.functional import linear_cross_entropy as lce
 from tltorch.nn import LinearCrossEntropy
@@ -57,27 +57,19 @@ def assert_head_close(out, ref, dtype, torch_out=None, what=""):
 
 # ---- inputs and references ----------------------------------------------------------------------------
 
-def make_x(lead, D, layout, dtype, gen, scale=1.0):
-    """x of shape (*lead, D) in `layout`: contig, strided (every other feature), transposed (.mT of a
-    (..., D, T) tensor), offset (a slice starting inside a bigger buffer) or expanded (stride 0)."""
-    shape = (*lead, D)
-    if layout == "contig" or len(lead) == 0:
-        return randn(shape, dtype, gen, scale)
-    if layout == "strided":
-        return randn((*lead, 2 * D), dtype, gen, scale)[..., ::2]
-    if layout == "transposed":
-        return randn((*lead[:-1], D, lead[-1]), dtype, gen, scale).mT
-    if layout == "offset":
-        return randn((*lead[:-1], lead[-1] + 2, D + 1), dtype, gen, scale)[..., 2:, 1:]
-    if layout == "expanded":  # one row repeated: stride 0 between rows
-        return randn((*lead[:-1], 1, D), dtype, gen, scale).expand(shape)
-    raise AssertionError(layout)
-
-
 def make_w(C, D, layout, dtype, gen):
     """A (C, D) weight scaled like nn.Linear's (logits of order 1), in layout contig / t / strided."""
     return make2d(C, D, {"contig": "contig", "t": "t", "strided": "stride2"}[layout], dtype, gen,
                   scale=1.0 / math.sqrt(max(D, 1)))
+
+
+def head_leaves(lead, D, C, dtype, gen, w_layout="contig"):
+    """x (*lead, D), w (C, D) in `w_layout` (as make_w) and b (C,), drawn in that order, each a leaf
+    that requires grad."""
+    x = randn((*lead, D), dtype, gen).requires_grad_()
+    w = make_w(C, D, w_layout, dtype, gen).requires_grad_()
+    b = randn((C,), dtype, gen).requires_grad_()
+    return x, w, b
 
 
 def make_target(lead, C, gen, ignore_index=-100, ignore_every=0, dtype=torch.int64):
@@ -192,9 +184,7 @@ def test_options(reduction, label_smoothing, ignore_index, dtype, cw_dtype, gen)
     """Reduction x label smoothing x class weights x ignore_index (the default, a class-valid index whose
     rows must be ignored, and a negative one), with gradients for x, weight and bias."""
     N, D, C = 37, 33, 11
-    x = make_x((N,), D, "contig", dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = make_target((N,), C, gen, ignore_index, ignore_every=5)
     cw = make_class_weight(C, cw_dtype, dtype, gen)
     check_head(x, w, b, target, cw, _grad_out(reduction, target, dtype, gen),
@@ -230,9 +220,7 @@ SHAPES = [((1,), 1, 1), ((7,), 5, 1), ((9,), 33, 2), ((64,), 33, 5000), ((5,), 8
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("lead,D,C", SHAPES, ids=lambda v: str(v).replace(" ", ""))
 def test_shapes(lead, D, C, reduction, options, dtype, gen):
-    x = randn((*lead, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves(lead, D, C, dtype, gen)
     opts = dict(reduction=reduction)
     cw = None
     if options == "all":
@@ -274,9 +262,7 @@ def test_large_logits(reduction, dtype, gen):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_int32_target_same_as_int64(reduction, dtype, gen):
     N, D, C = 33, 17, 9
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "t", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen, "t")
     t64 = make_target((N,), C, gen, 2, ignore_every=4)
     g = _grad_out(reduction, t64, dtype, gen)
     out = {}
@@ -351,9 +337,7 @@ def test_confident_predictions_float32(reduction, gen):
 def test_many_chunks_at_the_default_chunk_size(reduction, dtype, gen):
     """C = 30000 with 600 rows: more rows than one chunk of the head's 64 MB workspace holds."""
     N, D, C = 600, 16, 30000
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = make_target((N,), C, gen, ignore_every=11)
     check_head(x, w, b, target, None, _grad_out(reduction, target, dtype, gen), what="600 x 30000",
                reduction=reduction, label_smoothing=0.1)
@@ -414,9 +398,7 @@ def test_layouts(lead, xl, wl, dtype, gen):
 def test_all_targets_ignored(reduction, options, dtype, gen):
     """torch: mean -> NaN, sum -> 0, none -> zeros; every gradient is zero (not NaN)."""
     N, D, C = 10, 6, 4
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     opts = dict(reduction=reduction, ignore_index=2)
     if "ls" in options:
         opts["label_smoothing"] = 0.3
@@ -438,9 +420,7 @@ def test_all_targets_ignored(reduction, options, dtype, gen):
 def test_empty_batch(lead, reduction, ls, dtype, gen):
     """N = 0: mean -> NaN, sum -> 0, none -> an empty loss; x.grad empty, weight/bias grads zero."""
     D, C = 7, 5
-    x = randn((*lead, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves(lead, D, C, dtype, gen)
     target = torch.zeros(lead, dtype=torch.int64)
     loss = check_head(x, w, b, target, make_class_weight(C, torch.float32, dtype, gen),
                       _grad_out(reduction, target, dtype, gen), reduction=reduction, label_smoothing=ls)
@@ -511,9 +491,7 @@ def test_no_grad_mode_builds_no_graph(gen):
 def test_scaled_grad_output(scale, reduction, dtype, gen):
     """(loss * s).backward(): the gradients scale by s."""
     N, D, C = 29, 33, 12
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = make_target((N,), C, gen, ignore_every=7)
     cw = make_class_weight(C, torch.float32, dtype, gen)
     opts = dict(reduction=reduction, label_smoothing=0.1)
@@ -653,9 +631,7 @@ def test_thread_count(reduction, dtype, gen):
     """1 and 3 threads: correct either way, and bitwise the same (csrc/cpu/head.c: "Results do not depend
     on the thread count")."""
     N, D, C = 150, 33, 70
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = make_target((N,), C, gen, ignore_every=5)
     g = _grad_out(reduction, target, dtype, gen)
     prev = torch.get_num_threads()
@@ -678,9 +654,7 @@ def test_none_reduction_with_noncontiguous_upstream(dtype, gen):
     """reduction "none" followed by .sum() (an expanded, stride-0 upstream gradient) or by a strided
     slice of the losses (zeros between the rows that count), on 3-D x."""
     lead, D, C = (4, 9), 17, 11
-    x = randn((*lead, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves(lead, D, C, dtype, gen)
     target = make_target(lead, C, gen, ignore_every=5)
     for name, post in (("sum", lambda l: l.sum()), ("slice", lambda l: (l[:, 1::3] * 2.0).sum())):
         for t in (x, w, b):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, assert_close, dtype_id, randn
+from conftest import DTYPES, assert_close, dtype_id, make_x, randn
 from test_cuda import HAVE_GPU, assert_twin, no_tf32, to_cuda  # noqa: F401  (no_tf32: a fixture, used below)
-from test_head import (REDUCTIONS, _grad_out, make_class_weight, make_target, make_w,
-                       make_x, torch_head)
+from test_head import (REDUCTIONS, _grad_out, head_leaves, make_class_weight, make_target, make_w,
+                       torch_head)
 from tltorch.functional import linear_cross_entropy as lce
 from tltorch.nn import LinearCrossEntropy
 
@@ -66,9 +66,7 @@ def check_twins(x, w, b, target, cw, grad, what="", **opts):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_head_options(reduction, ls, cw_dtype, ii, dtype, gen):
     N, D, C = 37, 33, 11
-    x = make_x((N,), D, "contig", dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = make_target((N,), C, gen, ii, ignore_every=5)
     cw = make_class_weight(C, dtype if cw_dtype == "x" else cw_dtype, dtype, gen)
     check_twins(x, w, b, target, cw, _grad_out(reduction, target, dtype, gen), what=f"{reduction} ls={ls}",
@@ -83,9 +81,7 @@ CUDA_SHAPES = [((1,), 1, 1), ((9,), 33, 2), ((64,), 33, 5000), ((5,), 8, 32771),
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("lead,D,C", CUDA_SHAPES, ids=lambda v: str(v).replace(" ", ""))
 def test_cuda_head_shapes(lead, D, C, reduction, dtype, gen):
-    x = randn((*lead, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves(lead, D, C, dtype, gen)
     target = make_target(lead, C, gen, -1, ignore_every=8)
     check_twins(x, w, b, target, make_class_weight(C, torch.float32, dtype, gen),
                 _grad_out(reduction, target, dtype, gen), what=f"{lead} D={D} C={C}", reduction=reduction,
@@ -96,9 +92,7 @@ def test_cuda_head_shapes(lead, D, C, reduction, dtype, gen):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_head_all_targets_ignored(reduction, dtype, gen):
     N, D, C = 10, 6, 4
-    x = randn((N, D), dtype, gen).requires_grad_()
-    w = make_w(C, D, "contig", dtype, gen).requires_grad_()
-    b = randn((C,), dtype, gen).requires_grad_()
+    x, w, b = head_leaves((N,), D, C, dtype, gen)
     target = torch.full((N,), 2)
     _, gpu = check_twins(x, w, b, target, make_class_weight(C, torch.float32, dtype, gen),
                          _grad_out(reduction, target, dtype, gen), reduction=reduction, ignore_index=2,

@@ -8,30 +8,23 @@ import torch
 import torch.nn.functional as F
 
 import tltorch
-from conftest import DTYPES, assert_close, dtype_id, make2d, randn
+from conftest import DTYPES, assert_close, dtype_id, make2d, make_x, randn
 from tltorch import _C
 from tltorch.functional import linear
 
 KC = _C.GEMM_KC
 
 
-def make_x(lead, K, layout, dtype, gen):
-    """x of shape (*lead, K) in `layout`: contig, strided (every other feature), transposed (.t() or
-    .mT of a (.., K, T) tensor), or offset (a slice that starts inside a bigger buffer)."""
-    shape = (*lead, K)
-    if layout == "contig" or len(lead) == 0:
-        return randn(shape, dtype, gen)
-    if layout == "strided":
-        return randn((*lead, 2 * K), dtype, gen)[..., ::2]
-    if layout == "transposed":
-        return randn((*lead[:-1], K, lead[-1]), dtype, gen).mT
-    if layout == "offset":
-        return randn((*lead[:-1], lead[-1] + 2, K + 1), dtype, gen)[..., 2:, 1:]
-    raise AssertionError(layout)
-
-
 def make_w(N, K, layout, dtype, gen):
     return make2d(N, K, {"contig": "contig", "t": "t", "strided": "stride2"}[layout], dtype, gen)
+
+
+def linear_leaves(lead, K, N, dtype, gen, x_layout="contig", w_layout="contig"):
+    """x (*lead, K), w (N, K) and b (N,), drawn in that order, each a leaf that requires grad."""
+    x = make_x(lead, K, x_layout, dtype, gen).requires_grad_()
+    w = make_w(N, K, w_layout, dtype, gen).requires_grad_()
+    b = randn((N,), dtype, gen).requires_grad_()
+    return x, w, b
 
 
 def ref_linear(x, w, b):
@@ -65,9 +58,7 @@ def test_linear_forward(lead, K, N, x_layout, w_layout, with_bias, dtype, gen):
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
 def test_linear_empty_batch(lead, dtype, gen):
     K, N = 7, 5
-    x = randn((*lead, K), dtype, gen).requires_grad_()
-    w = randn((N, K), dtype, gen).requires_grad_()
-    b = randn((N,), dtype, gen).requires_grad_()
+    x, w, b = linear_leaves(lead, K, N, dtype, gen)
     y = linear(x, w, b)
     assert y.shape == (*lead, N)
     y.backward(torch.ones_like(y))
@@ -79,9 +70,7 @@ def test_linear_empty_batch(lead, dtype, gen):
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=str)
 def test_linear_zero_in_features(lead, dtype, gen):
     """K = 0: y is the bias (F.linear agrees); the gradients are empty, or zero for the bias."""
-    x = randn((*lead, 0), dtype, gen).requires_grad_()
-    w = randn((4, 0), dtype, gen).requires_grad_()
-    b = randn((4,), dtype, gen).requires_grad_()
+    x, w, b = linear_leaves(lead, 0, 4, dtype, gen)
     y = linear(x, w, b)
     assert torch.equal(y, F.linear(x, w, b))
     g = randn(y.shape, dtype, gen)
@@ -93,9 +82,7 @@ def test_linear_zero_in_features(lead, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=str)
 def test_linear_zero_out_features(lead, dtype, gen):
-    x = randn((*lead, 6), dtype, gen).requires_grad_()
-    w = randn((0, 6), dtype, gen).requires_grad_()
-    b = randn((0,), dtype, gen).requires_grad_()
+    x, w, b = linear_leaves(lead, 6, 0, dtype, gen)
     y = linear(x, w, b)
     assert y.shape == (*lead, 0)
     y.backward(torch.ones_like(y))
@@ -171,9 +158,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("lead,K,N,xl,wl", GRAD_CASES, ids=lambda v: str(v).replace(" ", ""))
 def test_linear_grads_shapes_and_layouts(lead, K, N, xl, wl, dtype, gen):
-    x = make_x(lead, K, xl, dtype, gen).requires_grad_()
-    w = make_w(N, K, wl, dtype, gen).requires_grad_()
-    b = randn((N,), dtype, gen).requires_grad_()
+    x, w, b = linear_leaves(lead, K, N, dtype, gen, xl, wl)
     g = randn((*lead, N), dtype, gen)
     check_grads(x, w, b, g, dtype, f"{lead} {K}->{N} {xl}/{wl}")
 
@@ -181,9 +166,7 @@ def test_linear_grads_shapes_and_layouts(lead, K, N, xl, wl, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_linear_grads_with_noncontiguous_upstream(dtype, gen):
     """Upstream gradients that are expanded (from .sum()) or strided (from a slice of y)."""
-    x = randn((4, 6, 9), dtype, gen).requires_grad_()
-    w = randn((10, 9), dtype, gen).requires_grad_()
-    b = randn((10,), dtype, gen).requires_grad_()
+    x, w, b = linear_leaves((4, 6), 9, 10, dtype, gen)
     linear(x, w, b).sum().backward()
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
     F.linear(xd, wd, bd).sum().backward()

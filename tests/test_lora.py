@@ -15,29 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, UNIT, assert_close, dropout_keep_mask, dtype_id, make2d, randn
+from conftest import DTYPES, UNIT, assert_close, dropout_keep_mask, dtype_id, make2d, make_x, randn
 from tltorch import ops
 from tltorch.functional import lora_dropout, lora_linear
 
 
 # ---- inputs and references ----------------------------------------------------------------------------
-
-def make_x(lead, D, layout, dtype, gen):
-    """x of shape (*lead, D): contig, strided (every other feature), transposed (.mT of (..., D, T)),
-    offset (a slice inside a bigger buffer) or expanded (one row repeated, stride 0)."""
-    shape = (*lead, D)
-    if layout == "contig" or len(lead) == 0:
-        return randn(shape, dtype, gen)
-    if layout == "strided":
-        return randn((*lead, 2 * D), dtype, gen)[..., ::2]
-    if layout == "transposed":
-        return randn((*lead[:-1], D, lead[-1]), dtype, gen).mT
-    if layout == "offset":
-        return randn((*lead[:-1], lead[-1] + 2, D + 1), dtype, gen)[..., 2:, 1:]
-    if layout == "expanded":
-        return randn((*lead[:-1], 1, D), dtype, gen).expand(shape)
-    raise AssertionError(layout)
-
 
 # weight layouts: "conv1d" is transformers' Conv1D, an (in, out) parameter passed as weight.t()
 W_LAYOUTS = {"contig": "contig", "conv1d": "t", "strided": "stride2", "offset": "offset"}
