@@ -69,15 +69,8 @@ tl_adamw_cuda(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_te
     int64_t blocks = (n + ADAMW_THREADS - 1) / ADAMW_THREADS;
     if (blocks > ADAMW_MAX_BLOCKS) blocks = ADAMW_MAX_BLOCKS;
 
-    int prev = -1;
-    if ((st = tl_cuda_enter(dev, &prev))) return st;
     const cudaStream_t s = (cudaStream_t)stream;
-    switch (param->dtype) {
-    case TL_FLOAT32: adamw_launch<float>(param, grad, exp_avg, exp_avg_sq, c, (unsigned)blocks, s); break;
-    case TL_BFLOAT16: adamw_launch<__nv_bfloat16>(param, grad, exp_avg, exp_avg_sq, c, (unsigned)blocks, s); break;
-    default: adamw_launch<__half>(param, grad, exp_avg, exp_avg_sq, c, (unsigned)blocks, s); break;
-    }
-    st = tl_cuda_check(cudaGetLastError(), "adamw kernel launch");
-    tl_cuda_leave(dev, prev);
-    return st;
+    return tl_cuda_launch_float(dev, param->dtype, "adamw kernel launch", [&](auto t) {
+        adamw_launch<decltype(t)>(param, grad, exp_avg, exp_avg_sq, c, (unsigned)blocks, s);
+    });
 }

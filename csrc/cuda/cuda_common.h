@@ -120,4 +120,46 @@ tl_cuda_check_tensor(const tl_tensor *t, int ndim, int dev)
     return TL_OK;
 }
 
+/* The contract of an op from x (x_ndim dims) to out (out_ndim dims): both CUDA tensors on out's device,
+ * x of a float dtype, out float32 or x's dtype. */
+static inline tl_status
+tl_cuda_check_in_out(const tl_tensor *x, int x_ndim, const tl_tensor *out, int out_ndim)
+{
+    tl_status st;
+    if (!x || !out) return TL_ERR_VALUE;
+    const int dev = out->device_id;
+    if ((st = tl_cuda_check_tensor(x, x_ndim, dev)) || (st = tl_cuda_check_tensor(out, out_ndim, dev))) return st;
+    if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
+    if (out->dtype != TL_FLOAT32 && out->dtype != x->dtype) return TL_ERR_DTYPE;
+    return TL_OK;
+}
+
+/* launch(T{}) with T the storage type of the float dtype `dtype` (float, __nv_bfloat16, else __half):
+ * one launcher template serves the three dtypes. */
+template <typename Launch>
+static inline void
+tl_cuda_dispatch_float(tl_dtype dtype, Launch &&launch)
+{
+    switch (dtype) {
+    case TL_FLOAT32: launch(float{}); break;
+    case TL_BFLOAT16: launch(__nv_bfloat16{}); break;
+    default: launch(__half{}); break;
+    }
+}
+
+/* tl_cuda_dispatch_float on device `dev` (made current for the launch, then restored); the status is
+ * the launch's, recorded as `what` on failure. */
+template <typename Launch>
+static inline tl_status
+tl_cuda_launch_float(int dev, tl_dtype dtype, const char *what, Launch &&launch)
+{
+    tl_status st;
+    int prev = -1;
+    if ((st = tl_cuda_enter(dev, &prev))) return st;
+    tl_cuda_dispatch_float(dtype, launch);
+    st = tl_cuda_check(cudaGetLastError(), what);
+    tl_cuda_leave(dev, prev);
+    return st;
+}
+
 #endif /* TL_CUDA_COMMON_H */

@@ -323,11 +323,7 @@ tl_status
 tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *stream)
 {
     tl_status st;
-    if (!x || !out) return TL_ERR_VALUE;
-    const int dev = out->device_id;
-    if ((st = tl_cuda_check_tensor(x, 2, dev)) || (st = tl_cuda_check_tensor(out, 1, dev))) return st;
-    if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
-    if (out->dtype != TL_FLOAT32 && out->dtype != x->dtype) return TL_ERR_DTYPE;
+    if ((st = tl_cuda_check_in_out(x, 2, out, 1))) return st;
     const int64_t N = x->shape[1];
     if (out->shape[0] != N) return TL_ERR_SHAPE;
     if (N == 0) return TL_OK;
@@ -335,17 +331,10 @@ tl_colsum_cuda(const tl_tensor *x, tl_tensor *out, float beta, void *stream)
     const int64_t bx = (N + STRIP - 1) / STRIP;
     if (bx > INT_MAX) return TL_ERR_SHAPE;
 
-    int prev = -1;
-    if ((st = tl_cuda_enter(dev, &prev))) return st;
     const cudaStream_t s = (cudaStream_t)stream;
     const int rows_on_lanes = N == 1 || x->strides[0] < x->strides[1];
     const dim3 grid((unsigned)bx);
-    switch (x->dtype) {
-    case TL_FLOAT32: colsum_launch<float>(x, out, beta, rows_on_lanes, grid, s); break;
-    case TL_BFLOAT16: colsum_launch<__nv_bfloat16>(x, out, beta, rows_on_lanes, grid, s); break;
-    default: colsum_launch<__half>(x, out, beta, rows_on_lanes, grid, s); break;
-    }
-    st = tl_cuda_check(cudaGetLastError(), "colsum kernel launch");
-    tl_cuda_leave(dev, prev);
-    return st;
+    return tl_cuda_launch_float(out->device_id, x->dtype, "colsum kernel launch", [&](auto t) {
+        colsum_launch<decltype(t)>(x, out, beta, rows_on_lanes, grid, s);
+    });
 }

@@ -72,11 +72,7 @@ static tl_status
 dropout_run(const tl_tensor *x, tl_tensor *out, float p, float keep_scale, uint64_t seed, cudaStream_t s)
 {
     if (x->shape[0] == 0 || x->shape[1] == 0) return TL_OK;
-    switch (x->dtype) {
-    case TL_FLOAT32: dropout_to<float>(x, out, p, keep_scale, seed, s); break;
-    case TL_BFLOAT16: dropout_to<__nv_bfloat16>(x, out, p, keep_scale, seed, s); break;
-    default: dropout_to<__half>(x, out, p, keep_scale, seed, s); break;
-    }
+    tl_cuda_dispatch_float(x->dtype, [&](auto t) { dropout_to<decltype(t)>(x, out, p, keep_scale, seed, s); });
     return tl_cuda_check(cudaGetLastError(), "dropout kernel launch");
 }
 
@@ -96,11 +92,8 @@ tl_status
 tl_dropout_cuda(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, void *stream)
 {
     tl_status st;
-    if (!x || !out) return TL_ERR_VALUE;
+    if ((st = tl_cuda_check_in_out(x, 2, out, 2))) return st;
     const int dev = out->device_id;
-    if ((st = tl_cuda_check_tensor(x, 2, dev)) || (st = tl_cuda_check_tensor(out, 2, dev))) return st;
-    if (!tl_is_float_dtype(x->dtype)) return TL_ERR_DTYPE;
-    if (out->dtype != TL_FLOAT32 && out->dtype != x->dtype) return TL_ERR_DTYPE;
     if (out->shape[0] != x->shape[0] || out->shape[1] != x->shape[1]) return TL_ERR_SHAPE;
     if (!valid_p(p)) return TL_ERR_VALUE;
     if (tl_numel(x) == 0) return TL_OK;

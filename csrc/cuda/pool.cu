@@ -82,11 +82,8 @@ tl_status
 tl_pool_cuda(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out, void *stream)
 {
     tl_status st;
-    if (!h || !out) return TL_ERR_VALUE;
+    if ((st = tl_cuda_check_in_out(h, 3, out, 2))) return st;
     const int dev = out->device_id;
-    if ((st = tl_cuda_check_tensor(h, 3, dev)) || (st = tl_cuda_check_tensor(out, 2, dev))) return st;
-    if (!tl_is_float_dtype(h->dtype)) return TL_ERR_DTYPE;
-    if (out->dtype != TL_FLOAT32 && out->dtype != h->dtype) return TL_ERR_DTYPE;
     const int64_t B = h->shape[0], T = h->shape[1], D = h->shape[2];
     if (out->shape[0] != B || out->shape[1] != D) return TL_ERR_SHAPE;
     if (mode != TL_POOL_CLS && mode != TL_POOL_MEAN && mode != TL_POOL_MAX) return TL_ERR_VALUE;
@@ -102,15 +99,7 @@ tl_pool_cuda(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out
     if (bx > INT_MAX) return TL_ERR_SHAPE;
     const dim3 grid((unsigned)bx, (unsigned)(B < 65535 ? B : 65535));
 
-    int prev = -1;
-    if ((st = tl_cuda_enter(dev, &prev))) return st;
     const cudaStream_t s = (cudaStream_t)stream;
-    switch (h->dtype) {
-    case TL_FLOAT32: pool_launch<float>(h, mask, mode, out, grid, s); break;
-    case TL_BFLOAT16: pool_launch<__nv_bfloat16>(h, mask, mode, out, grid, s); break;
-    default: pool_launch<__half>(h, mask, mode, out, grid, s); break;
-    }
-    st = tl_cuda_check(cudaGetLastError(), "pool kernel launch");
-    tl_cuda_leave(dev, prev);
-    return st;
+    return tl_cuda_launch_float(dev, h->dtype, "pool kernel launch",
+                                [&](auto t) { pool_launch<decltype(t)>(h, mask, mode, out, grid, s); });
 }
