@@ -50,18 +50,10 @@ tl_bridge_clear(tl_bridge *b)
 {
     for (int i = 0; i < b->n; i++) Py_CLEAR(b->type[i]);
     b->n = 0;
-    Py_CLEAR(b->max_version);
-    Py_CLEAR(b->str_dlpack);
-    Py_CLEAR(b->str_exchange);
-    Py_CLEAR(b->str_device);
-    Py_CLEAR(b->str_torch);
-    Py_CLEAR(b->str_current_stream);
-    Py_CLEAR(b->str_cuda_stream);
-    Py_CLEAR(b->kw_max_version);
-    Py_CLEAR(b->kw_stream);
-    Py_CLEAR(b->kw_stream_max_version);
-    Py_CLEAR(b->torch_tensor);
-    Py_CLEAR(b->torch_cuda);
+    PyObject **const owned[] = {&b->max_version, &b->str_dlpack, &b->str_exchange, &b->str_device, &b->str_torch,
+                                &b->str_current_stream, &b->str_cuda_stream, &b->kw_max_version, &b->kw_stream,
+                                &b->kw_stream_max_version, &b->torch_tensor, &b->torch_cuda};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) Py_CLEAR(*owned[i]);
 }
 
 int
