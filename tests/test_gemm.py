@@ -407,6 +407,113 @@ def test_cpu_isa_reports_a_known_path():
     assert isinstance(_C.default_threads(), int) and _C.default_threads() >= 1
 
 
+
+# ---- the thread count rule (csrc/cpu/common.c) ----------------------------------------------------------
+
+# Runs in a subprocess with TLTORCH_THREADS_LOAD set (it is read once); prints the thread counts the rule
+# gives and a digest of the outputs of the GEMM's threaded paths (packed with barriers between blocks,
+# the A M^T rows path, the transposed-A broadcast path), the fused head (GEMM-backed and few-class) and a
+# LoRA layer, forward and backward, for 1 to 4 threads asked.
+RULE_SCRIPT = r"""
+import hashlib, json, sys, torch, tltorch
+from tltorch import _C
+g = torch.Generator().manual_seed(0)
+rnd = lambda *s: torch.randn(*s, generator=g)
+gemms = [(rnd(300, 500), rnd(500, 700)), (rnd(4033, 1100), rnd(1100, 33)), (rnd(1031, 65), rnd(100, 65).t()),
+         (rnd(300, 100).t(), rnd(300, 200))]
+heads = [(rnd(512, 96), rnd(300, 96), rnd(300), torch.randint(0, 300, (512,), generator=g)),
+         (rnd(700, 64), rnd(5, 64), rnd(5), torch.randint(0, 5, (700,), generator=g))]
+torch.manual_seed(0)
+lora = tltorch.nn.LoRALinear(torch.nn.Linear(384, 1536), r=8, lora_alpha=16, lora_dropout=0.05)
+torch.nn.init.normal_(lora.lora_B)
+x, dy = rnd(640, 384), rnd(640, 1536)
+default = [_C.default_threads(), _C.threads(0)]  # before set_num_threads changes the default
+digests = {}
+for nt in (1, 2, 3, 4) if sys.argv[1:] == ["kernels"] else ():
+    torch.set_num_threads(nt)
+    h = hashlib.sha256()
+    for a, b in gemms:
+        c = torch.empty(a.shape[0], b.shape[1])
+        _C.gemm(a, b, c, None, None, 1.0, 0.0, nt)
+        h.update(c.numpy().tobytes())
+    for xh, w, bias, t in heads:
+        w, bias = w.clone().requires_grad_(), bias.clone().requires_grad_()
+        loss = tltorch.functional.linear_cross_entropy(xh, w, t, bias)
+        loss.backward()
+        for o in (loss, w.grad, bias.grad):
+            h.update(o.detach().numpy().tobytes())
+    xl = x.clone().requires_grad_()
+    lora.zero_grad()
+    torch.manual_seed(1)  # the same dropout mask each time
+    y = lora(xl)
+    y.backward(dy)
+    for o in (y, xl.grad, lora.lora_A.grad, lora.lora_B.grad):
+        h.update(o.detach().numpy().tobytes())
+    digests[nt] = h.hexdigest()
+print(json.dumps({"threads": [_C.threads(n) for n in range(1, 9)], "default": default,
+                  "digests": digests}))
+"""
+
+
+def run_rule_script(setting, *args):
+    env = dict(os.environ, TLTORCH_THREADS_LOAD=setting)
+    proc = subprocess.run([sys.executable, "-c", RULE_SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_thread_rule_takes_the_free_cpus_and_keeps_the_bits():
+    """TLTORCH_THREADS_LOAD=off: every thread asked for. All CPUs taken by others: one thread for any
+    request up to the CPU count, a larger one kept. Part of them taken: the rest, rounded. Each way, the
+    kernels' outputs bitwise the same for 1-4 threads asked."""
+    ncpu = len(os.sched_getaffinity(0))
+    off, busy = run_rule_script("off", "kernels"), run_rule_script(str(ncpu), "kernels")
+    assert off["threads"] == list(range(1, 9))
+    assert busy["threads"] == [1 if n <= ncpu else n for n in range(1, 9)]
+    n0, taken = busy["default"]
+    assert taken == (1 if n0 <= ncpu else n0)
+    part = run_rule_script("0.6")["threads"]  # 0.6 of a CPU busy: one fewer
+    assert part[:ncpu] == [min(n, max(1, ncpu - 1)) for n in range(1, ncpu + 1)]
+    assert run_rule_script("0.4")["threads"][:ncpu] == list(range(1, ncpu + 1))
+    assert len(off["digests"]) == 4 and off["digests"] == busy["digests"]
+    assert len(set(off["digests"].values())) == 1, \
+        "results depend on the thread count or on the rule"
+
+
+MEASURE_SCRIPT = r"""
+import json, subprocess, sys, time
+from tltorch import _C
+n = int(sys.argv[1])
+seen = [_C.threads(n)]
+spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n + 1)]
+try:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0 and seen[-1] != 1:
+        time.sleep(0.1)
+        seen.append(_C.threads(n))
+finally:
+    for p in spinners:
+        p.kill()
+        p.wait()
+print(json.dumps(seen))
+"""
+
+
+def test_thread_rule_measures_other_processes():
+    """With more spinning processes than CPUs, a kernel asked for every CPU takes one thread within a few
+    of the rule's 0.2 s measurements."""
+    ncpu = len(os.sched_getaffinity(0))
+    if not 2 <= ncpu <= 8:
+        pytest.skip(f"needs 2-8 CPUs to fill with spinning processes, not {ncpu}")
+    env = {k: v for k, v in os.environ.items() if k != "TLTORCH_THREADS_LOAD"}
+    proc = subprocess.run([sys.executable, "-c", MEASURE_SCRIPT, str(ncpu)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen[-1] == 1, f"threads asked {ncpu}, taken over time: {seen}"
+
+
 # ---- colsum -------------------------------------------------------------------------------------------
 
 COLSUM_SHAPES = [(1, 1), (7, 33), (33, 7), (1000, 3), (3, 1000), (70, 257), (0, 5), (5, 0)]

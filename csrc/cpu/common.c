@@ -1,8 +1,11 @@
 /* common.c: status and dtype tables, tensor checks, the thread count rule, the team barrier. */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
+#define _GNU_SOURCE /* clock_gettime under -std=c11; sched_getaffinity */
+#include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cpu.h"
 
@@ -73,11 +76,143 @@ tl_cpu_default_threads(void)
 #endif
 }
 
+static int64_t
+clock_ns(clockid_t id)
+{
+    struct timespec t;
+    if (clock_gettime(id, &t)) return -1;
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int64_t
+now_ns(void)
+{
+    return clock_ns(CLOCK_MONOTONIC);
+}
+
+/* ---- the thread count rule ----------------------------------------------------------------------
+ * A team meets at barriers (its own, and OpenMP's at the end of every parallel region), so it runs at
+ * the pace of its slowest member. When other processes keep the CPUs busy, the scheduler leaves one
+ * member or another off a core for a time slice (milliseconds, against tenths of a millisecond between
+ * the barriers of a GEMM in a small model) while the rest wait for it: two threads then take several
+ * times as long as one. So a kernel takes no more threads than the CPUs that the other processes leave
+ * free. Every LOAD_PERIOD_NS at most, one call measures it: the CPU time spent on this process's CPUs
+ * (/proc/stat, including time the hypervisor gave to other machines), less this process's own
+ * (CLOCK_PROCESS_CPUTIME_ID), over the wall time between two such calls, is what everyone else used,
+ * in CPUs; averaged with the previous measurement and taken from this process's CPUs, it leaves the
+ * free ones, rounded, at least one. What others use is measured, not what they want (they get less
+ * while this process runs more threads), but the rounding absorbs the difference: a process that spins
+ * on one core of two gets two thirds of it beside two threads of this one and all of it beside one, one
+ * CPU busy either way.
+ * A request for more threads than the process has CPUs is deliberate and kept. TLTORCH_THREADS_LOAD
+ * (read once): "off" turns the rule off; a number x >= 0 takes x CPUs as used by others instead of
+ * measuring (for tests); anything else, or nothing, measures. The measurement is one per process, like
+ * the OpenMP runtime's thread count. */
+#ifdef __linux__
+#define LOAD_PERIOD_NS 200000000
+
+static struct {
+    pthread_mutex_t mu;    /* held by the call that measures; the others read cap and ncpu meanwhile */
+    int mode;              /* -1 not yet set up, 0 off, 1 measured, 2 fixed by TLTORCH_THREADS_LOAD */
+    int have;              /* a previous measurement (t, busy, self) exists */
+    cpu_set_t cpus;        /* this process's CPUs at set-up */
+    int64_t t;             /* wall clock (ns), busy and own CPU time (s) at the previous measurement */
+    double busy, self, others;
+    atomic_llong next;     /* wall clock (ns) of the next measurement */
+    atomic_int ncpu, cap;  /* CPUs of this process; of them, free (0: not known) */
+} load = {.mu = PTHREAD_MUTEX_INITIALIZER, .mode = -1};
+
+/* The CPU time (s) spent on this process's CPUs, from /proc/stat's per-CPU lines (user, nice, system,
+ * idle, iowait, irq, softirq, steal; guest time is within user). Negative when it cannot be read. */
+static double
+busy_seconds(void)
+{
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return -1.0;
+    const double tick = 1.0 / (double)sysconf(_SC_CLK_TCK);
+    char line[512];
+    double total = 0.0;
+    int seen = 0;
+    while (fgets(line, sizeof line, f) && !strncmp(line, "cpu", 3)) {
+        unsigned cpu;
+        unsigned long long v[8] = {0};
+        if (sscanf(line, "cpu%u %llu %llu %llu %llu %llu %llu %llu %llu", &cpu, &v[0], &v[1], &v[2], &v[3], &v[4],
+                   &v[5], &v[6], &v[7]) < 8)
+            continue; /* the "cpu " line of all CPUs together */
+        if (cpu < CPU_SETSIZE && CPU_ISSET(cpu, &load.cpus)) {
+            total += (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) * tick;
+            seen++;
+        }
+    }
+    fclose(f);
+    return seen ? total : -1.0;
+}
+
+/* The free CPUs (at least 1) when others use `others` of ncpu. */
+static int
+free_cpus(double others, int ncpu)
+{
+    const int n = (int)((double)ncpu - others + 0.5); /* others <= ncpu but for a fixed x */
+    return n < 1 ? 1 : n > ncpu ? ncpu : n;
+}
+
+/* Called with load.mu held, at `now` >= load.next. */
+static void
+load_measure(int64_t now)
+{
+    if (load.mode < 0) {
+        const char *e = getenv("TLTORCH_THREADS_LOAD");
+        char *end = NULL;
+        const double x = e ? strtod(e, &end) : 0.0;
+        load.mode = e && !strcmp(e, "off") ? 0 : e && end != e && !*end && x >= 0.0 ? 2 : 1;
+        if (sched_getaffinity(0, sizeof load.cpus, &load.cpus)) load.mode = 0;
+        atomic_store(&load.ncpu, CPU_COUNT(&load.cpus));
+        if (load.mode == 2) atomic_store(&load.cap, free_cpus(x, CPU_COUNT(&load.cpus)));
+    }
+    if (load.mode != 1) {
+        atomic_store(&load.next, INT64_MAX);
+        return;
+    }
+    const double busy = busy_seconds(), self = (double)clock_ns(CLOCK_PROCESS_CPUTIME_ID) * 1e-9;
+    if (busy < 0.0 || self < 0.0) { /* no /proc/stat here: no rule */
+        load.mode = 0;
+        atomic_store(&load.cap, 0);
+        atomic_store(&load.next, INT64_MAX);
+        return;
+    }
+    const int ncpu = atomic_load(&load.ncpu);
+    if (load.have) {
+        double x = ((busy - load.busy) - (self - load.self)) / ((double)(now - load.t) * 1e-9);
+        x = x < 0.0 ? 0.0 : x > ncpu ? ncpu : x;
+        load.others = atomic_load(&load.cap) ? 0.5 * (load.others + x) : x;
+        atomic_store(&load.cap, free_cpus(load.others, ncpu));
+    }
+    load.have = 1;
+    load.t = now;
+    load.busy = busy;
+    load.self = self;
+    atomic_store(&load.next, now + LOAD_PERIOD_NS);
+}
+
+#endif /* __linux__ */
+
 int
 tl_threads(int nthreads)
 {
     int n = nthreads > 0 ? nthreads : tl_cpu_default_threads();
-    return n > 256 ? 256 : n;
+    if (n > 256) n = 256;
+#ifdef __linux__
+    if (n <= 1) return n;
+    const int64_t now = now_ns();
+    if (now >= atomic_load_explicit(&load.next, memory_order_relaxed) && !pthread_mutex_trylock(&load.mu)) {
+        if (now >= atomic_load(&load.next)) load_measure(now);
+        pthread_mutex_unlock(&load.mu);
+    }
+    const int cap = atomic_load_explicit(&load.cap, memory_order_relaxed);
+    return cap && cap < n && n <= atomic_load_explicit(&load.ncpu, memory_order_relaxed) ? cap : n;
+#else
+    return n;
+#endif
 }
 
 /* How long a thread at tl_barrier_wait spins before it sleeps. */
@@ -89,14 +224,6 @@ cpu_relax(void)
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
-}
-
-static int64_t
-now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 int

@@ -103,6 +103,9 @@ int tl_cpu_level(void);
 
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
+/* The threads a kernel asked for nthreads (<= 0: the default) takes now: at most 256, and no more than
+ * the CPUs other processes leave free (the rule and TLTORCH_THREADS_LOAD: common.c). Each call may give
+ * a different count: a kernel that sizes buffers by it calls it once. */
 int tl_threads(int nthreads);
 
 /* A barrier for the threads of one parallel region (nth of them, as omp_get_num_threads() says) that

@@ -1098,20 +1098,20 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
     float *wp = scratch_alloc((size_t)(nsl * 32 * K + nsl * 32));
     if (!wp) return -1;
     float *bp = wp + nsl * 32 * K;
+    int nt = tl_threads(nthreads);
+    const int64_t nrb = (N + 11) / 12;
+    if ((double)N * K * R < 1e6) nt = 1;
+    if (nt > nrb) nt = (int)nrb;
     /* 12 rows of A whose stride is a multiple of 512 floats map to a few L1 sets (more lines than
      * ways): each thread then copies its 12-row block to rows K + 16 floats apart. */
     const int64_t lda = a->strides[0], ldc = c->strides[0], ldr = K + 16;
     float *arows = NULL;
-    if (lda % 512 == 0 && !(arows = scratch_alloc((size_t)(tl_threads(nthreads) * 12 * ldr)))) {
+    if (lda % 512 == 0 && !(arows = scratch_alloc((size_t)(nt * 12 * ldr)))) {
         free(wp);
         return -1;
     }
     for (int64_t j = 0; j < nsl * 32; j++)
         bp[j] = bias && j < Rs ? tl_load_f(bias->data, j * bias->strides[0], bias->dtype) : 0.0f;
-    int nt = tl_threads(nthreads);
-    const int64_t nrb = (N + 11) / 12;
-    if ((double)N * K * R < 1e6) nt = 1;
-    if (nt > nrb) nt = (int)nrb;
     const float *ap = a->data;
     float *cp = c->data;
     tl_barrier bar;

@@ -72,10 +72,20 @@ py_default_threads(PyObject *mod, PyObject *unused)
     return PyLong_FromLong(tl_cpu_default_threads());
 }
 
+static PyObject *
+py_threads(PyObject *mod, PyObject *arg)
+{
+    int n;
+    if (tl_get_threads(arg, &n) < 0) return NULL;
+    return PyLong_FromLong(tl_threads(n));
+}
+
 static PyMethodDef methods[] = {
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
     {"default_threads", py_default_threads, METH_NOARGS, "Threads used when nthreads <= 0."},
+    {"threads", py_threads, METH_O, "threads(n): the threads a CPU kernel asked for n takes now (fewer while "
+     "other processes keep the CPUs busy)."},
     {NULL, NULL, 0, NULL},
 };
 
