@@ -451,6 +451,7 @@ for nt in (1, 2, 3, 4) if sys.argv[1:] == ["kernels"] else ():
         h.update(o.detach().numpy().tobytes())
     digests[nt] = h.hexdigest()
 print(json.dumps({"threads": [_C.threads(n) for n in range(1, 9)], "default": default,
+                  "big": [_C.threads(n, 4e9) for n in range(1, 9)], "small": [_C.threads(n, 3.9e9) for n in range(1, 9)],
                   "digests": digests}))
 """
 
@@ -465,12 +466,13 @@ def run_rule_script(setting, *args):
 
 def test_thread_rule_takes_the_free_cpus_and_keeps_the_bits():
     """TLTORCH_THREADS_LOAD=off: every thread asked for. All CPUs taken by others: one thread for any
-    request up to the CPU count, a larger one kept. Part of them taken: the rest, rounded. Each way, the
-    kernels' outputs bitwise the same for 1-4 threads asked."""
+    request up to the CPU count, a larger one kept, and every thread for a kernel of 4 GFLOP or more. Part
+    of them taken: the rest, rounded. Each way, the kernels' outputs bitwise the same for 1-4 threads."""
     ncpu = len(os.sched_getaffinity(0))
     off, busy = run_rule_script("off", "kernels"), run_rule_script(str(ncpu), "kernels")
-    assert off["threads"] == list(range(1, 9))
-    assert busy["threads"] == [1 if n <= ncpu else n for n in range(1, 9)]
+    assert off["threads"] == off["big"] == off["small"] == list(range(1, 9))
+    assert busy["threads"] == busy["small"] == [1 if n <= ncpu else n for n in range(1, 9)]
+    assert busy["big"] == list(range(1, 9))
     n0, taken = busy["default"]
     assert taken == (1 if n0 <= ncpu else n0)
     part = run_rule_script("0.6")["threads"]  # 0.6 of a CPU busy: one fewer

@@ -104,7 +104,13 @@ now_ns(void)
  * while this process runs more threads), but the rounding absorbs the difference: a process that spins
  * on one core of two gets two thirds of it beside two threads of this one and all of it beside one, one
  * CPU busy either way.
- * A request for more threads than the process has CPUs is deliberate and kept. TLTORCH_THREADS_LOAD
+ * A request for more threads than the process has CPUs is deliberate and kept, and so is every thread
+ * of a kernel of TL_LOAD_BIG_FLOPS or more: its threads have enough work between barriers (tens of
+ * milliseconds) that a time slice lost costs them little, and where the scheduler shares the CPUs thread
+ * by thread (among the processes of one session or cgroup) the second thread brings a second share. On
+ * 2 CPUs kept busy by others, a GEMM of 0.2 GFLOP took 6-16x as long on two threads as on one, one of
+ * 8.6 GFLOP 0.7x (three spinning processes of the same session) to 1.1x (of other sessions, or other
+ * sessions' torch jobs); at 2.4 GFLOP, 0.8x to 1.3x. TLTORCH_THREADS_LOAD
  * (read once): "off" turns the rule off; a number x >= 0 takes x CPUs as used by others instead of
  * measuring (for tests); anything else, or nothing, measures. The measurement is one per process, like
  * the OpenMP runtime's thread count. */
@@ -197,12 +203,12 @@ load_measure(int64_t now)
 #endif /* __linux__ */
 
 int
-tl_threads(int nthreads)
+tl_threads_for(int nthreads, double flops)
 {
     int n = nthreads > 0 ? nthreads : tl_cpu_default_threads();
     if (n > 256) n = 256;
 #ifdef __linux__
-    if (n <= 1) return n;
+    if (n <= 1 || flops >= TL_LOAD_BIG_FLOPS) return n;
     const int64_t now = now_ns();
     if (now >= atomic_load_explicit(&load.next, memory_order_relaxed) && !pthread_mutex_trylock(&load.mu)) {
         if (now >= atomic_load(&load.next)) load_measure(now);
@@ -211,8 +217,15 @@ tl_threads(int nthreads)
     const int cap = atomic_load_explicit(&load.cap, memory_order_relaxed);
     return cap && cap < n && n <= atomic_load_explicit(&load.ncpu, memory_order_relaxed) ? cap : n;
 #else
+    (void)flops;
     return n;
 #endif
+}
+
+int
+tl_threads(int nthreads)
+{
+    return tl_threads_for(nthreads, 0.0);
 }
 
 /* How long a thread at tl_barrier_wait spins before it sleeps. */

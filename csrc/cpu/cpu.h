@@ -104,8 +104,11 @@ int tl_cpu_level(void);
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);
 /* The threads a kernel asked for nthreads (<= 0: the default) takes now: at most 256, and no more than
- * the CPUs other processes leave free (the rule and TLTORCH_THREADS_LOAD: common.c). Each call may give
+ * the CPUs other processes leave free unless it does `flops` >= TL_LOAD_BIG_FLOPS of work (the rule and
+ * TLTORCH_THREADS_LOAD: common.c); tl_threads: for a kernel of less or unknown work. Each call may give
  * a different count: a kernel that sizes buffers by it calls it once. */
+#define TL_LOAD_BIG_FLOPS 4e9
+int tl_threads_for(int nthreads, double flops);
 int tl_threads(int nthreads);
 
 /* A barrier for the threads of one parallel region (nth of them, as omp_get_num_threads() says) that

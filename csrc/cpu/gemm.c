@@ -689,7 +689,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
     if (K2 && (a2->dtype != dt || b2->dtype != dt)) dt = TL_FLOAT32;
     const isa_desc *isa = select_isa(dt);
     const int mr = isa->mr, nr = isa->nr, pairs = isa->bf16_pairs;
-    int nt = tl_threads(nthreads);
+    int nt = tl_threads_for(nthreads, 2.0 * (double)M * N * K);
     /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */
     if ((double)M * N * K < 1e6) nt = 1;
 
@@ -1038,7 +1038,7 @@ gemm_tn_bcast(const tl_tensor *a, const tl_tensor *b, const tl_tensor *bias, tl_
         bias || alpha != 1.0f || (beta != 0.0f && beta != 1.0f) || M > BC_M_MAX || K < 64 ||
         (a->strides[0] != 1 && M > 1) || (b->strides[1] != 1 && N > 1) || (c->strides[1] != 1 && N > 1))
         return 0;
-    int nt = tl_threads(nthreads);
+    int nt = tl_threads_for(nthreads, 2.0 * (double)M * N * K);
     const int64_t nsl = (N + 31) / 32;
     if ((double)M * N * K < 1e6) nt = 1;
     if (nt > nsl) nt = (int)nsl;
@@ -1098,7 +1098,7 @@ gemm_nt_rows(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias, tl_t
     float *wp = scratch_alloc((size_t)(nsl * 32 * K + nsl * 32));
     if (!wp) return -1;
     float *bp = wp + nsl * 32 * K;
-    int nt = tl_threads(nthreads);
+    int nt = tl_threads_for(nthreads, 2.0 * (double)N * K * R);
     const int64_t nrb = (N + 11) / 12;
     if ((double)N * K * R < 1e6) nt = 1;
     if (nt > nrb) nt = (int)nrb;
@@ -1197,7 +1197,7 @@ tl_gemm_nt_direct(const tl_tensor *a, const tl_tensor *m, const tl_tensor *bias,
         mp = copy;
         ldm = K;
     }
-    int nt = tl_threads(nthreads);
+    int nt = tl_threads_for(nthreads, 2.0 * (double)N * K * R);
     if ((double)N * K * R < 1e6) nt = 1;
     /* Share out whichever side is longer, in blocks of 64 rows (a multiple of 4). */
     const int by_rows = N >= R;

@@ -769,7 +769,7 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
         const int64_t rows = N - i0 < R ? N - i0 : R;
         tl_tensor xr = tl_row_block(x, i0, rows);
         tl_tensor z = tl_view2d(zbuf, TL_FLOAT32, TL_CPU, 0, rows, C, C, 1);
-        if ((st = tl_gemm_cpu(&xr, &wt, bias, &z, 1.0f, 0.0f, NULL, nt))) goto done;
+        if ((st = tl_gemm_cpu(&xr, &wt, bias, &z, 1.0f, 0.0f, NULL, nthreads))) goto done;
 
 #pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 4096) schedule(static)
         for (int64_t r = 0; r < rows; r++) {
@@ -796,11 +796,11 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
             dxw1.shape[0] = rows * D;
             dxw1.strides[0] = 1;
             /* dX = dZ W (a float32 dZ against W in its own dtype: the core GEMM mixes them) */
-            if ((st = tl_gemm_cpu(&z, w, NULL, &dxr, 1.0f, 0.0f, &dxw1, nt))) goto done;
+            if ((st = tl_gemm_cpu(&z, w, NULL, &dxr, 1.0f, 0.0f, &dxw1, nthreads))) goto done;
         }
         if (dw) {
             tl_tensor zt = tl_view2d(zbuf, TL_FLOAT32, TL_CPU, 0, C, rows, 1, C); /* dZ^T */
-            if ((st = tl_gemm_cpu(&zt, &xr, NULL, dw, 1.0f, i0 == 0 ? 0.0f : 1.0f, NULL, nt))) goto done;
+            if ((st = tl_gemm_cpu(&zt, &xr, NULL, dw, 1.0f, i0 == 0 ? 0.0f : 1.0f, NULL, nthreads))) goto done;
         }
         if (db) {
             if ((st = tl_colsum_cpu(&z, db, 1.0f, nt))) goto done;

@@ -73,19 +73,25 @@ py_default_threads(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
-py_threads(PyObject *mod, PyObject *arg)
+py_threads(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     int n;
-    if (tl_get_threads(arg, &n) < 0) return NULL;
-    return PyLong_FromLong(tl_threads(n));
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "threads(n[, flops]) takes 1 or 2 arguments");
+        return NULL;
+    }
+    const double flops = nargs == 2 ? PyFloat_AsDouble(args[1]) : 0.0;
+    if ((flops == -1.0 && PyErr_Occurred()) || tl_get_threads(args[0], &n) < 0) return NULL;
+    return PyLong_FromLong(tl_threads_for(n, flops));
 }
 
 static PyMethodDef methods[] = {
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
     {"default_threads", py_default_threads, METH_NOARGS, "Threads used when nthreads <= 0."},
-    {"threads", py_threads, METH_O, "threads(n): the threads a CPU kernel asked for n takes now (fewer while "
-     "other processes keep the CPUs busy)."},
+    {"threads", (PyCFunction)(void (*)(void))py_threads, METH_FASTCALL,
+     "threads(n[, flops]): the threads a CPU kernel asked for n, of flops work, takes now (fewer while other "
+     "processes keep the CPUs busy, unless the work is large)."},
     {NULL, NULL, 0, NULL},
 };
 
