@@ -389,7 +389,8 @@ def test_gemm_each_simd_path(isa):
     native = _C.cpu_isa()
     if isa == "avx2" and native == "portable":
         pytest.skip("this CPU has no AVX2/FMA")
-    env = dict(os.environ, TLTORCH_CPU_ISA=isa, OMP_NUM_THREADS="2")
+    # the rule off: 2 threads even on a busy machine, so that "threads_equal" compares 1 with 2
+    env = dict(os.environ, TLTORCH_CPU_ISA=isa, OMP_NUM_THREADS="2", TLTORCH_THREADS_LOAD="off")
     seed = {"portable": 11, "avx2": 12}[isa]
     proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(seed)], env=env, capture_output=True,
                           text=True, timeout=300)
