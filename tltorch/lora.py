@@ -18,7 +18,7 @@ from torch import nn
 
 from ._io import atomic_write
 from ._pattern import first_match, pattern_key
-from .nn.lora import INITS, LoRALinear, check_alpha, check_lora_args, check_rank, is_conv1d
+from .nn.lora import INITS, LoRALinear, check_alpha, check_lora_args, check_rank, is_conv1d, is_lora_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -262,7 +262,7 @@ def _targets(model: nn.Module, config: LoraConfig, mts: List[str]) -> List[str]:
     for name, m in model.named_modules(remove_duplicate=False):
         if not name or _within(name, inside) or _within(name, mts):
             continue
-        linear = isinstance(m, (nn.Linear, LoRALinear)) or is_conv1d(m)
+        linear = isinstance(m, LoRALinear) or is_lora_base(m)
         if isinstance(m, LoRALinear):
             inside.append(name)
         if all_linear:
@@ -274,7 +274,7 @@ def _targets(model: nn.Module, config: LoraConfig, mts: List[str]) -> List[str]:
         if hit:
             if not linear:
                 raise ValueError(f"target_modules selects {name!r}, a {type(m).__name__}; only torch.nn.Linear "
-                                 "and transformers Conv1D layers can take a LoRA adapter")
+                                 "transformers Conv1D and tltorch FrozenLinear layers can take a LoRA adapter")
             found.append(name)
     return found
 
@@ -376,7 +376,7 @@ def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module
     mts = _modules_to_save(model, config, strict=True)
     paths = _targets(model, config, mts)
     if not paths:
-        linears = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))]
+        linears = [n for n, m in model.named_modules() if n and is_lora_base(m)]
         hint = ", ".join(linears[:8]) + (", ..." if len(linears) > 8 else "")
         raise ValueError(f"target_modules={config.target_modules!r} matches no Linear layer of the model "
                          f"(its Linear layers: {hint or 'none'})")
@@ -618,7 +618,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                     m = model.get_submodule(p)
                 except AttributeError:
                     raise ValueError(f"{w_path!r} has an adapter for {p!r}, which the model does not have") from None
-                if not (isinstance(m, nn.Linear) or is_conv1d(m)):
+                if not is_lora_base(m):
                     raise ValueError(f"{w_path!r} has an adapter for {p!r}, a {type(m).__name__}, not a Linear")
                 if t.dim() != 2 or t.shape[0] < 1:
                     raise ValueError(f"{w_path!r}: {k!r} has shape {tuple(t.shape)}, not (r, in_features)")

@@ -73,6 +73,22 @@ class FrozenLinear(nn.Module):
             return ops.frozen_linear(x.unsqueeze(0), self.weight, self.weight_scale, self.bias).squeeze(0)
         return ops.frozen_linear(x, self.weight, self.weight_scale, self.bias)
 
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor, scale: Optional[Tensor] = None) -> None:
+        """Replace the stored weight in place: a float (out, in) weight is rounded to the storage
+        (int8: new per-channel scales), as from_linear does; with `scale`, `weight` is taken as stored
+        (int8 and its scales, as weight and weight_scale hold them)."""
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"weight must have shape {tuple(self.weight.shape)}, got {tuple(weight.shape)}")
+        if scale is None:
+            lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+            q = FrozenLinear.from_linear(lin, self.storage)
+            weight, scale = q.weight, q.weight_scale
+        self.weight.copy_(weight)
+        if self.weight_scale is not None:
+            self.weight_scale.copy_(scale)
+
     def weight_bytes(self) -> int:
         n = self.weight.numel() * self.weight.element_size()
         return n + (0 if self.weight_scale is None else self.weight_scale.numel() * 4)

@@ -1,12 +1,16 @@
-"""LoRALinear: a frozen Linear (or transformers Conv1D) plus a trainable low-rank update."""
+"""LoRALinear: a frozen Linear (or transformers Conv1D, or compact FrozenLinear) plus a trainable low-rank
+update."""
 import math
 import numbers
+import warnings
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as TF
+from .frozen import FrozenLinear
 
 # The string values of init_lora_weights: initialisations that leave the base weights as they are.
 INITS = ("gaussian", "orthogonal")
@@ -18,6 +22,11 @@ def is_conv1d(module: nn.Module) -> bool:
     Recognised by class name so that tltorch never imports transformers."""
     w = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
+
+
+def is_lora_base(module: nn.Module) -> bool:
+    """A layer LoRALinear can wrap: nn.Linear, a transformers Conv1D, or a compact FrozenLinear."""
+    return isinstance(module, (nn.Linear, FrozenLinear)) or is_conv1d(module)
 
 
 def check_rank(name: str, r) -> None:
@@ -74,21 +83,28 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(base, LoRALinear):
             raise TypeError("base is already a LoRALinear")
+        self.is_conv1d = False
         if isinstance(base, nn.Linear):
-            self.is_conv1d = False
             out_features, in_features = base.weight.shape
+        elif isinstance(base, FrozenLinear):
+            out_features, in_features = base.out_features, base.in_features
         elif is_conv1d(base):
             self.is_conv1d = True
             in_features, out_features = base.weight.shape
         else:
-            raise TypeError(f"base must be a torch.nn.Linear or a transformers Conv1D, not {type(base).__name__}")
+            raise TypeError("base must be a torch.nn.Linear, a transformers Conv1D or a tltorch.nn.FrozenLinear, "
+                            f"not {type(base).__name__}")
         check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
         base.requires_grad_(False)
         self.base = base
         self.r = int(r)
         self.lora_dropout = float(lora_dropout)
         self.set_scaling(lora_alpha, use_rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # Over a compact base the adapter is float32 (as PEFT keeps adapters over 8- and 4-bit layers): its
+        # few parameters are what trains, and bfloat16 would round their updates away.
+        wdtype = torch.float32 if self.compact else base.weight.dtype
+        factory = {"device": base.weight.device, "dtype": wdtype}
+        self._premerge = None  # a compact base's stored weight before merge(), restored by unmerge()
         self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
         self.merged = False
@@ -121,6 +137,11 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     @property
+    def compact(self) -> bool:
+        """The base is a FrozenLinear (bfloat16/float16/int8 weight, read by tltorch's frozen kernels)."""
+        return isinstance(self.base, FrozenLinear)
+
+    @property
     def in_features(self) -> int:
         return self.lora_A.shape[1]
 
@@ -147,24 +168,52 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the update to base's weight (rounded once to its dtype); a no-op when merged."""
-        if not self.merged:
+        """Add the update to base's weight (rounded once to its dtype); a no-op when merged.
+
+        On a compact base the sum is rounded to its storage (int8: requantised with new per-channel
+        scales), with a warning: the merged layer differs from base + adapter by that rounding. The
+        stored weight before merging is kept, so that unmerge() restores it exactly."""
+        if self.merged:
+            return
+        if self.compact:
+            base = self.base
+            if base.storage == "int8":
+                warnings.warn("merging a LoRA adapter into an int8 FrozenLinear requantises its weight: the "
+                              "merged layer's outputs differ from the unmerged ones by that rounding",
+                              UserWarning, stacklevel=2)
+            self._premerge = (base.weight.clone(), None if base.weight_scale is None else base.weight_scale.clone())
+            base.set_weight(base.dequantized_weight(torch.float32) + self.delta_weight())
+        else:
             w = self._weight_out_in()
             w.copy_(w.float() + self.delta_weight())
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the update from base's weight again; a no-op when not merged."""
-        if self.merged:
+        if not self.merged:
+            return
+        if self.compact and self._premerge is not None:
+            weight, scale = self._premerge
+            self.base.set_weight(weight, scale)
+            self._premerge = None
+        elif self.compact:  # merged before it was wrapped here (e.g. loaded merged): subtract and round
+            self.base.set_weight(self.base.dequantized_weight(torch.float32) - self.delta_weight())
+        else:
             w = self._weight_out_in()
             w.copy_(w.float() - self.delta_weight())
-            self.merged = False
+        self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base(x)
         p = self.lora_dropout if self.training else 0.0
+        if self.compact:
+            # base's frozen kernel (its input gradient through the compact weight) plus the low-rank
+            # update in the adapter's float32, as PEFT computes adapters over 8- and 4-bit layers
+            y = self.base(x)
+            u = F.dropout(x.to(self.lora_A.dtype), p) if p else x.to(self.lora_A.dtype)
+            return y + (F.linear(F.linear(u, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
         return TF.lora_linear(x, self._weight_out_in(), self.base.bias, self.lora_A, self.lora_B,
                               scaling=self.scaling, dropout=p)
 
@@ -177,6 +226,8 @@ class LoRALinear(nn.Module):
             s += f", lora_dropout={self.lora_dropout}"
         if self.is_conv1d:
             s += ", conv1d=True"
+        if self.compact:
+            s += f", base_storage={self.base.storage}"
         if self.merged:
             s += ", merged=True"
         if self.disabled:
