@@ -14,6 +14,13 @@ lora_alpha = r, dropout 0. Outputs and gradients of tltorch are checked against 
 tolerance float32 1e-4, bfloat16 3e-2). The candidates alternate in every repetition (harness.compare)
 and the medians are printed with the ratios tltorch/base (target <= 1.10) and tltorch/peft (target <= 0.75).
 Width 4096 uses half the tokens on the CPU (a single GEMM there is 0.3 s).
+
+    python benchmarks/bench_lora.py --compact [--repeat N] [--tokens 2048] [--widths 1024] [--ranks 16]
+
+LoRA over a compact body (QLoRA style): tltorch.nn.LoRALinear around the float32 base (the fused kernel)
+against LoRALinear around FrozenLinear.from_linear(base, storage) for bfloat16 and int8 (the frozen kernel,
+then the adapter), the same adapter, fwd+bwd with the same gradients; prints each against the float32 one
+(target for int8 at width 1024, 2048 tokens, r 16: <= 0.6) and the relative error of y against it.
 """
 import argparse
 import os
@@ -87,6 +94,45 @@ def run_shape(width, r, tokens, dtype, device, repeat):
     return harness.compare(cands, repeat=repeat, warmup=1, device=device)
 
 
+def run_compact(width, r, tokens, repeat):
+    base, a, b, x, gy = make(width, r, tokens, torch.float32, "cpu")
+    layers = {"fp32": tltorch.nn.LoRALinear(base, r=r, lora_alpha=r)}
+    for storage in ("bfloat16", "int8"):
+        layers[storage] = tltorch.nn.LoRALinear(tltorch.nn.FrozenLinear.from_linear(base, storage), r=r,
+                                                lora_alpha=r)
+    for m in layers.values():
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b)
+
+    def step(m):
+        def go():
+            x.grad = m.lora_A.grad = m.lora_B.grad = None
+            m(x).backward(gy)
+        return go
+
+    with torch.no_grad():
+        ref = layers["fp32"](x)
+        errs = {k: ((m(x) - ref).abs().max() / ref.abs().max()).item() for k, m in layers.items()}
+    return harness.compare({k: step(m) for k, m in layers.items()}, repeat=repeat, warmup=1), errs
+
+
+def main_compact(args):
+    widths = [int(w) for w in (args.widths or "1024").split(",")]
+    ranks = [int(r) for r in (args.ranks if args.ranks != "8,16,64" else "16").split(",")]
+    tokens = args.tokens or 2048
+    print(f"# {harness.machine()}")
+    print(f"# LoRA over a compact body, fwd+bwd, float32 activations, cpu, median of {args.repeat}")
+    print(f"{'tokens':>6} {'width':>5} {'r':>3} {'fp32 ms':>8} {'bf16 ms':>8} {'int8 ms':>8} "
+          f"{'bf16/fp32':>9} {'int8/fp32':>9} {'bf16 err':>9} {'int8 err':>9}")
+    for w in widths:
+        for r in ranks:
+            m, e = run_compact(w, r, tokens, args.repeat)
+            print(f"{tokens:>6} {w:>5} {r:>3} {m['fp32']*1e3:8.2f} {m['bfloat16']*1e3:8.2f} {m['int8']*1e3:8.2f} "
+                  f"{m['bfloat16']/m['fp32']:9.3f} {m['int8']/m['fp32']:9.3f} {e['bfloat16']:9.2e} "
+                  f"{e['int8']:9.2e}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -96,7 +142,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--widths", default=None)
     ap.add_argument("--ranks", default="8,16,64")
+    ap.add_argument("--compact", action="store_true", help="LoRA over bfloat16/int8 FrozenLinear bases")
     args = ap.parse_args()
+    if args.compact:
+        return main_compact(args)
     dtype = getattr(torch, args.dtype)
     if args.quick:
         shapes = [(768, 8, 512), (768, 64, 512)]
