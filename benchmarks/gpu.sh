@@ -50,7 +50,7 @@ for s in $steps; do
         step gemm 120 $PY benchmarks/bench_gemm.py --device cuda ;;
     sanitize)  # compute-sanitizer's memcheck over the CUDA kernels' own tests
         step sanitize ${SANITIZE_LIMIT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 \
-            $PY -m pytest -q -x -p no:cacheprovider -m cuda ${SANITIZE_TESTS:-tests/test_cuda.py tests/test_head_cuda.py tests/test_lora_cuda.py} ;;
+            $PY -m pytest -q -x -p no:cacheprovider -m cuda ${SANITIZE_TESTS:-tests/test_gemm_cuda.py tests/test_head_cuda.py tests/test_lora_cuda.py} ;;
     *) echo "unknown step $s"; exit 2 ;;
     esac
 done

@@ -22,6 +22,8 @@ import torch.multiprocessing as mp
 # rule's own tests set this variable themselves in subprocesses. Read once, when tltorch._C loads.
 os.environ.setdefault("TLTORCH_THREADS_LOAD", "off")
 
+import tltorch  # noqa: E402  (after the variable above)
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -194,6 +196,38 @@ def gpu_marks(have_gpu, *fixtures):
 def host(t):
     """t on the CPU (None stays None)."""
     return None if t is None else t.to("cpu")
+
+
+INFO = tltorch.backend_info()
+HAVE_GPU = torch.cuda.is_available() and INFO["cuda_available"]
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 products on the GPU (TF32 would be ~1e-3), restored afterwards."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def to_cuda(t):
+    """t's values on the GPU in exactly t's layout (strides and storage offset), via its storage."""
+    if t is None:
+        return None
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+    return flat.cuda().as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def assert_twin(out_cuda, out_cpu, ref, dtype, what=""):
+    """The CUDA result is within TOL of the float64 reference and within TWIN of its CPU twin."""
+    assert out_cuda.is_cuda and not out_cpu.is_cuda and out_cuda.dtype == out_cpu.dtype
+    assert_close(out_cuda, ref, dtype, what=f"{what} (cuda vs float64)")
+    if ref.numel():
+        scale = ref.abs().max().item() or 1.0
+        d = (out_cuda.detach().cpu().double() - out_cpu.detach().double()).abs().max().item() / scale
+        assert d <= TWIN[dtype], f"{what}: cuda and cpu differ by {d:.3g} > {TWIN[dtype]:.3g}"
 
 
 # ---- torch.distributed ----------------------------------------------------------------------------------

@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, assert_close, dtype_id, make_x, randn
-from test_cuda import HAVE_GPU, assert_twin, no_tf32, to_cuda  # noqa: F401  (no_tf32: a fixture, used below)
+from conftest import DTYPES, HAVE_GPU, assert_close, assert_twin, dtype_id, make_x, randn, to_cuda
 from test_head import (REDUCTIONS, _grad_out, head_leaves, make_class_weight, make_target, make_w,
                        torch_head)
 from tltorch.functional import linear_cross_entropy as lce
 from tltorch.nn import LinearCrossEntropy
 
-# Full float32 products on the GPU throughout (no_tf32), as in test_cuda.py.
+# Full float32 products on the GPU throughout (no_tf32), as in test_gemm_cuda.py.
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU and tltorch._cuda"),
               pytest.mark.usefixtures("no_tf32")]

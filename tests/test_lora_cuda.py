@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (DTYPES, TOL, TWIN, dropout_keep_mask, dtype_id, empty2d, gpu_marks, host, make2d, names_arg,
-                      randn, rel_err)
-from test_cuda import HAVE_GPU, INFO, no_tf32, to_cuda as on_device  # noqa: F401  (no_tf32: a fixture)
+from conftest import (DTYPES, HAVE_GPU, INFO, TOL, TWIN, dropout_keep_mask, dtype_id, empty2d, gpu_marks, host, make2d,
+                      names_arg, randn, rel_err, to_cuda as on_device)
 from tltorch import _C, ops
 
 NAN = float("nan")
