@@ -31,29 +31,6 @@
 #define MC_MAX 4032 /* a multiple of every MR (gemm_kernels.c); A's block (6 MB) sits in L3 */
 #define NC_MAX 320 /* a multiple of every NR */
 
-/* The kernel for a dtype on this CPU (tl_cpu_level: its SIMD level, capped by TLTORCH_CPU_ISA). */
-static const isa_desc *
-select_isa(tl_dtype dtype)
-{
-#ifdef TL_X86
-    const int level = tl_cpu_level();
-    /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
-     * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
-    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &tl_isa_avx512_bf16;
-    if (level >= 2) return &tl_isa_avx512;
-    if (level >= 1) return &tl_isa_avx2;
-#else
-    (void)dtype;
-#endif
-    return &tl_isa_portable;
-}
-
-const char *
-tl_cpu_isa(void)
-{
-    return select_isa(TL_FLOAT32)->name;
-}
-
 /* ---- writing a tile back ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -250,7 +227,7 @@ gemm_run(const tl_tensor *a, const tl_tensor *b, bscale sc, const tl_tensor *a2,
 
     tl_dtype dt = a->dtype == b->dtype && !sc.t ? a->dtype : TL_FLOAT32;
     if (K2 && (a2->dtype != dt || b2->dtype != dt)) dt = TL_FLOAT32;
-    const isa_desc *isa = select_isa(dt);
+    const isa_desc *isa = tl_gemm_isa(dt);
     const int mr = isa->mr, nr = isa->nr, pairs = isa->bf16_pairs;
     int nt = tl_threads_for(nthreads, 2.0 * (double)M * N * K);
     /* Below ~2 MFLOP the fork/join costs more than a second thread saves. */

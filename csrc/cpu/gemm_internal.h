@@ -35,8 +35,10 @@ typedef struct {
     int bf16_pairs; /* operands packed as bfloat16 pairs along k (for dot-product instructions) */
 } isa_desc;
 
-/* The micro-kernels, one per ISA (gemm_kernels.c). */
+/* The micro-kernels, one per ISA (gemm_kernels.c), and the one for a dtype on this CPU (common.c, beside
+ * tl_cpu_level). */
 extern const isa_desc tl_isa_portable;
+const isa_desc *tl_gemm_isa(tl_dtype dtype);
 #ifdef TL_X86
 extern const isa_desc tl_isa_avx2, tl_isa_avx512, tl_isa_avx512_bf16;
 

@@ -1,9 +1,9 @@
 /* gemm_kernels.c: the GEMM's micro-kernels, one per ISA, and their descriptors (tl_isa_*, chosen by
- * select_isa). Each computes an MR x NR tile of float32 sums over one K block from a packed A sliver
- * and a B sliver (packed, or float32 rows read in place): portable C (4 x 16), AVX2+FMA (6 x 16),
- * AVX-512 (12 x 32, with variants that add a whole tile to C in place or compute only 16 columns) and
- * AVX-512 BF16 (12 x 32 from bfloat16 pairs along k). Packing and the loops around them: gemm_pack.c,
- * gemm.c. */
+ * tl_gemm_isa in common.c). Each computes an MR x NR tile of float32 sums over one K block from a
+ * packed A sliver and a B sliver (packed, or float32 rows read in place): portable C (4 x 16),
+ * AVX2+FMA (6 x 16), AVX-512 (12 x 32, with variants that add a whole tile to C in place or compute
+ * only 16 columns) and AVX-512 BF16 (12 x 32 from bfloat16 pairs along k). Packing and the loops
+ * around them: gemm_pack.c, gemm.c. */
 #include "gemm_internal.h"
 
 /* ---- micro-kernels: tile[MR][NR] = sum_k ap[k][0:MR] (outer) bp[k][0:NR] ------------------------ */
