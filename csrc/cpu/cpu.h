@@ -9,21 +9,34 @@
 
 #include "../tl.h"
 
-/* bfloat16 and IEEE half <-> float32, exact and portable (round to nearest even on the way down). */
-static inline float
-tl_bf16_to_f32(uint16_t h)
+/* A float32's bits and back (memcpy is the type pun that C allows). */
+static inline uint32_t
+tl_f32_bits(float f)
 {
-    uint32_t u = (uint32_t)h << 16;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float
+tl_f32_from_bits(uint32_t u)
+{
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
+/* bfloat16 and IEEE half <-> float32, exact and portable (round to nearest even on the way down). */
+static inline float
+tl_bf16_to_f32(uint16_t h)
+{
+    return tl_f32_from_bits((uint32_t)h << 16);
+}
+
 static inline uint16_t
 tl_f32_to_bf16(float f)
 {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = tl_f32_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
@@ -45,16 +58,13 @@ tl_f16_to_f32(uint16_t h)
         do { man <<= 1; e++; } while (!(man & 0x400u));
         u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
     }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return tl_f32_from_bits(u);
 }
 
 static inline uint16_t
 tl_f32_to_f16(float f)
 {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    const uint32_t u = tl_f32_bits(f);
     uint32_t sign = (u >> 16) & 0x8000u;
     uint32_t a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);           /* NaN */

@@ -69,6 +69,27 @@ tl_gemm_pack_rows_across_avx512(const float *m, int64_t ldm, int64_t kc, int jn,
 }
 #endif
 
+/* dk[i] = element `off` of line i (lines[i] its start) as float32, for i < n: one k of a sliver's
+ * rows of A or columns of B, in their dtype (float32, bfloat16, float16, or an int8 weight). */
+static inline void
+load_lines(float *dk, const char *const *lines, int n, int64_t off, tl_dtype dtype)
+{
+    switch (dtype) {
+    case TL_FLOAT32:
+        for (int i = 0; i < n; i++) dk[i] = ((const float *)lines[i])[off];
+        break;
+    case TL_BFLOAT16:
+        for (int i = 0; i < n; i++) dk[i] = tl_bf16_to_f32(((const uint16_t *)lines[i])[off]);
+        break;
+    case TL_INT8:
+        for (int i = 0; i < n; i++) dk[i] = (float)((const int8_t *)lines[i])[off];
+        break;
+    default:
+        for (int i = 0; i < n; i++) dk[i] = tl_f16_to_f32(((const uint16_t *)lines[i])[off]);
+        break;
+    }
+}
+
 /* dst[s][koff + k][r] = src[(i0 + s*MR + r), k0 + k] for k < kc and the rows [i0, i0+mc), zero past
  * mc; a sliver holds kstride values of k (a K block may be packed from two sources, each at its offset).
  * The loop runs over k outside and the sliver's rows inside, so that the writes are contiguous (2-4x
@@ -117,26 +138,15 @@ tl_gemm_pack_a(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t k
         for (int r = 0; r < rn; r++) rows[r] = (const char *)a->data + ((i0 + s * mr + r) * sa0 + k0 * sa1) * es;
         for (int64_t k = 0; k < kc; k++) {
             float *dk = d + k * mr;
-            const int64_t off = k * sa1;
-            switch (a->dtype) {
-            case TL_FLOAT32:
-                for (int r = 0; r < rn; r++) dk[r] = ((const float *)rows[r])[off];
-                break;
-            case TL_BFLOAT16:
-                for (int r = 0; r < rn; r++) dk[r] = tl_bf16_to_f32(((const uint16_t *)rows[r])[off]);
-                break;
-            default:
-                for (int r = 0; r < rn; r++) dk[r] = tl_f16_to_f32(((const uint16_t *)rows[r])[off]);
-                break;
-            }
+            load_lines(dk, rows, rn, k * sa1, a->dtype);
             for (int r = rn; r < mr; r++) dk[r] = 0.0f;
         }
     }
 }
 
 /* dst[s][koff + k][j] = src[k0 + k, j0 + s*NR + j] (times its scale) for the columns [j0, j0+nc), zero
- * past nc; k outside, the sliver's columns inside, slivers of kstride values of k, as in tl_gemm_pack_a. B may
- * also be int8 (a quantised weight, with its scale). */
+ * past nc; k outside, the sliver's columns inside, slivers of kstride values of k, as in
+ * tl_gemm_pack_a. B may also be int8 (a quantised weight, with its scale). */
 void
 tl_gemm_pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr,
                float *dst, int64_t kstride, int64_t koff)
@@ -171,21 +181,7 @@ tl_gemm_pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int
         }
         for (int64_t k = 0; k < kc; k++) {
             float *dk = d + k * nr;
-            const int64_t off = k * sb0;
-            switch (b->dtype) {
-            case TL_FLOAT32:
-                for (int j = 0; j < jn; j++) dk[j] = ((const float *)cols[j])[off];
-                break;
-            case TL_BFLOAT16:
-                for (int j = 0; j < jn; j++) dk[j] = tl_bf16_to_f32(((const uint16_t *)cols[j])[off]);
-                break;
-            case TL_INT8:
-                for (int j = 0; j < jn; j++) dk[j] = (float)((const int8_t *)cols[j])[off];
-                break;
-            default:
-                for (int j = 0; j < jn; j++) dk[j] = tl_f16_to_f32(((const uint16_t *)cols[j])[off]);
-                break;
-            }
+            load_lines(dk, cols, jn, k * sb0, b->dtype);
             if (st && sc->axis == 1)
                 for (int j = 0; j < jn; j++) dk[j] *= cs[j];
             else if (st) {
@@ -199,50 +195,43 @@ tl_gemm_pack_b(const tl_tensor *b, const bscale *sc, int64_t k0, int64_t kc, int
 
 /* The same blocks for the bfloat16 dot-product kernel: 32-bit (k, k+1) pairs, a zero after an odd kc.
  * dst[s][koff + k/2][r] = (A[i, k], A[i, k+1]) and dst[s][koff + k/2][j] = (B[k, j], B[k+1, j]);
- * kstride and koff count pairs. */
+ * kstride and koff count pairs. Both through pack_pairs: the slivers [s_begin, s_end) of w lines (A's
+ * rows, B's columns) from line l0 on, n lines in all (zero past them), line l's element k at
+ * p[l * sl + k * sk]. */
+static void
+pack_pairs(const uint16_t *p, int64_t sl, int64_t sk, int64_t l0, int64_t n, int64_t k0, int64_t kc, int w,
+           int64_t s_begin, int64_t s_end, uint16_t *dst, int64_t kstride, int64_t koff)
+{
+    const int64_t kp = (kc + 1) / 2;
+    for (int64_t s = s_begin; s < s_end; s++) {
+        uint16_t *d = dst + s * w * 2 * kstride + koff * w * 2;
+        const int ln = (int)(n - s * w < w ? n - s * w : w);
+        const uint16_t *lines[NR_MAX > MR_MAX ? NR_MAX : MR_MAX];
+        for (int i = 0; i < ln; i++) lines[i] = p + (l0 + s * w + i) * sl + k0 * sk;
+        for (int64_t k = 0; k < kp; k++) {
+            uint16_t *dk = d + k * w * 2;
+            const int64_t o0 = 2 * k * sk, o1 = o0 + sk;
+            const int odd = 2 * k + 1 < kc;
+            for (int i = 0; i < ln; i++) {
+                dk[2 * i] = lines[i][o0];
+                dk[2 * i + 1] = odd ? lines[i][o1] : 0;
+            }
+            for (int i = ln; i < w; i++) dk[2 * i] = dk[2 * i + 1] = 0;
+        }
+    }
+}
+
 void
 tl_gemm_pack_a_pairs(const tl_tensor *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, int64_t s_begin,
                      int64_t s_end, uint16_t *dst, int64_t kstride, int64_t koff)
 {
-    const int64_t sa0 = a->strides[0], sa1 = a->strides[1], kp = (kc + 1) / 2;
-    for (int64_t s = s_begin; s < s_end; s++) {
-        uint16_t *d = dst + s * mr * 2 * kstride + koff * mr * 2;
-        const int rn = (int)(mc - s * mr < mr ? mc - s * mr : mr);
-        const uint16_t *rows[MR_MAX];
-        for (int r = 0; r < rn; r++) rows[r] = (const uint16_t *)a->data + (i0 + s * mr + r) * sa0 + k0 * sa1;
-        for (int64_t k = 0; k < kp; k++) {
-            uint16_t *dk = d + k * mr * 2;
-            const int64_t o0 = 2 * k * sa1, o1 = o0 + sa1;
-            const int odd = 2 * k + 1 < kc;
-            for (int r = 0; r < rn; r++) {
-                dk[2 * r] = rows[r][o0];
-                dk[2 * r + 1] = odd ? rows[r][o1] : 0;
-            }
-            for (int r = rn; r < mr; r++) dk[2 * r] = dk[2 * r + 1] = 0;
-        }
-    }
+    pack_pairs(a->data, a->strides[0], a->strides[1], i0, mc, k0, kc, mr, s_begin, s_end, dst, kstride, koff);
 }
 
 void
 tl_gemm_pack_b_pairs(const tl_tensor *b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr, uint16_t *dst,
                      int64_t kstride, int64_t koff)
 {
-    const int64_t sb0 = b->strides[0], sb1 = b->strides[1], kp = (kc + 1) / 2;
-    const int64_t nsl = (nc + nr - 1) / nr;
-    for (int64_t s = 0; s < nsl; s++) {
-        uint16_t *d = dst + s * nr * 2 * kstride + koff * nr * 2;
-        const int jn = (int)(nc - s * nr < nr ? nc - s * nr : nr);
-        const uint16_t *cols[NR_MAX];
-        for (int j = 0; j < jn; j++) cols[j] = (const uint16_t *)b->data + k0 * sb0 + (j0 + s * nr + j) * sb1;
-        for (int64_t k = 0; k < kp; k++) {
-            uint16_t *dk = d + k * nr * 2;
-            const int64_t o0 = 2 * k * sb0, o1 = o0 + sb0;
-            const int odd = 2 * k + 1 < kc;
-            for (int j = 0; j < jn; j++) {
-                dk[2 * j] = cols[j][o0];
-                dk[2 * j + 1] = odd ? cols[j][o1] : 0;
-            }
-            for (int j = jn; j < nr; j++) dk[2 * j] = dk[2 * j + 1] = 0;
-        }
-    }
+    pack_pairs(b->data, b->strides[1], b->strides[0], j0, nc, k0, kc, nr, 0, (nc + nr - 1) / nr, dst, kstride,
+               koff);
 }
