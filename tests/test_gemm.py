@@ -1,4 +1,4 @@
-"""tltorch._C.gemm and tltorch._C.colsum (csrc/cpu/gemm.c) against float64 references."""
+"""tltorch._C.gemm and tltorch._C.colsum (csrc/cpu/gemm*.c) against float64 references."""
 import json
 import os
 import subprocess

@@ -82,7 +82,7 @@ tl_dropout_cpu(const tl_tensor *x, tl_tensor *out, float p, uint64_t seed, int n
     return TL_OK;
 }
 
-/* ---- the rank-r products su and sv: tl_gemm_nt_direct (gemm.c) computes them without packing ---- */
+/* ---- the rank-r products su and sv: tl_gemm_nt_direct (gemm_direct.c) computes them without packing ---- */
 
 /* out (N x r) = alpha * x (N x K) m^T. Returns 1 when done, 0 when the GEMM must do it, -1 out of memory. */
 static int

@@ -1,4 +1,4 @@
-/* bind_gemm.c: the GEMM family, gemm and colsum (csrc/cpu/gemm.c, csrc/cuda/gemm.cu), for tltorch._C and
+/* bind_gemm.c: the GEMM family, gemm and colsum (csrc/cpu/gemm.c, gemm_colsum.c, csrc/cuda/gemm.cu), for tltorch._C and
  * tltorch._cuda. */
 #include "bind.h"
 
