@@ -273,6 +273,32 @@ tl_check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, con
     return TL_OK;
 }
 
+/* ---- the fused head's options beyond cross-entropy ----------------------------------------------- */
+
+tl_status
+tl_check_head(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+              const tl_tensor *cw, const tl_head_opts *o, const tl_tensor *grow, const tl_tensor *loss,
+              const tl_tensor *lse, const tl_tensor *ent, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
+              int dw_of_x, tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (!(o->softcap >= 0.0f && o->softcap <= 3.0e38f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'softcap' must be a finite number > 0 (or 0: none)", why);
+    if (!(o->temperature > 0.0f && o->temperature <= 3.0e38f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'temperature' must be a finite number > 0", why);
+    if (!(o->lse_square_scale >= 0.0f && o->lse_square_scale <= 3.0e38f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'lse_square_scale' must be a finite number >= 0", why);
+    if (tl_check_xent(x, w, bias, target, cw, &o->xent, grow, loss, dx, dw, db, dw_of_x, why)) return why->status;
+    for (int k = 0; k < 2; k++) {
+        const tl_tensor *t = k ? ent : lse;
+        if (t && (need_ndim(t, 1, why) || need_dtype_is(t, TL_FLOAT32, why) ||
+                  need_size(t, 0, x->shape[0], "rows", why) || need_writable(t, why)))
+            return why->status;
+    }
+    return TL_OK;
+}
+
 /* ---- dropout and LoRA ---------------------------------------------------------------------------- */
 
 tl_status

@@ -354,6 +354,38 @@ tl_status tl_check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor 
                         const tl_tensor *class_weight, const tl_xent_opts *o, const tl_tensor *grad_rows,
                         const tl_tensor *loss, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
                         int dw_of_x, tl_check *why);
+/* ---- the fused head's options beyond cross-entropy (csrc/cpu/head.c, csrc/cuda/head.cu) -------------
+ * tl_linear_xent_cpu/cuda with the logits transformed before the softmax, a z-loss, and two more
+ * per-row outputs:
+ *     z_i = (softcap > 0 ? softcap tanh((x_i W^T + b) / softcap) : x_i W^T + b) / temperature
+ *     loss_i += lse_square_scale lse_i^2          (dz_i gains s_i 2 lse_square_scale lse_i p_i)
+ *     lse: NULL or (N,) float32, lse_i;  entropy: NULL or (N,) float32, lse_i - sum_c p_ic z_ic
+ * (both of the transformed logits, 0 at ignored rows, in no gradient); dz is taken back through the
+ * transform, dz (1 - tanh^2) / temperature, before dx, dW and db. On the CPU with softcap > 0 a row of
+ * ws holds 2C + D + 1 floats (the tanh kept for the gradient), so rows go in chunks of
+ * ws.numel / (2C + D + 1). Everything else is tl_linear_xent_cpu's/cuda's contract. */
+typedef struct {
+    tl_xent_opts xent;
+    float softcap;          /* > 0, or 0: none */
+    float temperature;      /* > 0 */
+    float lse_square_scale; /* >= 0 */
+} tl_head_opts;
+
+tl_status tl_linear_head_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                             const tl_tensor *class_weight, const tl_head_opts *opts, const tl_tensor *grad_rows,
+                             tl_tensor *loss, tl_tensor *lse, tl_tensor *entropy, tl_tensor *dx, tl_tensor *dw,
+                             tl_tensor *db, tl_tensor *ws, int64_t *bad_target, int nthreads);
+tl_status tl_linear_head_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                              const tl_tensor *target, const tl_tensor *class_weight, const tl_head_opts *opts,
+                              const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *lse, tl_tensor *entropy,
+                              tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, void *cublas_ws,
+                              size_t cublas_ws_bytes, int allow_tf32, int64_t *bad_target, void *stream);
+/* tl_check_xent's checks, and the options' ranges and lse's and entropy's shape, dtype and writability. */
+tl_status tl_check_head(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                        const tl_tensor *class_weight, const tl_head_opts *o, const tl_tensor *grad_rows,
+                        const tl_tensor *loss, const tl_tensor *lse, const tl_tensor *entropy, const tl_tensor *dx,
+                        const tl_tensor *dw, const tl_tensor *db, int dw_of_x, tl_check *why);
+/* ---- end of the fused head's options ------------------------------------------------------------------ */
 tl_status tl_check_dropout(const tl_tensor *x, const tl_tensor *out, tl_check *why);
 tl_status tl_check_lora_forward(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *a,
                                 const tl_tensor *b, const tl_tensor *y, const tl_tensor *su, tl_check *why);

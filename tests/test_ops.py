@@ -58,6 +58,9 @@ def _differentiable_cases(device, gen):
     cases.append(("linear_cross_entropy", ops.linear_cross_entropy,
                   (rn(7, 6, dtype=torch.bfloat16), rn(5, 6, dtype=torch.bfloat16), target(7), None, None, -100, 0.0,
                    0), (0, 1)))
+    for red in (0, 2):
+        cases.append(("linear_head", ops.head.linear_head, (rn(3, 4, 6), rn(5, 6), target(3, 4), rn(5), None, -100,
+                                                            0.0, red, 2.0, 0.7, 0.01, True, True), (0, 1, 3)))
     return cases
 
 
@@ -137,6 +140,8 @@ def _plain_cases(device, gen):
         ("linear_cross_entropy_backward", ops.head._linear_cross_entropy_backward,
          (rn(7), x, w, t, rn(5), None, -100, 0.1, 2, True, True, False), ()),
         ("frozen_linear_backward", ops.frozen.frozen_linear_backward, (rn(2, 3, 5), w, None), ()),
+        ("linear_head_backward", ops.head._linear_head_backward,
+         (rn(7), x, w, t, rn(5), None, -100, 0.0, 2, 2.0, 0.7, 0.0, True, True, False), ()),
         ("linear_cross_entropy", ops.linear_cross_entropy, (x, w, t, None, None, -100, 0.0, 1), ()),
         ("lora_linear", lora_ops._lora_linear, lora, ()),
     ]
@@ -168,8 +173,8 @@ def test_eager_and_torch_ops_agree_without_gradients(device, gen):
 
 OP_NAMES = ["gemm", "colsum", "linear", "linear_backward", "dropout", "lora_linear", "lora_linear_backward",
             "linear_cross_entropy", "linear_cross_entropy_backward", "qgemm", "frozen_linear",
-            "frozen_linear_backward", "pool", "adamw_"]
-DIFFERENTIABLE = {"linear", "lora_linear", "linear_cross_entropy", "frozen_linear"}
+            "frozen_linear_backward", "pool", "adamw_", "linear_head", "linear_head_backward"]
+DIFFERENTIABLE = {"linear", "lora_linear", "linear_cross_entropy", "frozen_linear", "linear_head"}
 
 
 def test_every_op_is_covered():

@@ -273,6 +273,49 @@ def _lce_backward_ref(args):
     return _grads_of(forward, [x, w, bias], [nx, nw, nb], grad)
 
 
+def _head_make(gen, dtype, lead, K, C, reduction, softcap=0.0, temperature=1.0, zs=0.0, lse=False, entropy=False,
+               **kw):
+    args = _lce_make(gen, dtype, lead, K, C, reduction, **kw)
+    return [*args, softcap, temperature, zs, lse, entropy]
+
+
+def _head_ref(args):
+    """linear_head: the cross-entropy of z = (softcap tanh(z / softcap) or z) / temperature plus zs lse^2
+    per counted row (the mean over torch's divisor), and each row's lse and entropy (0 where ignored)."""
+    x, w, target, bias, cw, ii, ls, red, softcap, temperature, zs, want_lse, want_ent = args
+    z = F.linear(x, w, bias)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    z = flat_rows(z / temperature)
+    t = target.reshape(-1)
+    keep = t != ii
+    cwd = None if cw is None else cw.double()
+    rows = F.cross_entropy(z, t, weight=cwd, ignore_index=ii, label_smoothing=ls, reduction="none")
+    lse = torch.where(keep, z.logsumexp(-1), 0.0)
+    rows = rows + zs * lse ** 2
+    div = keep.sum() if cw is None else (cwd[t.clamp(min=0)] * keep).sum()
+    loss = rows.reshape(target.shape) if red == 2 else rows.sum() / div if red == 0 else rows.sum()
+    ent = torch.where(keep, -(z.log_softmax(-1).exp() * z.log_softmax(-1)).sum(-1), 0.0)
+    return (loss, lse.reshape(target.shape).detach() if want_lse else None,
+            ent.reshape(target.shape).detach() if want_ent else None)
+
+
+def _head_backward_make(gen, dtype, lead, K, C, reduction, need=(True, True, True), **kw):
+    *args, _, _ = _head_make(gen, dtype, lead, K, C, reduction, **kw)
+    grad = randn(lead, dtype, gen) if reduction == 2 else randn((1,), dtype, gen).reshape(())
+    return [grad, *args, *need]
+
+
+def _head_backward_ref(args):
+    grad, x, w, target, bias, cw, ii, ls, red, softcap, temperature, zs, nx, nw, nb = args
+
+    def forward(t):
+        return _head_ref([t[0], t[1], target, t[2], cw, ii, ls, red, softcap, temperature, zs, False, False])[0]
+    if bias is None:
+        bias, nb = torch.zeros(w.shape[0], dtype=torch.float64), False
+    return _grads_of(forward, [x, w, bias], [nx, nw, nb], grad)
+
+
 # ---- pool.py, adamw.py ---------------------------------------------------------------------------------
 
 def _pool_make(gen, dtype, B, T, D, mode, mask, layout="contig"):
@@ -404,6 +447,20 @@ TWINS: Dict[str, Twin] = {
         "weight_only_many_classes": dict(lead=(9,), K=7, C=37, reduction=1, need=(False, True, False)),
         "empty": dict(lead=(0,), K=7, C=5, reduction=2),
     }, _lce_backward_make, _lce_backward_ref),
+    "linear_head": Twin({
+        "none_softcap_temperature_entropy": dict(lead=(2, 5), K=9, C=37, reduction=2, softcap=3.0, temperature=0.7,
+                                                 entropy=True),
+        "mean_zloss_lse_few_classes": dict(lead=(7,), K=13, C=5, reduction=0, zs=0.01, lse=True),
+        "sum_all_options_transposed": dict(lead=(9,), K=7, C=37, reduction=1, softcap=2.0, temperature=1.5, zs=0.02,
+                                           lse=True, entropy=True, class_weight=True, smoothing=0.1,
+                                           layout="transposed"),
+        "empty": dict(lead=(0,), K=7, C=5, reduction=2, entropy=True),
+    }, _head_make, _head_ref, grads=(0, 1, 3)),
+    "linear_head_backward": Twin({
+        "none_softcap": dict(lead=(2, 3), K=11, C=37, reduction=2, softcap=2.5, temperature=0.8),
+        "mean_zloss_weight_only": dict(lead=(9,), K=7, C=6, reduction=0, zs=0.05, need=(False, True, False)),
+        "empty": dict(lead=(0,), K=7, C=5, reduction=2),
+    }, _head_backward_make, _head_backward_ref),
     "pool": Twin({
         "cls": dict(B=3, T=5, D=7, mode="cls", mask=None),
         "mean_int64_mask": dict(B=4, T=9, D=5, mode="mean", mask=torch.int64),

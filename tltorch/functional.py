@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .ops.head import linear_head as _linear_head
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -162,9 +163,55 @@ def check_label_smoothing(label_smoothing) -> float:
     return t
 
 
+def _check_positive(name: str, v, allow_none: bool = False) -> float:
+    """v as a Python float, finite and > 0 (None allowed where allow_none, returned as 0.0: none); a bool
+    or a non-real refused."""
+    if v is None and allow_none:
+        return 0.0
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype is not torch.bool and not v.is_complex():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number > 0{' or None' if allow_none else ''}, got {type(v).__name__}")
+    v = float(v)
+    if not 0.0 < v < float("inf"):  # refuses nan too
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if allow_none else ''}, got {v!r}")
+    return v
+
+
+def _check_head(x, weight, target, bias, x_name: str = "x", target_name: str = "target") -> None:
+    """What the fused head needs of its tensors, each named as the caller's user knows it."""
+    _check_tensor(x_name, x)
+    _check_tensor("weight", weight)
+    _check_same("weight", weight, x_name, x)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{target_name} must be a torch.Tensor of class indices, not {type(target).__name__}")
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{target_name} has dtype {target.dtype}; expected class indices of dtype int64 or int32")
+    if target.device != x.device:
+        raise ValueError(f"{target_name} is on {target.device} but {x_name} is on {x.device}")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{x_name} must be (..., in_features) and weight (num_classes, in_features); got "
+                         f"{x_name} {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight expects {weight.shape[1]} input features but {x_name} has {x.shape[-1]} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one class (row)")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{target_name} must have shape {tuple(x.shape[:-1])} ({x_name}.shape[:-1]), got "
+                         f"{tuple(target.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        _check_same("bias", bias, x_name, x)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
 def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, label_smoothing: float = 0.0,
-                         class_weight: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+                         class_weight: Optional[Tensor] = None, reduction: str = "mean",
+                         lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                         return_lse: bool = False):
     """Cross-entropy of a linear layer's logits, without materialising them.
 
     Returns what ``F.cross_entropy(F.linear(x, weight, bias), target, weight=class_weight,
@@ -179,32 +226,15 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     dtype). x, weight and bias share one dtype: float32, bfloat16 or float16 (logits and softmax are
     computed in float32). reduction: "mean", "sum" or "none". ignore_index: an int (a NumPy integer or
     a one-element integer tensor too, not a bool); label_smoothing: a number in [0, 1] (or a 0-d tensor).
+
+    softcap: None, or c > 0: the logits become c * tanh(logits / c) before the softmax (Gemma's
+    final_logit_softcapping), and the gradient flows through the tanh. lse_square_scale: the z-loss
+    (PaLM), lse_square_scale * lse_i ** 2 added to each counted row's loss (lse_i: the row's log-sum-exp
+    of the softcapped logits; the mean divides the whole by the same divisor, the number of counted rows
+    or the sum of their class weights); its gradient 2 lse_square_scale lse_i softmax_i. return_lse:
+    also return each row's lse (float32, x.shape[:-1], 0 at ignored rows, detached): (loss, lse).
     """
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    _check_same("weight", weight, "x", x)
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, not {type(target).__name__}")
-    if target.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"target has dtype {target.dtype}; expected class indices of dtype int64 or int32")
-    if target.device != x.device:
-        raise ValueError(f"target is on {target.device} but x is on {x.device}")
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"x must be (..., in_features) and weight (num_classes, in_features); got "
-                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight expects {weight.shape[1]} input features but x has {x.shape[-1]} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if weight.shape[0] < 1:
-        raise ValueError("weight must have at least one class (row)")
-    if tuple(target.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"target must have shape {tuple(x.shape[:-1])} (x.shape[:-1]), got "
-                         f"{tuple(target.shape)}")
-    if bias is not None:
-        _check_tensor("bias", bias)
-        _check_same("bias", bias, "x", x)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_head(x, weight, target, bias)
     if class_weight is not None:
         _check_tensor("class_weight", class_weight)
         if class_weight.device != x.device:
@@ -217,12 +247,55 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, target: Tensor, bias: Option
     red = check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     ignore_index = check_ignore_index(ignore_index)
+    softcap = _check_positive("softcap", softcap, allow_none=True)
+    if lse_square_scale != 0.0:
+        lse_square_scale = _check_positive("lse_square_scale", lse_square_scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     # torch's lazy negation bit is not part of DLPack: materialise it (a no-op for ordinary tensors).
     x, weight = x.resolve_neg(), weight.resolve_neg()
     bias = None if bias is None else bias.resolve_neg()
     class_weight = None if class_weight is None else class_weight.resolve_neg()
-    return ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                     red)
+    if softcap == 0.0 and lse_square_scale == 0.0 and not return_lse:
+        return ops.linear_cross_entropy(x, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                         red)
+    loss, lse, _ = _linear_head(x, weight, target, bias, class_weight, ignore_index, label_smoothing, red, softcap,
+                                1.0, float(lse_square_scale), return_lse, False)
+    loss = loss.to(x.dtype)
+    return (loss, lse) if return_lse else loss
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                   ignore_index: int = -100, temperature: float = 1.0, softcap: Optional[float] = None,
+                   return_entropy: bool = False):
+    """log p(target) of each token under a linear head, without materialising the logits.
+
+    Returns what ``torch.log_softmax(z, -1).gather(-1, targets[..., None])[..., 0]`` returns for
+    ``z = F.linear(hidden, weight, bias)``, after the logits' softcap then temperature:
+    ``z = softcap * tanh(z / softcap)`` when softcap is given (Gemma's final_logit_softcapping, applied
+    in the model's forward), then ``z = z / temperature`` (as TRL's GRPO and PPO trainers divide the
+    model's logits). 0 at positions whose target is ignore_index. With return_entropy, also each
+    token's entropy ``-(p * log p).sum(-1)`` of the same distribution: (logprobs, entropy).
+
+    hidden: (..., in_features), float32, bfloat16 or float16; weight: (vocab, in_features) and bias
+    (vocab,) or None of hidden's dtype; targets: hidden.shape[:-1], int64 or int32. The log-probs and
+    entropies are float32, of targets' shape (the softmax is computed in float32 whatever the dtype).
+    Backward is exact for any upstream gradient g: d/dz of sum_i g_i logp_i = g_i (onehot_i - softmax_i),
+    taken back through temperature and softcap to hidden, weight and bias. The entropy is returned
+    detached (no gradient), as trainers log it.
+    """
+    _check_head(hidden, weight, targets, bias, "hidden", "targets")
+    ignore_index = check_ignore_index(ignore_index)
+    temperature = _check_positive("temperature", temperature)
+    softcap = _check_positive("softcap", softcap, allow_none=True)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    hidden, weight = hidden.resolve_neg(), weight.resolve_neg()
+    bias = None if bias is None else bias.resolve_neg()
+    nll, _, entropy = _linear_head(hidden, weight, targets, bias, None, ignore_index, 0.0, 2, softcap, temperature,
+                                   0.0, False, return_entropy)
+    logprobs = torch.rsub(nll, 0.0)  # 0 - nll: +0 at ignored positions
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 # Mask dtypes the kernels read as they are (besides hidden's own dtype); others are compared with 0.

@@ -2,7 +2,8 @@
  * backward in one pass over the rows, a chunk of rows at a time (the math is in tl.h):
  *
  *   for each chunk of R rows:   Z = X[chunk] W^T + b          (R x C float32, the caller's workspace)
- *                               per row: max, lse, loss; dz overwrites z in place (when grads are wanted)
+ *                               per row: softcap and temperature, max, lse, loss (z-loss included),
+ *                               entropy; dz overwrites z in place (when grads are wanted)
  *                               dX[chunk] = dZ W;   dW += dZ^T X[chunk];   db += colsum(dZ)
  *
  * Memory: the workspace holds R x C logits, R x D float32 partials of dX, and R losses; nothing of size
@@ -35,14 +36,23 @@ load_index(const tl_tensor *t, int64_t i)
     return t->dtype == TL_INT64 ? ((const int64_t *)t->data)[off] : ((const int32_t *)t->data)[off];
 }
 
-/* tl_check_xent's requirements (csrc/check.c), on the CPU, and the workspace's. */
-static tl_status
-check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
-           const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, const tl_tensor *loss,
-           const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db, const tl_tensor *ws)
+/* The floats of ws a row takes: its logits, dX's float32 partials, its loss, and with a softcap the
+ * tanh of its logits. */
+static int64_t
+ws_per_row(int64_t D, int64_t C, const tl_head_opts *o)
 {
-    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, dx, dw, db};
-    tl_status st = tl_check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, 0, NULL);
+    return C + D + 1 + (o->softcap > 0.0f ? C : 0);
+}
+
+/* tl_check_head's requirements (csrc/check.c), on the CPU, and the workspace's. */
+static tl_status
+check_head(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+           const tl_tensor *cw, const tl_head_opts *o, const tl_tensor *grad_rows, const tl_tensor *loss,
+           const tl_tensor *lse, const tl_tensor *ent, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
+           const tl_tensor *ws)
+{
+    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, lse, ent, dx, dw, db};
+    tl_status st = tl_check_head(x, w, bias, target, cw, o, grad_rows, loss, lse, ent, dx, dw, db, 0, NULL);
     if (st) return st;
     for (size_t k = 0; k < sizeof all / sizeof *all; k++)
         if (all[k] && (st = tl_check_cpu(all[k], all[k]->ndim))) return st;
@@ -51,8 +61,16 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
     if (C <= TL_XENT_SKINNY_C && !ws) return TL_OK; /* the single-pass path needs no workspace */
     if (!ws || (st = tl_check_cpu(ws, 1))) return ws ? st : TL_ERR_VALUE;
     if (ws->dtype != TL_FLOAT32 || (ws->strides[0] != 1 && ws->shape[0] > 1)) return TL_ERR_VALUE;
-    if (N > 0 && ws->shape[0] < C + D + 1) return TL_ERR_VALUE; /* room for one row */
+    if (N > 0 && ws->shape[0] < ws_per_row(D, C, o)) return TL_ERR_VALUE; /* room for one row */
     return TL_OK;
+}
+
+/* A row's lse and entropy into the outputs that want them (ignored rows: 0). */
+static inline void
+store_row_stats(tl_tensor *lse, tl_tensor *ent, int64_t i, float l, float h)
+{
+    if (lse) ((float *)lse->data)[i * lse->strides[0]] = l;
+    if (ent) ((float *)ent->data)[i * ent->strides[0]] = h;
 }
 
 /* Few classes (C <= SKINNY_C): one pass over the rows, no GEMM. Each row of x is read once (as float32)
@@ -66,14 +84,17 @@ check_xent(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const 
 
 static tl_status
 xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const int64_t *tg,
-            const float *cwf, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
-            tl_tensor *dx, tl_tensor *dw, tl_tensor *db, const row_ops *ops, float wall, float mean_scale,
+            const row_spec *sp, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *lse,
+            tl_tensor *ent, tl_tensor *dx, tl_tensor *dw, tl_tensor *db, const row_ops *ops, float mean_scale,
             int nt, double *total)
 {
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
-    const int grads = dx || dw || db;
+    const int grads = sp->grads;
+    const float *cwf = sp->cwf;
 #ifdef TL_X86
     const int blocked = tl_cpu_level() >= 2;
+    /* the one-vector row kernel: plain cross-entropy, no statistics */
+    const int sk_row = blocked && tl_head_plain(sp) && !lse && !ent;
 #else
     const int blocked = 0;
 #endif
@@ -100,12 +121,11 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
             for (int64_t d = 0; d < D; d++) wf[c * D + d] = tl_load_f(w->data, c * w->strides[0] + d * w->strides[1], w->dtype);
     }
     for (int64_t c = 0; c < C; c++) bf[c] = bias ? tl_load_f(bias->data, c * bias->strides[0], bias->dtype) : 0.0f;
-    const float keep = 1.0f - o->label_smoothing, epsc = o->label_smoothing / (float)C;
 
 #pragma omp parallel for num_threads(nt) if (nt > 1 && parts > 1 && N * D * C >= (1 << 17)) schedule(static)
     for (int64_t p = 0; p < parts; p++) {
         float *pdw = acc + p * per_part, *pdb = pdw + C * D, *xbuf = pdb + C, *dxbuf = xbuf + SK_RB * D;
-        float z[SK_RB * SKINNY_C];
+        float z[SK_RB * SKINNY_C], u[SKINNY_C];
         double lsum = 0.0;
         memset(pdw, 0, (size_t)(C * D + C) * sizeof(float));
         const int64_t r0 = N * p / parts, r1 = N * (p + 1) / parts;
@@ -133,19 +153,20 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
                     for (int64_t c = 0; c < C; c++) z[r * SKINNY_C + c] = ops->dot(xi[r], wp + c * ldw, D);
             for (int r = 0; r < rb; r++) {
                 const int64_t i = i0 + r, t = tg[i]; /* validated; -1: ignored */
-                float *zr = z + r * SKINNY_C, li = 0.0f;
+                float *zr = z + r * SKINNY_C, li = 0.0f, l = 0.0f, h = 0.0f;
                 if (t < 0) {
                     for (int64_t c = 0; c < C; c++) zr[c] = 0.0f;
                 } else {
                     for (int64_t c = 0; c < C; c++) zr[c] += bf[c];
                     const float sc = row_scale(grad_rows, i, o->reduction, mean_scale);
 #ifdef TL_X86
-                    if (blocked)
-                        li = tl_head_sk_row_avx512(zr, C, t, cwf, keep, epsc, wall, grads, sc);
+                    if (sk_row)
+                        li = tl_head_sk_row_avx512(zr, C, t, cwf, sp->keep, sp->epsc, sp->wall, grads, sc);
                     else
 #endif
-                        li = tl_head_row_loss_grad(ops, zr, C, t, cwf, keep, epsc, wall, grads, sc);
+                        li = tl_head_row(ops, sp, zr, u, C, t, sc, lse ? &l : NULL, ent ? &h : NULL);
                 }
+                store_row_stats(lse, ent, i, l, h);
                 lsum += li;
                 if (loss && o->reduction == TL_REDUCE_NONE)
                     tl_store_f(loss->data, i * loss->strides[0], loss->dtype, li);
@@ -219,16 +240,17 @@ xent_skinny(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const
 }
 
 tl_status
-tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
-                   const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
-                   tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, int64_t *bad_target,
-                   int nthreads)
+tl_linear_head_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                   const tl_tensor *cw, const tl_head_opts *ho, const tl_tensor *grad_rows, tl_tensor *loss,
+                   tl_tensor *lse, tl_tensor *ent, tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws,
+                   int64_t *bad_target, int nthreads)
 {
-    tl_status st = check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, ws);
+    tl_status st = check_head(x, w, bias, target, cw, ho, grad_rows, loss, lse, ent, dx, dw, db, ws);
     if (st) return st;
+    const tl_xent_opts *o = &ho->xent;
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
     const int nt = tl_threads(nthreads);
-    const float eps = o->label_smoothing, keep = 1.0f - eps, epsc = eps / (float)C;
+    const float eps = o->label_smoothing;
     const int grads = dx || dw || db;
 
     /* Pass over the targets: validate all of them before writing anything, and the mean's divisor.
@@ -273,21 +295,23 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     }
 
     const row_ops ops = tl_head_row_ops();
+    const row_spec sp = {cwf, 1.0f - eps, eps / (float)C, (float)wall, ho->softcap, 1.0f / ho->temperature,
+                         ho->lse_square_scale, grads};
     double total = 0.0;
     if (C <= SKINNY_C) {
-        st = xent_skinny(x, w, bias, tg, cwf, o, grad_rows, loss, dx, dw, db, &ops, (float)wall,
-                         mean_scale, nt, &total);
+        st = xent_skinny(x, w, bias, tg, &sp, o, grad_rows, loss, lse, ent, dx, dw, db, &ops, mean_scale, nt,
+                         &total);
         if (st) goto done;
         goto reduce;
     }
 
-    const int64_t per_row = C + D + 1;
-    int64_t R = ws->shape[0] / per_row;
+    int64_t R = ws->shape[0] / ws_per_row(D, C, ho);
     if (R > N) R = N;
     if (R < 1) R = 1;
     float *zbuf = (float *)ws->data;            /* R x C logits, then dz */
     float *dxws = zbuf + R * C;                 /* R x D float32 partials of a low-precision dX */
     float *lrow = dxws + R * D;                 /* R row losses */
+    float *ubuf = lrow + R;                     /* with a softcap, R x C tanh of the logits */
     tl_tensor wt = tl_view2d(w->data, w->dtype, TL_CPU, 0, D, C, w->strides[1], w->strides[0]); /* W^T */
 
     for (int64_t i0 = 0; i0 < N; i0 += R) {
@@ -298,15 +322,17 @@ tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
 
 #pragma omp parallel for num_threads(nt) if (nt > 1 && rows * C >= 4096) schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            float *zr = zbuf + r * C;
+            float *zr = zbuf + r * C, l = 0.0f, h = 0.0f;
             const int64_t t = tg[i0 + r]; /* validated; -1: ignored */
             if (t < 0) {
                 lrow[r] = 0.0f;
                 if (grads) memset(zr, 0, (size_t)C * sizeof(float));
-                continue;
+            } else {
+                lrow[r] = tl_head_row(&ops, &sp, zr, ubuf + r * C, C, t,
+                                      row_scale(grad_rows, i0 + r, o->reduction, mean_scale), lse ? &l : NULL,
+                                      ent ? &h : NULL);
             }
-            lrow[r] = tl_head_row_loss_grad(&ops, zr, C, t, cwf, keep, epsc, (float)wall, grads,
-                                            row_scale(grad_rows, i0 + r, o->reduction, mean_scale));
+            store_row_stats(lse, ent, i0 + r, l, h);
         }
 
         for (int64_t r = 0; r < rows; r++) total += lrow[r];
@@ -341,4 +367,16 @@ done:
     free(cwf);
     free(tg);
     return st;
+}
+
+tl_status
+tl_linear_xent_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *target,
+                   const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows, tl_tensor *loss,
+                   tl_tensor *dx, tl_tensor *dw, tl_tensor *db, tl_tensor *ws, int64_t *bad_target,
+                   int nthreads)
+{
+    if (!o) return TL_ERR_VALUE;
+    const tl_head_opts ho = {*o, 0.0f, 1.0f, 0.0f};
+    return tl_linear_head_cpu(x, w, bias, target, cw, &ho, grad_rows, loss, NULL, NULL, dx, dw, db, ws, bad_target,
+                              nthreads);
 }

@@ -17,13 +17,33 @@ typedef struct {
     void (*grad)(float *z, int64_t n, float m, float a, float s); /* z = s * a * exp(z - m) */
     float (*dot)(const float *a, const float *b, int64_t n);
     void (*axpy)(float *y, float a, const float *x, int64_t n);     /* y += a x */
+    float (*xexp)(const float *z, int64_t n, float m);              /* sum exp(z - m) (z - m) */
 } row_ops;
+
+/* What a row's math needs besides its logits and target: the cross-entropy's class weights (NULL: all
+ * 1), 1 - eps, eps / C and sum_c w_c; the logits' transform z <- (softcap > 0 ? softcap tanh(z / softcap)
+ * : z) * inv_temp; the z-loss's scale; whether dz is wanted. */
+typedef struct {
+    const float *cwf;
+    float keep, epsc, wall;
+    float softcap, inv_temp, zs;
+    int grads;
+} row_spec;
 
 /* The row primitives for this CPU (tl_cpu_level). */
 row_ops tl_head_row_ops(void);
-/* One row: z (C float32 logits) -> the row's loss; with `grads`, z becomes s * dloss/dz in place. */
-float tl_head_row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *cwf, float keep,
-                            float epsc, float wall, int grads, float s);
+/* One row: z (C float32 logits of a row that is not ignored, target t) -> the row's loss; with
+ * sp->grads, z becomes s * dloss/dz in place (through the transform). u: C floats of scratch when
+ * sp->softcap > 0, else unused. lse, ent: NULL, or where the row's log-sum-exp and entropy go (of the
+ * transformed logits). */
+float tl_head_row(const row_ops *ops, const row_spec *sp, float *z, float *u, int64_t C, int64_t t, float s,
+                  float *lse, float *ent);
+/* Whether sp is plain cross-entropy (no transform, no z-loss): what the few-classes kernel handles. */
+static inline int
+tl_head_plain(const row_spec *sp)
+{
+    return sp->softcap == 0.0f && sp->inv_temp == 1.0f && sp->zs == 0.0f;
+}
 
 #ifdef TL_X86
 /* Blocks of up to SK_RB rows for the few-classes path (C <= SKINNY_C): each 16-float slice of the rows

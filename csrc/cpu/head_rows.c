@@ -1,8 +1,11 @@
 /* head_rows.c: the fused head's per-row math. A row of C float32 logits z with target t gives
- *   loss = keep w_t (lse - z_t) + eps/C sum_c w_c (lse - z_c),   lse = m + log sum_c exp(z_c - m),  m = max z
- *   dz_c = s (a p_c - keep w_t [c = t] - eps/C w_c),   a = keep w_t + eps/C sum_c w_c,   p = softmax(z)
- * (tl_head_row_loss_grad, dz written over z), built from the row primitives max, sum of exp, the
- * gradient row, dot and axpy in portable, AVX2 and AVX-512 versions with vectorised exps; and the
+ *   loss = keep w_t (lse - z_t) + eps/C sum_c w_c (lse - z_c) + zs lse^2,
+ *          lse = m + log sum_c exp(z_c - m),  m = max z
+ *   dz_c = s (a p_c - keep w_t [c = t] - eps/C w_c),   a = keep w_t + eps/C sum_c w_c + 2 zs lse,  p = softmax(z)
+ *   entropy = lse - sum_c p_c z_c
+ * (tl_head_row, dz written over z; the logits first softcapped and divided by the temperature, dz taken
+ * back through that), built from the row primitives max, sum of exp, the gradient row, dot, axpy and
+ * the entropy's sum in portable, AVX2 and AVX-512 versions with vectorised exps; and the
  * few-classes path's AVX-512 kernels for blocks of rows (logits, dx, dW's share, and a row of at most
  * 16 classes held in one vector). The loops over the rows are in head.c. */
 #include <math.h>
@@ -64,6 +67,17 @@ static void
 axpy_portable(float *y, float a, const float *x, int64_t n)
 {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float
+xexp_portable(const float *z, int64_t n, float m)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const float d = z[i] - m;
+        s += expf(d) * d;
+    }
+    return (float)s;
 }
 
 #ifdef TL_X86
@@ -181,6 +195,20 @@ axpy_avx512(float *y, float a, const float *x, int64_t n)
         _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i),
                                                          _mm512_maskz_loadu_ps(k, y + i)));
     }
+}
+
+/* sum exp(z - m) (z - m), each term <= 0 (the entropy's sum); masked lanes add nothing. */
+__attribute__((target("avx512f"))) static float
+xexp_avx512(const float *z, int64_t n, float m)
+{
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), vm);
+        s0 = _mm512_mask3_fmadd_ps(exp512(d), d, s0, k);
+    }
+    return _mm512_reduce_add_ps(s0);
 }
 
 static inline __mmask16
@@ -353,31 +381,55 @@ axpy_avx2(float *y, float a, const float *x, int64_t n)
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
 }
+
+__attribute__((target("avx2,fma"))) static float
+xexp_avx2(const float *z, int64_t n, float m)
+{
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(z + i), vm);
+        s = _mm256_fmadd_ps(exp256(d), d, s);
+    }
+    float buf[8], r = 0.0f;
+    _mm256_storeu_ps(buf, s);
+    for (; i < n; i++) r += expf(z[i] - m) * (z[i] - m);
+    return r + (((buf[0] + buf[1]) + (buf[2] + buf[3])) + ((buf[4] + buf[5]) + (buf[6] + buf[7])));
+}
 #endif
 
 row_ops
 tl_head_row_ops(void)
 {
-    row_ops ops = {max_portable, sumexp_portable, expsum_portable, grad_portable, dot_portable, axpy_portable};
+    row_ops ops = {max_portable, sumexp_portable, expsum_portable, grad_portable, dot_portable, axpy_portable,
+                   xexp_portable};
 #ifdef TL_X86
     const int level = tl_cpu_level();
     if (level >= 2)
-        ops = (row_ops){max_avx512, sumexp_avx512, expsum_avx512, grad_avx512, dot_avx512, axpy_avx512};
+        ops = (row_ops){max_avx512, sumexp_avx512, expsum_avx512, grad_avx512, dot_avx512, axpy_avx512, xexp_avx512};
     else if (level >= 1)
-        ops = (row_ops){max_avx2, sumexp_avx2, expsum_avx2, grad_avx2, dot_avx2, axpy_avx2};
+        ops = (row_ops){max_avx2, sumexp_avx2, expsum_avx2, grad_avx2, dot_avx2, axpy_avx2, xexp_avx2};
 #endif
     return ops;
 }
 
-float
-tl_head_row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const float *cwf, float keep, float epsc,
-                      float wall, int grads, float s)
+/* The row's loss and dz (over z) for the logits as they are (already transformed), with s the dz's scale;
+ * the z-loss zs lse^2 adds 2 zs lse p_c to dz_c, i.e. 2 zs lse to a's numerator. */
+static float
+row_loss_grad(const row_ops *ops, const row_spec *sp, float *z, int64_t C, int64_t t, float s, float *lse_out,
+              float *ent_out)
 {
     /* For a confident row (p_t near 1) the loss -log p_t and dz_t ~ p_t - 1 are small differences that a
      * rounded lse or a rounded sum would swamp. So the other classes are summed on their own: with
      * e_t = exp(z_t - m) and S' = sum_{c != t} exp(z_c - m), -log p_t = log1p(S'/e_t) and
      * p_t - 1 = -S'/(S' + e_t), both accurate to rounding; the rest use p_c = exp(z_c - m) / S. */
-    const float m = ops->max(z, C);
+    const float *cwf = sp->cwf;
+    const float keep = sp->keep, epsc = sp->epsc, m = ops->max(z, C);
+    const int grads = sp->grads;
+    /* The entropy H = lse - sum_c p_c z_c = log S - sum_c e_c (z_c - m) / S: both terms >= 0. Read before
+     * anything below writes z. */
+    const float xe = ent_out ? ops->xexp(z, C, m) : 0.0f;
     const float zt = z[t];
     /* Without label smoothing the gradient needs only the exps: they are stored over z as they are
      * summed (the target's too, about 0; dz_t is set on its own below), and dz is then a multiple of
@@ -386,10 +438,12 @@ tl_head_row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const 
     z[t] = -INFINITY;
     const double sum_ex = keep_exps ? ops->expsum(z, C, m) : ops->sumexp(z, C, m);
     z[t] = zt;
-    const double et = exp((double)zt - m), sum = sum_ex + et;
+    const double et = exp((double)zt - m), sum = sum_ex + et, lse = (double)m + log(sum);
     const float wt = cwf ? cwf[t] : 1.0f;
     const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + log(sum);
-    double loss = (double)keep * wt * nll;
+    double loss = (double)keep * wt * nll + (double)sp->zs * lse * lse;
+    if (lse_out) *lse_out = (float)lse;
+    if (ent_out) *ent_out = (float)(log(sum) - xe / sum);
     if (epsc > 0.0f) { /* sum_c w_c (lse - z_c): every term >= 0, no cancellation */
         const double logsum = log(sum);
         double sm = 0.0;
@@ -400,16 +454,16 @@ tl_head_row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const 
         loss += (double)epsc * sm;
     }
     if (grads) {
-        const double wall_eps = (double)epsc * wall;
-        const float a = (float)(((double)keep * wt + wall_eps) / sum);
+        const double wall_eps = (double)epsc * sp->wall, zl = 2.0 * sp->zs * lse;
+        const float a = (float)(((double)keep * wt + wall_eps + zl) / sum);
         if (keep_exps) {
             const float sa = s * a;
             for (int64_t c = 0; c < C; c++) z[c] *= sa;
         } else {
             ops->grad(z, C, m, a, s);
         }
-        /* s (a p_t - keep w_t) with a = keep w_t + eps/C sum_c w_c, rearranged to avoid p_t - 1 */
-        z[t] = (float)(s * (wall_eps * et - (double)keep * wt * sum_ex) / sum);
+        /* s (a p_t - keep w_t) with a = keep w_t + eps/C sum_c w_c + 2 zs lse, rearranged to avoid p_t - 1 */
+        z[t] = (float)(s * ((wall_eps + zl) * et - (double)keep * wt * sum_ex) / sum);
         if (epsc > 0.0f) {
             if (cwf)
                 for (int64_t c = 0; c < C; c++) z[c] -= s * epsc * cwf[c];
@@ -419,8 +473,30 @@ tl_head_row_loss_grad(const row_ops *ops, float *z, int64_t C, int64_t t, const 
     }
     return (float)loss;
 }
+
+/* z' = softcap tanh(z / softcap) / T (or z / T): the row's math on z', and dz taken back through it,
+ * dz = dz' (1 - tanh^2) / T, the 1/T folded into the scale. */
+float
+tl_head_row(const row_ops *ops, const row_spec *sp, float *z, float *u, int64_t C, int64_t t, float s, float *lse,
+            float *ent)
+{
+    const float cap = sp->softcap, it = sp->inv_temp;
+    if (cap > 0.0f) {
+        const float k = cap * it;
+        for (int64_t c = 0; c < C; c++) {
+            u[c] = tanhf(z[c] / cap);
+            z[c] = k * u[c];
+        }
+    } else if (it != 1.0f) {
+        for (int64_t c = 0; c < C; c++) z[c] *= it;
+    }
+    const float loss = row_loss_grad(ops, sp, z, C, t, s * it, lse, ent);
+    if (sp->grads && cap > 0.0f)
+        for (int64_t c = 0; c < C; c++) z[c] *= 1.0f - u[c] * u[c];
+    return loss;
+}
 #ifdef TL_X86
-/* tl_head_row_loss_grad for a row of C <= 16 classes, held in one vector: the same formulas, with the
+/* row_loss_grad for a row of C <= 16 classes (plain cross-entropy), held in one vector: the same formulas, with the
  * exps computed once and reused for dz. */
 __attribute__((target("avx512f"))) float
 tl_head_sk_row_avx512(float *z, int64_t C, int64_t t, const float *cwf, float keep, float epsc, float wall,

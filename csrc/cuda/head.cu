@@ -11,6 +11,10 @@
  * by blocks of classes: each row's log-sum-exp over all blocks first, then each block's logits again
  * for its dz, dW rows (written once), db entries and term of dX (xent_by_classes).
  * where a is the mean's 1/sum_w (1 for sum and none) and dZ carries grad_rows[i] (tl.h's s_i = both).
+ * tl_linear_head_cuda's options (tl.h) ride along: each logit is softcapped and divided by the temperature
+ * as it is read (head_z), the z-loss joins each row's loss and dz, dz is taken back through the transform
+ * as it is written (head_dz), and the rows' lse and entropy go to their outputs; by blocks of classes the
+ * entropy's sum sum_c exp(z_c - m) (z_c - m) is carried along with (m, sum of exp), in the entropy output.
  *
  * Memory: ws holds a small header (TL_XENT_CUDA_WS_EXTRA floats: the targets' verdict, sum_w, sum_c w_c,
  * the running loss in double), then the CPU layout: R x C logits, R x D (unused here) and R row losses.
@@ -97,24 +101,61 @@ lse_add(float &m, float &s, float v)
     }
 }
 
-/* The threads' pairs merged over the block (part_m, part_s: a float per warp of shared memory). Every
- * thread merges the warps' pairs in the same order: the same (m, s) everywhere, no broadcast. */
+/* The entropy's running sums: (m, s, q) with s = sum exp(z - m) and q = sum exp(z - m) (z - m) over a
+ * set; moving to a larger max mx rescales both, q <- exp(m - mx) (q + (m - mx) s). An empty set is
+ * (-inf, 0, 0) and adds nothing. */
 static __device__ __forceinline__ void
-block_lse(float &m, float &s, float *part_m, float *part_s)
+lseq_merge(float &m, float &s, float &q, float m2, float s2, float q2)
+{
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) {
+        m = m2;
+        s = s2;
+        q = q2;
+        return;
+    }
+    const float mx = fmaxf(m, m2), r1 = expf(m - mx), r2 = expf(m2 - mx);
+    q = r1 * (q + (m - mx) * s) + r2 * (q2 + (m2 - mx) * s2);
+    s = s * r1 + s2 * r2;
+    m = mx;
+}
+
+/* The threads' pairs (with Q, triples: q in part_q) merged over the block (part_m, part_s, part_q: a
+ * float per warp of shared memory). Every thread merges the warps' values in the same order: the same
+ * (m, s, q) everywhere, no broadcast. */
+template <bool Q>
+static __device__ __forceinline__ void
+block_lse_q(float &m, float &s, float &q, float *part_m, float *part_s, float *part_q)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int off = 16; off > 0; off >>= 1) {
         const float m2 = __shfl_xor_sync(FULL_MASK, m, off), s2 = __shfl_xor_sync(FULL_MASK, s, off);
-        lse_merge(m, s, m2, s2);
+        if (Q)
+            lseq_merge(m, s, q, m2, s2, __shfl_xor_sync(FULL_MASK, q, off));
+        else
+            lse_merge(m, s, m2, s2);
     }
     if (lane == 0) {
         part_m[warp] = m;
         part_s[warp] = s;
+        if (Q) part_q[warp] = q;
     }
     __syncthreads();
     m = -INFINITY;
-    s = 0.0f;
-    for (int k = 0; k < nwarps; k++) lse_merge(m, s, part_m[k], part_s[k]);
+    s = q = 0.0f;
+    for (int k = 0; k < nwarps; k++) {
+        if (Q)
+            lseq_merge(m, s, q, part_m[k], part_s[k], part_q[k]);
+        else
+            lse_merge(m, s, part_m[k], part_s[k]);
+    }
+}
+
+static __device__ __forceinline__ void
+block_lse(float &m, float &s, float *part_m, float *part_s)
+{
+    float q = 0.0f;
+    block_lse_q<false>(m, s, q, part_m, part_s, NULL);
 }
 
 /* Butterfly sums over a warp: every lane ends with the same value, added in the same order. */
@@ -219,7 +260,39 @@ typedef struct {
     const void *bias; /* by class blocks: added here (the GEMM writes X W^T alone); NULL: none */
     int64_t sbias;
     tl_dtype bdt;
+    /* tl_linear_head_cuda's: the transform z <- (softcap > 0 ? softcap tanh(z / softcap) : z) * inv_t,
+     * the z-loss's scale, and the lse and entropy outputs (NULL: not wanted; by class blocks the entropy
+     * output holds each row's running q until the finalize kernel) */
+    float softcap, inv_t, zs;
+    float *lse_out, *ent_out;
+    int64_t slse, sent;
 } row_args;
+
+/* A raw logit v (X W^T + b) as the softmax sees it. */
+static __device__ __forceinline__ float
+head_z(const row_args &a, float v)
+{
+    return a.softcap > 0.0f ? a.softcap * tanhf(v / a.softcap) * a.inv_t : v * a.inv_t;
+}
+
+/* g = dloss/dz' taken back to the raw logit v: g (1 - tanh^2(v / softcap)) / T. */
+static __device__ __forceinline__ float
+head_dz(const row_args &a, float v, float g)
+{
+    if (a.softcap > 0.0f) {
+        const float u = tanhf(v / a.softcap);
+        return g * a.inv_t * (1.0f - u * u);
+    }
+    return g * a.inv_t;
+}
+
+/* A row's lse and entropy into their outputs (where wanted). */
+static __device__ __forceinline__ void
+store_stats(const row_args &a, int64_t row, float lse, float ent)
+{
+    if (a.lse_out) a.lse_out[row * a.slse] = lse;
+    if (a.ent_out) a.ent_out[row * a.sent] = ent;
+}
 
 /* One block per row r of the chunk:
  *   pass 1: lse = m + log sum exp(z - m), each thread's online (m, s) merged across the block;
@@ -232,7 +305,7 @@ static __global__ void __launch_bounds__(ROW_THREADS)
 xent_row_kernel(row_args a)
 {
     __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32];
-    __shared__ double part_d[ROW_THREADS / 32];
+    __shared__ double part_d[ROW_THREADS / 32], part_e[ROW_THREADS / 32];
     const int64_t r = blockIdx.x, C = a.C, row = a.i0 + r;
     float *z = a.z + r * C;
     const int64_t t = load_index(a.target, row * a.st, a.t64);
@@ -244,48 +317,55 @@ xent_row_kernel(row_args a)
         if (threadIdx.x == 0) {
             a.lrow[r] = 0.0f;
             if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, 0.0f);
+            store_stats(a, row, 0.0f, 0.0f);
         }
         return;
     }
     /* Every thread reads z_t before pass 2 (after a barrier) overwrites the row. As in the CPU twin
-     * (head.c, row_loss_grad), the other classes are summed on their own, S' = sum_{c != t} exp(z_c - m),
+     * (head_rows.c, row_loss_grad), the other classes are summed on their own, S' = sum_{c != t} exp(z_c - m),
      * so that -log p_t = log1p(S'/e_t) and p_t - 1 = -S'/(S' + e_t) stay accurate for confident rows. */
-    const float zt = z[t];
+    const float zt = head_z(a, z[t]);
 
     float mx = -INFINITY, s = 0.0f;
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) lse_add(mx, s, c == t ? -INFINITY : z[c]);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) lse_add(mx, s, c == t ? -INFINITY : head_z(a, z[c]));
     block_lse(mx, s, part_m, part_s);
     const float m = fmaxf(mx, zt);
     const double sum_ex = mx == -INFINITY ? 0.0 : (double)s * exp((double)mx - m);
-    const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
+    const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum), lse = (double)m + logsum;
     const float lsum = (float)logsum;
 
     const float wt = a.cw ? load_any(a.cw, t * a.scw, a.cwdt) : 1.0f;
-    float smooth = 0.0f;
-    if (a.grads || a.smooth) {
+    float smooth = 0.0f, ent = 0.0f;
+    if (a.grads || a.smooth || a.ent_out) {
         const float si = a.grow ? load_any(a.grow, row * a.sgr, a.grdt) : 1.0f;
-        const float sa = (float)(si * ((double)a.keep * wt + (double)a.epsc * a.wall) / sum), se = si * a.epsc;
+        /* the z-loss adds 2 zs lse to a (tl.h) */
+        const double wz = (double)a.epsc * a.wall + 2.0 * a.zs * lse;
+        const float sa = (float)(si * ((double)a.keep * wt + wz) / sum), se = si * a.epsc;
         /* s (a p_t - keep w_t), rearranged to avoid p_t - 1 */
-        const float gt = (float)(si * ((double)a.epsc * a.wall * et - (double)a.keep * wt * sum_ex) / sum);
+        const float gt = (float)(si * (wz * et - (double)a.keep * wt * sum_ex) / sum);
         for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-            const float v = z[c];
+            const float raw = z[c], v = head_z(a, raw);
             const float wc = a.cw ? load_any(a.cw, c * a.scw, a.cwdt) : 1.0f;
             if (a.smooth) smooth += wc * ((m - v) + lsum);
+            if (a.ent_out) ent += expf(v - m) * (v - m);
             if (a.grads) {
                 float g = c == t ? gt : sa * expf(v - m);
                 if (a.smooth) g -= se * wc;
-                z[c] = g;
+                z[c] = head_dz(a, raw, g);
             }
         }
     }
-    double smooth_sum = 0.0;
+    double smooth_sum = 0.0, ent_sum = 0.0;
     if (a.smooth) smooth_sum = block_sum((double)smooth, part_d);
+    if (a.ent_out) ent_sum = block_sum((double)ent, part_e);
     if (threadIdx.x == 0) {
         const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
-        double li = (double)a.keep * wt * nll;
+        double li = (double)a.keep * wt * nll + (double)a.zs * lse * lse;
         if (a.smooth) li += (double)a.epsc * smooth_sum;
         a.lrow[r] = (float)li;
         if (a.loss_none) store_any(a.loss_none, row * a.sloss, a.ldt, (float)li);
+        /* H = lse - sum_c p_c z_c = log S - sum_c e_c (z_c - m) / S */
+        store_stats(a, row, (float)lse, (float)(logsum - ent_sum / sum));
     }
 }
 
@@ -302,27 +382,40 @@ xent_row_kernel(row_args a)
 static __global__ void __launch_bounds__(ROW_THREADS)
 xent_stats_kernel(row_args a, int64_t c0, int64_t cb, int first)
 {
-    __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32];
+    __shared__ float part_m[ROW_THREADS / 32], part_s[ROW_THREADS / 32], part_q[ROW_THREADS / 32];
     __shared__ double part_d[ROW_THREADS / 32];
     const int64_t r = blockIdx.x;
     const float *z = a.z + r * cb;
     const int64_t t = load_index(a.target, r * a.st, a.t64);
     if (t == a.ignore_index || t < 0 || t >= a.C) return; /* uniform over the block */
-    float m = -INFINITY, s = 0.0f;
+    float m = -INFINITY, s = 0.0f, q = 0.0f;
     double zs = 0.0;
     for (int64_t c = threadIdx.x; c < cb; c += blockDim.x) {
-        const float zc = a.bias ? z[c] + load_any(a.bias, (c0 + c) * a.sbias, a.bdt) : z[c];
-        lse_add(m, s, c0 + c == t ? -INFINITY : zc);
+        const float zc = head_z(a, a.bias ? z[c] + load_any(a.bias, (c0 + c) * a.sbias, a.bdt) : z[c]);
+        if (a.ent_out)
+            lseq_merge(m, s, q, c0 + c == t ? -INFINITY : zc, 1.0f, 0.0f);
+        else
+            lse_add(m, s, c0 + c == t ? -INFINITY : zc);
         if (a.smooth) zs += (double)(a.cw ? load_any(a.cw, (c0 + c) * a.scw, a.cwdt) : 1.0f) * zc;
     }
-    block_lse(m, s, part_m, part_s);
+    if (a.ent_out)
+        block_lse_q<true>(m, s, q, part_m, part_s, part_q);
+    else
+        block_lse(m, s, part_m, part_s);
     if (a.smooth) zs = block_sum(zs, part_d);
     if (threadIdx.x == 0) {
         float rm = first ? -INFINITY : a.st_m[r], rs = first ? 0.0f : a.st_s[r];
-        lse_merge(rm, rs, m, s);
+        if (a.ent_out) {
+            float rq = first ? 0.0f : a.ent_out[r * a.sent];
+            lseq_merge(rm, rs, rq, m, s, q);
+            a.ent_out[r * a.sent] = rq;
+        } else {
+            lse_merge(rm, rs, m, s);
+        }
         a.st_m[r] = rm;
         a.st_s[r] = rs;
-        if (t >= c0 && t < c0 + cb) a.st_zt[r] = a.bias ? z[t - c0] + load_any(a.bias, t * a.sbias, a.bdt) : z[t - c0];
+        if (t >= c0 && t < c0 + cb)
+            a.st_zt[r] = head_z(a, a.bias ? z[t - c0] + load_any(a.bias, t * a.sbias, a.bdt) : z[t - c0]);
         if (a.smooth) a.st_zs[r] = (first ? 0.0 : a.st_zs[r]) + zs;
     }
 }
@@ -338,22 +431,32 @@ xent_finalize_kernel(row_args a, int64_t N)
         if (t == a.ignore_index || t < 0 || t >= a.C) {
             a.lrow[r] = 0.0f;
             if (a.loss_none) store_any(a.loss_none, r * a.sloss, a.ldt, 0.0f);
+            store_stats(a, r, 0.0f, 0.0f);
             continue;
         }
-        const float mx = a.st_m[r], zt = a.st_zt[r], m = fmaxf(mx, zt);
-        const double sum_ex = mx == -INFINITY ? 0.0 : (double)a.st_s[r] * exp((double)mx - m);
-        const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum);
+        const float mx = a.st_m[r], sx = a.st_s[r], zt = a.st_zt[r], m = fmaxf(mx, zt);
+        const double sum_ex = mx == -INFINITY ? 0.0 : (double)sx * exp((double)mx - m);
+        const double et = exp((double)zt - m), sum = sum_ex + et, logsum = log(sum), lse = (double)m + logsum;
         const float wt = a.cw ? load_any(a.cw, t * a.scw, a.cwdt) : 1.0f;
         const float si = a.grow ? load_any(a.grow, r * a.sgr, a.grdt) : 1.0f;
+        const double wz = (double)a.epsc * a.wall + 2.0 * a.zs * lse; /* the z-loss adds 2 zs lse to a */
         a.st_m[r] = m;
-        a.st_s[r] = (float)(si * ((double)a.keep * wt + (double)a.epsc * a.wall) / sum);
-        a.st_zt[r] = (float)(si * ((double)a.epsc * a.wall * et - (double)a.keep * wt * sum_ex) / sum);
+        a.st_s[r] = (float)(si * ((double)a.keep * wt + wz) / sum);
+        a.st_zt[r] = (float)(si * (wz * et - (double)a.keep * wt * sum_ex) / sum);
         a.st_se[r] = si * a.epsc;
         const double nll = et > 1e-300 ? log1p(sum_ex / et) : ((double)m - zt) + logsum;
-        double li = (double)a.keep * wt * nll;
+        double li = (double)a.keep * wt * nll + (double)a.zs * lse * lse;
         if (a.smooth) li += (double)a.epsc * (a.walld * ((double)m + logsum) - a.st_zs[r]);
         a.lrow[r] = (float)li;
         if (a.loss_none) store_any(a.loss_none, r * a.sloss, a.ldt, (float)li);
+        if (a.ent_out) { /* q over the other classes (relative to mx) and the target's term, relative to m */
+            const double q = mx == -INFINITY ? 0.0
+                                             : exp((double)mx - m) * ((double)a.ent_out[r * a.sent] +
+                                                                      ((double)mx - m) * sx);
+            store_stats(a, r, (float)lse, (float)(logsum - (q + et * ((double)zt - m)) / sum));
+        } else {
+            store_stats(a, r, (float)lse, 0.0f);
+        }
     }
 }
 
@@ -377,8 +480,9 @@ xent_grad_kernel(row_args a, int64_t c0, int64_t cb)
         float g = 0.0f;
         if (c < cb && !ignored) {
             const float v = a.bias ? z[c] + load_any(a.bias, (c0 + c) * a.sbias, a.bdt) : z[c];
-            g = c0 + c == t ? gt : sa * expf(v - m);
+            g = c0 + c == t ? gt : sa * expf(head_z(a, v) - m);
             if (a.smooth) g -= se * (a.cw ? load_any(a.cw, (c0 + c) * a.scw, a.cwdt) : 1.0f);
+            g = head_dz(a, v, g);
         }
         if (sizeof(T) < sizeof(float)) __syncthreads();
         if (c < cb) store_f32(out + c, g);
@@ -547,18 +651,19 @@ tl_xent_cuda_workspace(int64_t N, int64_t D, int64_t C, int dx_acc, int64_t budg
     return ws;
 }
 
-/* tl_check_xent's requirements (csrc/check.c), on ctx's device, and the workspace's and GEMMs'. */
+/* tl_check_head's requirements (csrc/check.c), on ctx's device, and the workspace's and GEMMs'. */
 static tl_status
-check_xent(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
-           const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o, const tl_tensor *grad_rows,
-           const tl_tensor *loss, const tl_tensor *dx, const tl_tensor *dw, const tl_tensor *db,
-           const tl_tensor *ws, const void *cublas_ws)
+check_head(const tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+           const tl_tensor *target, const tl_tensor *cw, const tl_head_opts *ho, const tl_tensor *grad_rows,
+           const tl_tensor *loss, const tl_tensor *lse, const tl_tensor *ent, const tl_tensor *dx, const tl_tensor *dw,
+           const tl_tensor *db, const tl_tensor *ws, const void *cublas_ws)
 {
     tl_status st;
-    if (!ctx || !x || !w || !target || !o || !ws) return TL_ERR_VALUE;
+    if (!ctx || !x || !w || !target || !ho || !ws) return TL_ERR_VALUE;
+    const tl_xent_opts *o = &ho->xent;
     const int dev = ctx->device_id;
-    if ((st = tl_check_xent(x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, 1, NULL))) return st;
-    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, dx, dw, db};
+    if ((st = tl_check_head(x, w, bias, target, cw, ho, grad_rows, loss, lse, ent, dx, dw, db, 1, NULL))) return st;
+    const tl_tensor *all[] = {x, w, target, bias, cw, grad_rows, lse, ent, dx, dw, db};
     for (size_t k = 0; k < sizeof all / sizeof *all; k++)
         if (all[k] && (st = tl_cuda_check_tensor(all[k], all[k]->ndim, dev))) return st;
     if ((st = tl_cuda_check_tensor(ws, 1, dev))) return st;
@@ -704,14 +809,15 @@ xent_by_classes(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, co
 }
 
 tl_status
-tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
-                    const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o,
-                    const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *dx, tl_tensor *dw, tl_tensor *db,
-                    tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32,
-                    int64_t *bad_target, void *stream)
+tl_linear_head_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                    const tl_tensor *target, const tl_tensor *cw, const tl_head_opts *ho,
+                    const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *lse, tl_tensor *ent, tl_tensor *dx,
+                    tl_tensor *dw, tl_tensor *db, tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes,
+                    int allow_tf32, int64_t *bad_target, void *stream)
 {
-    tl_status st = check_xent(ctx, x, w, bias, target, cw, o, grad_rows, loss, dx, dw, db, ws, cublas_ws);
+    tl_status st = check_head(ctx, x, w, bias, target, cw, ho, grad_rows, loss, lse, ent, dx, dw, db, ws, cublas_ws);
     if (st) return st;
+    const tl_xent_opts *o = &ho->xent;
     const int dev = ctx->device_id;
     const int64_t N = x->shape[0], D = x->shape[1], C = w->shape[0];
     const float eps = o->label_smoothing;
@@ -788,6 +894,13 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
         ra.smooth = eps > 0.0f;
         ra.grads = grads;
         ra.walld = wall;
+        ra.softcap = ho->softcap;
+        ra.inv_t = 1.0f / ho->temperature;
+        ra.zs = ho->lse_square_scale;
+        ra.lse_out = lse ? (float *)lse->data : NULL;
+        ra.slse = lse ? lse->strides[0] : 0;
+        ra.ent_out = ent ? (float *)ent->data : NULL;
+        ra.sent = ent ? ent->strides[0] : 0;
 
         if (plan.block > 0 &&
             (st = xent_by_classes(ctx, x, w, bias, loss && reduce, dx, dw, db, su, &plan, ra, wsf, hdr, cublas_ws,
@@ -837,4 +950,17 @@ tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w
 done:
     tl_cuda_leave(dev, prev);
     return st;
+}
+
+tl_status
+tl_linear_xent_cuda(tl_cuda_context *ctx, const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias,
+                    const tl_tensor *target, const tl_tensor *cw, const tl_xent_opts *o,
+                    const tl_tensor *grad_rows, tl_tensor *loss, tl_tensor *dx, tl_tensor *dw, tl_tensor *db,
+                    tl_tensor *ws, void *cublas_ws, size_t cublas_ws_bytes, int allow_tf32,
+                    int64_t *bad_target, void *stream)
+{
+    if (!o) return TL_ERR_VALUE;
+    const tl_head_opts ho = {*o, 0.0f, 1.0f, 0.0f};
+    return tl_linear_head_cuda(ctx, x, w, bias, target, cw, &ho, grad_rows, loss, NULL, NULL, dx, dw, db, ws,
+                               cublas_ws, cublas_ws_bytes, allow_tf32, bad_target, stream);
 }

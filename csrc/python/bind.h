@@ -63,6 +63,7 @@ struct tl_backend {
         __typeof__(tl_qgemm_cpu) *qgemm;
         __typeof__(tl_colsum_cpu) *colsum;
         __typeof__(tl_linear_xent_cpu) *linear_xent;
+        __typeof__(tl_linear_head_cpu) *linear_head;
         __typeof__(tl_dropout_cpu) *dropout;
         __typeof__(tl_lora_forward_cpu) *lora_forward;
         __typeof__(tl_lora_backward_cpu) *lora_backward;
@@ -73,6 +74,7 @@ struct tl_backend {
         __typeof__(tl_gemm_cuda) *gemm;
         __typeof__(tl_colsum_cuda) *colsum;
         __typeof__(tl_linear_xent_cuda) *linear_xent;
+        __typeof__(tl_linear_head_cuda) *linear_head;
         __typeof__(tl_xent_cuda_workspace) *xent_workspace;
         __typeof__(tl_dropout_cuda) *dropout;
         __typeof__(tl_lora_forward_cuda) *lora_forward;

@@ -27,7 +27,8 @@ static const tl_backend cpu = {
     .raise = raise_status,
     .cpu = {.gemm = tl_gemm_cpu, .qgemm = tl_qgemm_cpu, .colsum = tl_colsum_cpu, .linear_xent = tl_linear_xent_cpu,
             .dropout = tl_dropout_cpu, .lora_forward = tl_lora_forward_cpu, .lora_backward = tl_lora_backward_cpu,
-            .pool = tl_pool_cpu, .adamw = tl_adamw_cpu},
+            .pool = tl_pool_cpu, .adamw = tl_adamw_cpu,
+            .linear_head = tl_linear_head_cpu},
 };
 
 /* describe(obj): what the bridge sees, for tests and debugging. */

@@ -41,23 +41,31 @@ def _cpu_workspace(numel: int) -> Tensor:
 
 # ---- xent: one call of the fused kernel ----------------------------------------------------------------
 
-def _launch_cpu(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx, db,
-                need_weight):
-    """The CPU kernel on 2-D x2 and 1-D t1, into loss, dx and db; returns dW (float32), when needed."""
+# (softcap, temperature, lse_square_scale) of plain cross-entropy
+PLAIN = (0.0, 1.0, 0.0)
+
+
+def _launch_cpu(x2, weight, bias, t1, class_weight, opts, head, grad_rows, loss, lse, ent, dx, db, need_weight):
+    """The CPU kernel on 2-D x2 and 1-D t1, into loss, lse, ent, dx and db; returns dW (float32), when
+    needed. opts: (ignore_index, label_smoothing, reduction); head: (softcap, temperature,
+    lse_square_scale)."""
     n, d = x2.shape
     c = weight.shape[0]
     dw = torch.empty((c, d), dtype=torch.float32, device=x2.device) if need_weight else None
-    per_row = c + d + 1
+    per_row = c + d + 1 + (c if head[0] > 0 else 0)  # with a softcap, the tanh of each logit too
     chunk = max(1, min(n, _XENT_CHUNK_FLOATS // per_row))
     # With few classes the CPU kernel takes a single pass that needs no workspace.
     ws = _cpu_workspace(chunk * per_row) if c > _XENT_SKINNY_C else None
-    _C.linear_xent(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx,
-                   dw, db, ws, torch.get_num_threads())
+    if head == PLAIN and lse is None and ent is None:
+        _C.linear_xent(x2, weight, bias, t1, class_weight, *opts, grad_rows, loss, dx, dw, db, ws,
+                       torch.get_num_threads())
+    else:
+        _C.linear_head(x2, weight, bias, t1, class_weight, *opts, *head, grad_rows, loss, lse, ent, dx, dw, db, ws,
+                       torch.get_num_threads())
     return dw
 
 
-def _launch_cuda(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, red, grad_rows, loss, dx, db,
-                 need_weight):
+def _launch_cuda(x2, weight, bias, t1, class_weight, opts, head, grad_rows, loss, lse, ent, dx, db, need_weight):
     """The CUDA kernel, likewise; dW in W's dtype when written by blocks of classes, else float32."""
     n, d = x2.shape
     c = weight.shape[0]
@@ -69,32 +77,44 @@ def _launch_cuda(x2, weight, bias, t1, class_weight, ignore_index, label_smoothi
     dw = torch.empty((c, d), dtype=weight.dtype if narrow else torch.float32,
                      device=x2.device) if need_weight else None
     ws = torch.empty(wsn, dtype=torch.float32, device=x2.device)
-    cuda.linear_xent(cublas_ready(x2), cublas_ready(weight), bias, t1, class_weight, ignore_index, label_smoothing,
-                     red, grad_rows, loss, dx, dw, db, ws, cublas_workspace(x2.device), allow_tf32())
+    cuda.linear_head(cublas_ready(x2), cublas_ready(weight), bias, t1, class_weight, *opts, *head, grad_rows, loss,
+                     lse, ent, dx, dw, db, ws, cublas_workspace(x2.device), allow_tf32())
     return dw
 
 
-def _xent(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
-          want_loss, need_x, need_weight, need_bias):
+def _head(launch, x, weight, target, bias, class_weight, opts, head, grad_rows, want, need_x, need_weight,
+          need_bias):
     """One call of the fused kernel (launch: a device's) on x and target of any leading shape, flattened
-    to rows: (loss, (dx, dw, db)), each None unless asked for; dx in x's shape, dw and db in weight's and
+    to rows: ((loss, lse, entropy), (dx, dw, db)), each None unless asked for; want: (the loss's dtype or
+    None, lse, entropy), lse and entropy float32 of n rows; dx in x's shape, dw and db in weight's and
     bias's dtypes. grad_rows: the upstream gradient per row, or None for 1."""
     n = target.numel()
     x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
     t1 = target if target.dim() == 1 else target.reshape(n)
     dev = x.device
-    loss = torch.empty((n,) if reduction == 2 else (), dtype=x.dtype, device=dev) if want_loss else None
+    loss_dtype, want_lse, want_ent = want
+    loss = None if loss_dtype is None else torch.empty((n,) if opts[2] == 2 else (), dtype=loss_dtype, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev) if want_lse else None
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
     dx = torch.empty((n, x2.shape[1]), dtype=x.dtype, device=dev) if need_x else None
     db = torch.empty(weight.shape[0], dtype=torch.float32, device=dev) if need_bias else None
-    dw = launch(x2, weight, bias, t1, class_weight, ignore_index, label_smoothing, reduction, grad_rows, loss, dx,
-                db, need_weight)
+    dw = launch(x2, weight, bias, t1, class_weight, opts, head, grad_rows, loss, lse, ent, dx, db, need_weight)
     if dw is not None and weight.dtype is not torch.float32:
         dw = dw.to(weight.dtype)
     if db is not None and bias.dtype is not torch.float32:
         db = db.to(bias.dtype)
     if dx is not None and x.dim() != 2:
         dx = dx.view(x.shape)
-    return loss, (dx, dw, db)
+    return (loss, lse, ent), (dx, dw, db)
+
+
+def _xent(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, grad_rows,
+          want_loss, need_x, need_weight, need_bias):
+    """_head for plain cross-entropy: (loss, (dx, dw, db)), the loss in x's dtype."""
+    outs, grads = _head(launch, x, weight, target, bias, class_weight, (ignore_index, label_smoothing, reduction),
+                        PLAIN, grad_rows, (x.dtype if want_loss else None, False, False), need_x, need_weight,
+                        need_bias)
+    return outs[0], grads
 
 
 xent = by_device({"cpu": partial(_xent, _launch_cpu), "cuda": partial(_xent, _launch_cuda)})
@@ -230,4 +250,114 @@ linear_cross_entropy = define_op(
     "bool need_bias=False) -> (Tensor, Tensor, Tensor, Tensor)",
     {"cpu": partial(_forward, _launch_cpu), "cuda": partial(_forward, _launch_cuda)}, _forward_fake,
     setup_context=_setup, backward=_grad, differentiable=("x", "weight", "bias"), kept_outputs=3,
+    grad_flags={"need_x": "x", "need_weight": "weight", "need_bias": "bias"})
+
+
+# ---- linear_head: the head with softcap, temperature, z-loss, and each row's lse and entropy -------------
+# Its loss is float32 whatever x's dtype; lse and entropy are float32, of target's shape, not
+# differentiable (as logged, not trained on). On the eager autograd route the forward computes, with an
+# upstream gradient of 1, the gradients that the upstream gradient only scales: for mean and sum every
+# one asked for, for "none" dx alone (row i of x reaches loss i alone, so its gradient is g_i times the
+# row's own); backward scales them and recomputes the rest (dW, db for "none") with g folded into dz,
+# as it does on the torch.ops route, where the forward computes no gradient.
+
+def _head_forward(launch, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, softcap,
+                  temperature, lse_square_scale, want_lse, want_entropy, need_x, need_weight, need_bias):
+    scalar = reduction != 2
+    (loss, lse, ent), grads = _head(
+        launch, x, weight, target, bias, class_weight, (ignore_index, label_smoothing, reduction),
+        (softcap, temperature, lse_square_scale), None, (torch.float32, want_lse, want_entropy), need_x,
+        need_weight and scalar, need_bias and scalar)
+    shape = target.shape
+    return (loss if scalar else loss.view(shape), None if lse is None else lse.view(shape),
+            None if ent is None else ent.view(shape), grads)
+
+
+def _head_forward_fake(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, softcap,
+                       temperature, lse_square_scale, want_lse, want_entropy, need_x, need_weight, need_bias):
+    scalar = reduction != 2
+    f32 = partial(x.new_empty, dtype=torch.float32)
+    return (f32(() if scalar else target.shape), f32(target.shape) if want_lse else None,
+            f32(target.shape) if want_entropy else None,
+            (x.new_empty(x.shape) if need_x else None,
+             weight.new_empty(weight.shape) if need_weight and scalar else None,
+             bias.new_empty(bias.shape) if need_bias and scalar else None))
+
+
+def _scale_(grads, g, need):
+    """Gradients computed with an upstream gradient of 1, those needed scaled in place by g (a scalar, or
+    one per row of x for dx: a row of x reaches its own row's loss alone); None for the others."""
+    rows = g if g.dim() == 0 else g.unsqueeze(-1)
+    return tuple(t.mul_((rows if k == 0 else g).to(t.dtype)) if n and t is not None else None
+                 for k, (t, n) in enumerate(zip(grads, need)))
+
+
+def _head_backward(launch, grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                   softcap, temperature, lse_square_scale, need_x, need_weight, need_bias):
+    """The gradients as the eager route gets them, bit for bit: those the upstream gradient scales (all for
+    mean and sum, dx for "none") computed with an upstream gradient of 1 and scaled; dW and db for
+    "none" recomputed with each row's upstream gradient folded into dz."""
+    call = partial(_head, launch, x, weight, target, bias, class_weight, (ignore_index, label_smoothing, reduction),
+                   (softcap, temperature, lse_square_scale))
+    scalar = reduction != 2
+    ones = (need_x, need_weight and scalar, need_bias and scalar)
+    folded = (False, need_weight and not scalar, need_bias and not scalar)
+    dx, dw, db = _scale_(call(None, (None, False, False), *ones)[1], grad, ones) if any(ones) else (None,) * 3
+    if any(folded):
+        _, dw, db = call(_upstream_rows(grad, target.numel()), (None, False, False), *folded)[1]
+    return dx, dw, db
+
+
+def _head_backward_fake(grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                        softcap, temperature, lse_square_scale, need_x, need_weight, need_bias):
+    return _backward_fake(grad, x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                          need_x, need_weight, need_bias)
+
+
+_linear_head_backward = define_op(
+    "linear_head_backward", "(Tensor grad, Tensor x, Tensor weight, Tensor target, Tensor? bias, "
+    "Tensor? class_weight, SymInt ignore_index, float label_smoothing, SymInt reduction, float softcap, "
+    "float temperature, float lse_square_scale, bool need_x, bool need_weight, bool need_bias) "
+    "-> (Tensor, Tensor, Tensor)",
+    {"cpu": partial(_head_backward, _launch_cpu), "cuda": partial(_head_backward, _launch_cuda)},
+    _head_backward_fake)
+
+
+def _head_setup(ctx, inputs, output):
+    x, weight, target, bias, class_weight, *opts = inputs[:11]
+    ctx.opts = tuple(opts)
+    _keep_for_backward(ctx, x, weight, bias, target, class_weight)
+    ctx.grads = output[3]
+    ctx.mark_non_differentiable(*(t for t in output[1:3] if t is not None))
+
+
+def _head_grad(ctx, g, *_unread):
+    x, weight, bias, target, class_weight = _kept(ctx)
+    nx, nw, _, nb = ctx.needs_input_grad[:4]
+    nb = nb and bias is not None
+    grads, ctx.grads = ctx.grads, None
+    if g is None:
+        return (None,) * 16
+    # The forward's gradients (nothing else holds them; on the torch.ops route one not computed is an
+    # empty tensor), scaled as the backward op scales its own.
+    grads = tuple(t if t is not None and ref is not None and t.shape == ref.shape else None
+                  for t, ref in zip(grads or (None,) * 3, (x, weight, bias)))
+    dx, dw, db = _scale_(grads, g, (nx, nw, nb))
+    missing = (nx and dx is None, nw and dw is None, nb and db is None)
+    if any(missing):
+        rx, rw, rb = _linear_head_backward(g, x, weight, target, bias, class_weight, *ctx.opts, *missing)
+        dx, dw, db = rx if missing[0] else dx, rw if missing[1] else dw, rb if missing[2] else db
+    return dx, dw, None, db, *(None,) * 12
+
+
+# linear_head(x, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction, softcap,
+# temperature, lse_square_scale, want_lse, want_entropy) returns (loss, lse, entropy), loss float32, lse and
+# entropy None unless wanted; reduction is a REDUCTIONS code.
+linear_head = define_op(
+    "linear_head", "(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+    "SymInt ignore_index, float label_smoothing, SymInt reduction, float softcap, float temperature, "
+    "float lse_square_scale, bool want_lse, bool want_entropy, bool need_x=False, bool need_weight=False, "
+    "bool need_bias=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    {"cpu": partial(_head_forward, _launch_cpu), "cuda": partial(_head_forward, _launch_cuda)}, _head_forward_fake,
+    setup_context=_head_setup, backward=_head_grad, differentiable=("x", "weight", "bias"), kept_outputs=3,
     grad_flags={"need_x": "x", "need_weight": "weight", "need_bias": "bias"})
