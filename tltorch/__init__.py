@@ -29,7 +29,7 @@ try:
 except ImportError as _err:  # a compiled module that exists but fails to load says why in _err
     raise _missing_extension(_err) from None
 
-from . import functional, nn, ops, optim
+from . import functional, losses, nn, ops, optim
 from .extract import extract_features
 from .fit import History, fit_head
 from .freeze import freeze
@@ -38,7 +38,7 @@ from .lora import (LoraConfig, add_lora, disable_lora, load_adapter, merge_lora,
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "functional", "nn", "optim", "freeze", "fit_head", "History", "__version__", "LoraConfig", "add_lora", "disable_lora",
+__all__ = ["backend_info", "functional", "losses", "nn", "optim", "freeze", "fit_head", "History", "__version__", "LoraConfig", "add_lora", "disable_lora",
            "merge_lora", "save_adapter", "load_adapter", "trainable_parameters",
            "extract_features"]
 
