@@ -78,18 +78,11 @@ def check(device):
             harness.check_close(f"{impl} {name}", a, b, 1e-5)
 
 
-def _hwm_kb():
+def _status_kb(key):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -106,7 +99,7 @@ def child(args):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-        base = _rss_kb() * 1024
+        base = _status_kb("VmRSS") * 1024
         base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()  # warm-up, counted in the peak
     secs = harness.time_once(step, device)
@@ -114,7 +107,7 @@ def child(args):
         peak = torch.cuda.max_memory_allocated() - base
         extra = {}
     else:
-        peak = _hwm_kb() * 1024 - base
+        peak = _status_kb("VmHWM") * 1024 - base
         extra = {"peak_above_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_maxrss}
     print(json.dumps({"impl": args.child, "secs": secs, "peak": peak, **extra, "threads": torch.get_num_threads()}))
 
