@@ -424,3 +424,41 @@ tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *e
         return why->status;
     return TL_OK;
 }
+
+/* ---- the int8 linear layer ----------------------------------------------------------------------- */
+
+tl_status
+tl_check_int8_linear(const tl_tensor *x, const tl_tensor *bias, const tl_tensor *y, int64_t N, int64_t K,
+                     tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (need_ndim(x, 2, why) || need_float(x, why) || need_size(x, 1, K, "the weight's in_features", why))
+        return why->status;
+    if (bias && (need_ndim(bias, 1, why) || need_f32_or(bias, x, why) ||
+                 need_size(bias, 0, N, "the weight's out_features", why)))
+        return why->status;
+    if (need_ndim(y, 2, why) || need_f32_or(y, x, why) || need_size(y, 0, x->shape[0], "x.shape[0]", why) ||
+        need_size(y, 1, N, "the weight's out_features", why) || need_writable(y, why) || need_apart(y, x, why))
+        return why->status;
+    return TL_OK;
+}
+
+tl_status
+tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (!tl_int8_group_ok(group))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'group' must be a multiple of 4 in [4, 512]", why);
+    if (need_ndim(w, 2, why) || need_dtype_is(w, TL_INT8, why) || need_dtype_is(w_scale, TL_FLOAT32, why))
+        return why->status;
+    if (w_scale->ndim == 1 ? need_size(w_scale, 0, w->shape[0], "w.shape[0]", why)
+        : w_scale->ndim == 2 ? need_size(w_scale, 0, w->shape[0], "w.shape[0]", why) ||
+                                   need_size(w_scale, 1, (w->shape[1] + group - 1) / group, "the groups of w's rows",
+                                             why)
+                             : need_text(w_scale, TL_ERR_SHAPE, "must have 1 dim (a scale a channel) or 2 (a scale a "
+                                                                "channel and group)", why))
+        return why->status;
+    return TL_OK;
+}

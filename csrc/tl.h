@@ -399,6 +399,41 @@ tl_status tl_check_pool(const tl_tensor *h, const tl_tensor *mask, int mode, con
 tl_status tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *exp_avg,
                          const tl_tensor *exp_avg_sq, int apart, tl_check *why);
 
+/* ---- the int8 linear layer (csrc/cpu/qlinear_int8.c) -------------------------------------------- */
+
+/* Inference through a weight W (N x K, int8, float32 scales per output channel or per channel and group
+ * of `group` inputs) with the activations quantised too, per row and group, to uint8 with a zero point:
+ *     y[m, n] = sum_g a_s[m, g] w_s[g, n] (sum_{k in g} q[m, k] W[n, k] - zp[m, g] sum_{k in g} W[n, k])
+ *               + bias[n]
+ * (the file's header gives the quantisation and the order of operations, the same on every path and
+ * thread count). group: a multiple of 4 in [4, TL_INT8_MAX_GROUP]; K > group makes several groups.
+ * tl_int8_pack_cpu writes W in the kernel's layout into `packed` (1-D, uint8 or int8, contiguous, 4-byte
+ * aligned, >= tl_int8_packed_bytes(N, K, group) bytes; it records N, K and group): w (N, K) int8, any
+ * strides; w_scale (N,) or (N, ceil(K / group)) float32. tl_int8_linear_cpu: x (M, K) float32, bfloat16
+ * or float16, any strides; bias NULL or (N,) of a float dtype; y (M, N) float32 or x's dtype, any strides;
+ * ws 1-D uint8 or int8, contiguous, 4-byte aligned, >= tl_int8_linear_ws_bytes(M, K, group) bytes (the
+ * quantised x). The sizes are -1 for a bad group or a negative size. tl_int8_packed_info reads N, K and
+ * group back (TL_ERR_VALUE: not a packed weight). tl_int8_isa: "avx512vnni" or "portable". */
+#define TL_INT8_NR 32
+#define TL_INT8_MAX_GROUP 512
+static inline int
+tl_int8_group_ok(int64_t group)
+{
+    return group >= 4 && group <= TL_INT8_MAX_GROUP && group % 4 == 0;
+}
+int64_t tl_int8_packed_bytes(int64_t N, int64_t K, int64_t group);
+int64_t tl_int8_linear_ws_bytes(int64_t M, int64_t K, int64_t group);
+tl_status tl_int8_packed_info(const tl_tensor *packed, int64_t *N, int64_t *K, int64_t *group);
+const char *tl_int8_isa(void);
+tl_status tl_int8_pack_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_tensor *packed);
+tl_status tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor *bias, tl_tensor *y,
+                             tl_tensor *ws, int nthreads);
+/* Their tensors as the bindings take them (N, K: the packed weight's): x (M, K) float, bias (N,) float32
+ * or x's dtype, y (M, N) of x's dtype or float32; w (N, K) int8, w_scale (N,) or (N, groups) float32. */
+tl_status tl_check_int8_linear(const tl_tensor *x, const tl_tensor *bias, const tl_tensor *y, int64_t N, int64_t K,
+                               tl_check *why);
+tl_status tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why);
+
 #ifdef __cplusplus
 }
 #endif

@@ -69,6 +69,9 @@ struct tl_backend {
         __typeof__(tl_lora_backward_cpu) *lora_backward;
         __typeof__(tl_pool_cpu) *pool;
         __typeof__(tl_adamw_cpu) *adamw;
+        __typeof__(tl_int8_pack_cpu) *int8_pack;
+        __typeof__(tl_int8_linear_cpu) *int8_linear;
+        __typeof__(tl_int8_packed_info) *int8_packed_info;
     } cpu;
     struct { /* tltorch._cuda's */
         __typeof__(tl_gemm_cuda) *gemm;

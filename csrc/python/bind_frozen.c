@@ -1,5 +1,6 @@
-/* bind_frozen.c: the compact (frozen) weights' GEMM, qgemm (csrc/cpu/gemm.c), for tltorch._C; CUDA has no
- * such kernel (a frozen layer's weight is converted to x's dtype there, for gemm). */
+/* bind_frozen.c: the compact (frozen) weights' GEMM, qgemm (csrc/cpu/gemm.c), and the int8 linear layer,
+ * int8_pack and int8_linear (csrc/cpu/qlinear_int8.c), for tltorch._C; CUDA has no such kernels (a frozen
+ * layer's weight is converted to x's dtype there, for gemm). */
 #include "bind.h"
 
 PyDoc_STRVAR(qgemm_doc, "qgemm(a, b, scale, axis, c, bias, ws, nthreads, trans): c = op(a) @ (op(b) * scale along "
@@ -56,4 +57,82 @@ end:
     return tl_call_end(&k, t, TL_COUNT(t), st, "qgemm", NULL);
 }
 
-const tl_family tl_frozen_family = {.cpu = (PyMethodDef[]){TL_METHOD("qgemm", py_qgemm, qgemm_doc), {NULL}}};
+/* A byte buffer of at least `need` bytes for the int8 layer (its packed weight, its workspace): 1-D uint8 or
+ * int8, contiguous, 4-byte aligned (it holds float32 scales); written when `out`. 0, or -1 with ValueError. */
+static int
+need_bytes(tl_call *k, const tl_arg *a, int64_t need, int out)
+{
+    if (tl_check_ndim(&a->t, 1, &k->why) || (out && tl_check_writable(&a->t, &k->why))) return tl_raise_check(&k->why);
+    if ((a->t.dtype == TL_UINT8 || a->t.dtype == TL_INT8) && a->t.shape[0] >= need &&
+        (a->t.strides[0] == 1 || a->t.shape[0] <= 1) && !((uintptr_t)a->t.data & 3))
+        return 0;
+    PyErr_Format(PyExc_ValueError, "argument '%s' must be a contiguous, 4-byte aligned uint8 vector of at least %lld "
+                 "bytes", a->name, (long long)need);
+    return -1;
+}
+
+PyDoc_STRVAR(int8_pack_doc, "int8_pack(w, w_scale, group, packed, nthreads): the int8 weight w (N, K) and its scales "
+             "(N,) or (N, groups) written into packed (uint8, tltorch._C.int8_bytes(N, K, group, True) bytes) in the "
+             "int8 layer's layout.");
+
+static PyObject *
+py_int8_pack(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_arg w = TL_ARG_INIT("w"), sc = TL_ARG_INIT("w_scale"), packed = TL_ARG_INIT("packed");
+    tl_arg *t[] = {&w, &sc, &packed};
+    static const int pos[] = {0, 1, 3};
+    tl_call k;
+    int group;
+    tl_status st = TL_RAISED;
+
+    if (tl_call_begin(&k, mod, args, nargs, 4, TL_TAIL_NONE, "int8_pack(w, w_scale, group, packed") < 0) return NULL;
+    if (tl_get_int(args[2], "group", &group) < 0 || tl_call_tail(&k) < 0) return NULL;
+    if (tl_call_import(&k, t, pos, TL_COUNT(t), 3) < 0 ||
+        tl_call_check(&k, tl_check_int8_pack(&w.t, &sc.t, group, &k.why)) < 0 ||
+        need_bytes(&k, &packed, tl_int8_packed_bytes(w.t.shape[0], w.t.shape[1], group), 1) < 0)
+        goto end;
+    Py_BEGIN_ALLOW_THREADS
+    st = k.dev->cpu.int8_pack(&w.t, &sc.t, group, &packed.t);
+    Py_END_ALLOW_THREADS
+end:
+    return tl_call_end(&k, t, TL_COUNT(t), st, "int8_pack", NULL);
+}
+
+PyDoc_STRVAR(int8_linear_doc, "int8_linear(x, packed, bias, y, ws, nthreads): y = x W^T + bias with x quantised to "
+             "uint8 per row and group into ws (uint8, tltorch._C.int8_bytes(rows, K, group, False) bytes) and W the "
+             "int8 weight int8_pack wrote into packed, in place.");
+
+static PyObject *
+py_int8_linear(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_arg x = TL_ARG_INIT("x"), packed = TL_ARG_INIT("packed"), y = TL_ARG_INIT("y"), bias = TL_ARG_INIT("bias"),
+           ws = TL_ARG_INIT("ws");
+    tl_arg *t[] = {&x, &packed, &y, &ws, &bias};
+    static const int pos[] = {0, 1, 3, 4, 2};
+    tl_call k;
+    int64_t N, K, G;
+    tl_status st = TL_RAISED;
+
+    if (tl_call_begin(&k, mod, args, nargs, 5, TL_TAIL_NONE, "int8_linear(x, packed, bias, y, ws") < 0 ||
+        tl_call_tail(&k) < 0)
+        return NULL;
+    if (tl_call_import(&k, t, pos, TL_COUNT(t), 4) < 0) goto end;
+    if (need_bytes(&k, &packed, 0, 0) < 0) goto end;
+    if (k.dev->cpu.int8_packed_info(&packed.t, &N, &K, &G)) {
+        PyErr_SetString(PyExc_ValueError, "argument 'packed' is not a weight written by int8_pack");
+        goto end;
+    }
+    if (tl_call_check(&k, tl_check_int8_linear(&x.t, tl_opt(&bias), &y.t, N, K, &k.why)) < 0 ||
+        need_bytes(&k, &ws, tl_int8_linear_ws_bytes(x.t.shape[0], K, G), 1) < 0)
+        goto end;
+    Py_BEGIN_ALLOW_THREADS
+    st = k.dev->cpu.int8_linear(&x.t, &packed.t, tl_opt(&bias), &y.t, &ws.t, k.nthreads);
+    Py_END_ALLOW_THREADS
+end:
+    return tl_call_end(&k, t, TL_COUNT(t), st, "int8_linear", NULL);
+}
+
+const tl_family tl_frozen_family = {.cpu = (PyMethodDef[]){TL_METHOD("qgemm", py_qgemm, qgemm_doc),
+                                                           TL_METHOD("int8_pack", py_int8_pack, int8_pack_doc),
+                                                           TL_METHOD("int8_linear", py_int8_linear, int8_linear_doc),
+                                                           {NULL}}};

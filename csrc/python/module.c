@@ -27,8 +27,8 @@ static const tl_backend cpu = {
     .raise = raise_status,
     .cpu = {.gemm = tl_gemm_cpu, .qgemm = tl_qgemm_cpu, .colsum = tl_colsum_cpu, .linear_xent = tl_linear_xent_cpu,
             .dropout = tl_dropout_cpu, .lora_forward = tl_lora_forward_cpu, .lora_backward = tl_lora_backward_cpu,
-            .pool = tl_pool_cpu, .adamw = tl_adamw_cpu,
-            .linear_head = tl_linear_head_cpu},
+            .pool = tl_pool_cpu, .adamw = tl_adamw_cpu, .linear_head = tl_linear_head_cpu,
+            .int8_pack = tl_int8_pack_cpu, .int8_linear = tl_int8_linear_cpu, .int8_packed_info = tl_int8_packed_info},
 };
 
 /* describe(obj): what the bridge sees, for tests and debugging. */
@@ -68,6 +68,38 @@ py_cpu_isa(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
+py_int8_isa(PyObject *mod, PyObject *unused)
+{
+    return PyUnicode_FromString(tl_int8_isa());
+}
+
+/* int8_bytes(rows, K, group, packed): the int8 linear layer's workspace for `rows` rows of x (packed
+ * false), or the packed weight of `rows` output channels (true), in bytes. */
+static PyObject *
+py_int8_bytes(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (tl_nargs_is(nargs, 4, "int8_bytes(rows, K, group, packed)") < 0) return NULL;
+    long long v[3];
+    static const char *names[] = {"rows", "K", "group"};
+    for (int i = 0; i < 3; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+        if (v[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' must be >= 0, got %lld", names[i], v[i]);
+            return NULL;
+        }
+    }
+    const int packed = PyObject_IsTrue(args[3]);
+    if (packed < 0) return NULL;
+    if (!tl_int8_group_ok(v[2])) {
+        PyErr_Format(PyExc_ValueError, "argument 'group' must be a multiple of 4 in [4, %d], got %lld",
+                     TL_INT8_MAX_GROUP, v[2]);
+        return NULL;
+    }
+    return PyLong_FromLongLong(packed ? tl_int8_packed_bytes(v[0], v[1], v[2]) : tl_int8_linear_ws_bytes(v[0], v[1], v[2]));
+}
+
+static PyObject *
 py_default_threads(PyObject *mod, PyObject *unused)
 {
     return PyLong_FromLong(tl_cpu_default_threads());
@@ -89,6 +121,10 @@ py_threads(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
+    {"int8_isa", py_int8_isa, METH_NOARGS, "The instruction set the int8 linear layer uses here."},
+    {"int8_bytes", (PyCFunction)(void (*)(void))py_int8_bytes, METH_FASTCALL,
+     "int8_bytes(rows, K, group, packed): bytes of the int8 layer's packed weight (packed true; rows = out "
+     "features) or of its workspace for rows of x."},
     {"default_threads", py_default_threads, METH_NOARGS, "Threads used when nthreads <= 0."},
     {"threads", (PyCFunction)(void (*)(void))py_threads, METH_FASTCALL,
      "threads(n[, flops]): the threads a CPU kernel asked for n, of flops work, takes now (fewer while other "
