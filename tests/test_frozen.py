@@ -83,7 +83,8 @@ def case_id(c):
 @pytest.mark.parametrize("storage", STORAGES)
 def test_frozen_linear_matches_reference(storage, xdtype, case, gen):
     lead, k, n, layout, bias = case
-    m = FrozenLinear.from_linear(make_linear(k, n, bias, gen), storage)
+    # float activations: x (W*s)^T exactly (int8 activations: tests/test_int8_linear.py)
+    m = FrozenLinear.from_linear(make_linear(k, n, bias, gen), storage, activations="float")
     w64 = m.dequantized_weight(torch.float64)
     x = make_x(lead, k, layout, xdtype, gen).requires_grad_()
     y = m(x)
@@ -143,7 +144,7 @@ def test_frozen_linear_no_input_features(storage, gen):
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_no_weight_gradient_and_upstream_learns(storage, gen):
-    frozen = FrozenLinear.from_linear(make_linear(13, 6, True, gen), storage)
+    frozen = FrozenLinear.from_linear(make_linear(13, 6, True, gen), storage, activations="float")
     assert list(frozen.parameters()) == []
     assert not any(t.requires_grad for t in frozen.buffers())
     first = make_linear(7, 13, True, gen)
@@ -182,7 +183,7 @@ def test_all_zero_weight_row(storage, gen):
     lin = make_linear(37, 5, True, gen)
     with torch.no_grad():
         lin.weight[3] = 0
-    m = FrozenLinear.from_linear(lin, storage)
+    m = FrozenLinear.from_linear(lin, storage, activations="float")
     if storage == "int8":
         assert torch.isfinite(m.weight_scale).all() and (m.weight_scale > 0).all()
         assert not m.weight[3].any()
@@ -489,7 +490,7 @@ def test_freeze_storage_replaces_frozen_linears(storage, gen):
 def test_gradient_flows_through_frozen_linears(storage, gen):
     """A trainable layer below FrozenLinear layers receives the gradient of the network as it computes."""
     orig = make_net(gen)
-    net = tltorch.freeze(copy.deepcopy(orig), except_="stem", storage=storage)
+    net = tltorch.freeze(copy.deepcopy(orig), except_="stem", storage=storage, activations="float")
     assert isinstance(net.stem, nn.Linear) and not isinstance(net.stem, FrozenLinear)
     x = randn((12, 5), torch.float32, gen)
     net.train()

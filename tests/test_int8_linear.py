@@ -80,7 +80,7 @@ def max_rel(out, ref):
 # float64: a few float32 roundings of terms no larger than the result's scale.
 TOL32 = 2e-6
 
-SHAPES = [(0, 13, 5), (1, 1, 1), (1, 70, 33), (7, 13, 5), (7, 64, 32), (13, 130, 70), (300, 385, 97)]
+SHAPES = [(0, 13, 5), (5, 0, 7), (1, 1, 1), (1, 70, 33), (7, 13, 5), (7, 64, 32), (13, 130, 70), (300, 385, 97)]
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
@@ -248,3 +248,107 @@ def test_int8_linear_bad_input_names_the_argument(gen):
         _C.int8_pack(w, s, group, torch.empty(10, dtype=torch.uint8), 1)
     with pytest.raises(ValueError, match="'group'"):
         _C.int8_bytes(4, K, 1024, False)
+
+
+# ---- the layer: FrozenLinear(storage="int8") ----------------------------------------------------------
+
+from tltorch import freeze, ops  # noqa: E402
+from tltorch.nn import FrozenLinear  # noqa: E402
+from tltorch.nn.frozen import INT8_GROUP  # noqa: E402
+
+
+def make_layer(K, N, gen, activations="int8"):
+    lin = torch.nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=gen) * K ** -0.5)
+        lin.bias.copy_(torch.randn(N, generator=gen))
+    return lin, FrozenLinear.from_linear(lin, "int8", activations)
+
+
+def fro(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_layer_runs_the_int8_kernel(dtype, gen):
+    lin, m = make_layer(150, 70, gen)
+    assert m.activations == "int8" and "activations=int8" in repr(m)
+    x = torch.randn(3, 11, 150, generator=gen).to(dtype)
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (3, 11, 70)
+    direct = run(x.reshape(33, 150), pack(m.weight, m.weight_scale, INT8_GROUP), m.bias,
+                 torch.empty(33, 70, dtype=dtype), INT8_GROUP)
+    assert torch.equal(y.reshape(33, 70), direct)
+    assert torch.equal(m(x[0, 0]), y[0, 0])  # 1-D x
+
+
+@pytest.mark.parametrize("K,N", [(384, 384), (1536, 384), (100, 37)])
+def test_layer_accuracy_floor(K, N, gen):
+    """Against the float32 layer: int8 activations add about half again the weight's own rounding error
+    (Gaussian and GELU-shaped inputs: 0.0057-0.0067 against 0.0038-0.0040 measured)."""
+    lin, m = make_layer(K, N, gen)
+    weight_only = FrozenLinear.from_linear(lin, "int8", activations="float")
+    for x in (torch.randn(200, K, generator=gen), torch.nn.functional.gelu(torch.randn(200, K, generator=gen))):
+        ref = lin(x).detach()
+        err, err_w = fro(m(x), ref), fro(weight_only(x), ref)
+        assert err <= 1e-2 and err <= 2 * err_w, (err, err_w)
+
+
+def test_layer_input_gradient_is_dy_times_the_weight(gen):
+    lin, m = make_layer(40, 24, gen)
+    x = torch.randn(9, 40, generator=gen, requires_grad=True)
+    dy = torch.randn(9, 24, generator=gen)
+    y = m(x)
+    y.backward(dy)
+    assert y.grad_fn is not None and "Int8Linear" in type(y.grad_fn).__name__
+    assert max_rel(x.grad, dy.double() @ m.dequantized_weight(torch.float64)) <= 1e-5
+    with torch.no_grad():
+        assert torch.equal(m(x), y)  # the same forward with and without autograd
+
+
+def test_layer_weight_only_activations(gen):
+    lin, m = make_layer(50, 20, gen, activations="float")
+    x = torch.randn(6, 50, generator=gen)
+    assert torch.equal(m(x), ops.frozen_linear(x, m.weight, m.weight_scale, m.bias))
+    assert m.packed_weight is None  # never packed
+    m.activations = "int8"
+    assert not torch.equal(m(x), ops.frozen_linear(x, m.weight, m.weight_scale, m.bias))
+    with pytest.raises(ValueError, match="activations"):
+        m.activations = "int4"
+    net = freeze(torch.nn.Sequential(torch.nn.Linear(8, 4)), storage="int8", activations="float")
+    assert net[0].activations == "float"
+    with pytest.raises(ValueError, match="activations"):
+        freeze(torch.nn.Sequential(torch.nn.Linear(8, 4)), storage="int8", activations="fp8")
+
+
+def test_layer_repacks_after_load_state_dict_and_in_place_edits(gen):
+    lin, m = make_layer(64, 33, gen)
+    x = torch.randn(5, 64, generator=gen)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "weight_scale", "bias"}  # the packed weight is not saved
+    fresh = FrozenLinear(64, 33, storage="int8")
+    assert fresh.packed_weight is None
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), m(x))
+    with torch.no_grad():
+        m.weight[3] = -m.weight[3]
+    y = m(x)
+    ref = run(x, pack(m.weight, m.weight_scale, INT8_GROUP), m.bias, torch.empty(5, 33), INT8_GROUP)
+    assert torch.equal(y, ref)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh(x), y)
+
+
+def test_layer_bad_input_names_the_argument(gen):
+    lin, m = make_layer(12, 5, gen)
+    with pytest.raises(TypeError, match="x"):
+        m(torch.ones(2, 12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.ones(2, 13))
+    with pytest.raises(ValueError, match="x"):
+        m(torch.ones(2, 12, device="meta"))
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            lin.weight[1, 2] = bad
+        with pytest.raises(ValueError, match=r"weight.*int8"):
+            FrozenLinear.from_linear(lin, "int8")

@@ -5,7 +5,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .nn.frozen import STORAGES, FrozenLinear
+from .nn.frozen import ACTIVATIONS, STORAGES, FrozenLinear
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -23,7 +23,8 @@ def _matches(name: str, patterns) -> bool:
     return any(q == p or fnmatch.fnmatchcase(q, p) for p in patterns for q in prefixes)
 
 
-def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage: Optional[str] = None) -> nn.Module:
+def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage: Optional[str] = None,
+           activations: str = "int8") -> nn.Module:
     """Freeze `model` in place, except the submodules named in `except_`, and return it.
 
     Every parameter outside ``except_`` stops requiring grad, and every frozen module is put in eval mode
@@ -33,7 +34,8 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     ``storage``: None keeps the weights as they are; "bfloat16", "float16" or "int8" also replaces each
     frozen ``nn.Linear`` by a ``tltorch.nn.FrozenLinear`` holding its weight in that form (int8: a
     per-output-channel absmax scale), which still passes gradients to its input, so trainable layers and
-    adapters below it keep learning.
+    adapters below it keep learning. ``activations``: with int8 storage on the CPU, "int8" quantises each
+    layer's input to 8 bits too (the int8 kernel), "float" keeps it in float (FrozenLinear.activations).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
@@ -43,6 +45,8 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
             raise TypeError(f"except_ must hold module names (str), got {type(p).__name__}")
     if storage is not None and storage not in STORAGES[1:]:
         raise ValueError(f"storage must be None, 'bfloat16', 'float16' or 'int8', got {storage!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     names = [n for n, _ in model.named_modules()]
     for p in patterns:
         if not any(_matches(n, (p,)) for n in names if n):
@@ -69,5 +73,5 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
                 raise ValueError("storage= needs the model to contain layers; the model itself is an nn.Linear")
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FrozenLinear.from_linear(module, storage))
+            setattr(parent, child, FrozenLinear.from_linear(module, storage, activations))
     return model

@@ -449,7 +449,8 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
     const layout L = layout_of(N, K, G);
     const int64_t need = tl_int8_linear_ws_bytes(M, K, G);
     if (!ws || ws->device != TL_CPU || ws->ndim != 1 || (ws->dtype != TL_UINT8 && ws->dtype != TL_INT8) ||
-        ws->shape[0] < need || (ws->strides[0] != 1 && ws->shape[0] > 1) || !ws->data || ((uintptr_t)ws->data & 3))
+        ws->shape[0] < need || (ws->strides[0] != 1 && ws->shape[0] > 1) || (need > 0 && !ws->data) ||
+        ((uintptr_t)ws->data & 3))
         return TL_ERR_VALUE;
 
     const uint8_t *bbase = (const uint8_t *)packed->data + HEADER;
@@ -459,7 +460,7 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
     const int fast_x = vnni && (x->dtype == TL_FLOAT32 || x->dtype == TL_BFLOAT16) && (x->strides[1] == 1 || K <= 1);
     const int fast_y = vnni && (y->dtype == TL_FLOAT32 || y->dtype == TL_BFLOAT16) && (y->strides[1] == 1 || N == 1);
     /* A slivers per block of rows: ~A_BLOCK_BYTES of A, read against each of a thread's B slivers */
-    int64_t blk = A_BLOCK_BYTES / asl;
+    int64_t blk = asl > 0 ? A_BLOCK_BYTES / asl : nsl_a; /* K == 0: y = bias */
     if (blk < 1) blk = 1;
     int nt = tl_threads_for(nthreads, 2.0 * (double)M * N * K);
     if ((double)M * N * K < 1e6) nt = 1;

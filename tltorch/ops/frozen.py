@@ -3,7 +3,8 @@ int8 with a per-output-channel scale s).
 
 On the CPU the GEMM reads W in its stored dtype and scales it as it packs it (no dequantised copy); on
 CUDA the weight is converted to x's dtype for cuBLAS (a temporary the size of the layer's weight).
-There is never a weight gradient.
+There is never a weight gradient. int8_linear (below) quantises x to 8 bits as well, for the int8 kernel
+(CPU inference).
 """
 from functools import partial
 from typing import Optional
@@ -91,3 +92,48 @@ frozen_linear = define_op("frozen_linear", "(Tensor x, Tensor weight, Tensor? sc
                           {"cpu": partial(_frozen_linear, _qgemm_cpu), "cuda": partial(_frozen_linear, _qgemm_cuda)},
                           _frozen_linear_fake, setup_context=_frozen_setup, backward=_frozen_grad,
                           differentiable=("x",))
+
+
+# ---- int8_linear: x quantised to 8 bits too, the int8 weight packed (CPU inference) ------------------------
+#
+# y = x (W*s)^T + bias with x quantised per row and group of `group` inputs to uint8 (csrc/cpu/qlinear_int8.c
+# says how); dx = dy (W*s) through qgemm, as frozen_linear's (the quantisation passes the gradient straight
+# through). packed: int8_pack(weight, scale, group), built once when the layer is frozen.
+
+def int8_pack(weight: Tensor, scale: Tensor, group: int) -> Tensor:
+    """The int8 weight (out, in) and its float32 scales (out,) in the int8 kernel's layout: a uint8 buffer."""
+    packed = torch.empty(_C.int8_bytes(weight.shape[0], weight.shape[1], group, True), dtype=torch.uint8)
+    _C.int8_pack(weight, scale, group, packed, 1)
+    return packed
+
+
+def _int8_linear_cpu(x, weight, scale, packed, group, bias):
+    a = rows(x)
+    y = torch.empty(a.shape[0], weight.shape[0], dtype=x.dtype)
+    ws = torch.empty(_C.int8_bytes(a.shape[0], a.shape[1], group, False), dtype=torch.uint8)
+    _C.int8_linear(a, packed, bias, y, ws, torch.get_num_threads())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_linear_cuda(x, weight, scale, packed, group, bias):
+    """No int8 kernel on CUDA: x stays in float (frozen_linear's)."""
+    return _frozen_linear(_qgemm_cuda, x, weight, scale, bias)
+
+
+def _int8_linear_fake(x, weight, scale, packed, group, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_setup(ctx, inputs, output):
+    x, weight, scale, packed, group, bias = inputs
+    ctx.save_for_backward(weight, scale)
+
+
+def _int8_grad(ctx, grad):
+    weight, scale = ctx.saved_tensors
+    return frozen_linear_backward(grad, weight, scale), None, None, None, None, None
+
+
+int8_linear = define_op("int8_linear", "(Tensor x, Tensor weight, Tensor scale, Tensor packed, int group, "
+                        "Tensor? bias) -> Tensor", {"cpu": _int8_linear_cpu, "cuda": _int8_linear_cuda},
+                        _int8_linear_fake, setup_context=_int8_setup, backward=_int8_grad, differentiable=("x",))
