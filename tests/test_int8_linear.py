@@ -158,8 +158,17 @@ def test_int8_linear_thread_count_does_not_change_bits(dtype, gen):
     y1 = run(x, packed, None, torch.empty(M, N, dtype=dtype), group, 1)
     y2 = run(x, packed, None, torch.empty(M, N, dtype=dtype), group, 2)
     assert torch.equal(y1, y2)
+    # many chunks of rows (each quantised while the one before is multiplied)
+    w, w_scale = make_weight(70, 3072, group, False, gen)
+    x = torch.randn(700, 3072, generator=gen).to(dtype)
+    packed = pack(w, w_scale, group)
+    y1 = run(x, packed, None, torch.empty(700, 70, dtype=dtype), group, 1)
+    assert torch.equal(y1, run(x, packed, None, torch.empty(700, 70, dtype=dtype), group, 2))
+    assert max_rel(y1.float(), ref_int8_linear(x, w, w_scale, group, None)) <= (TOL32 if dtype == torch.float32
+                                                                                else 2 ** -8)
     # fewer column slivers than threads: the rows are shared out instead
     w, w_scale = make_weight(20, K, group, False, gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
     packed = pack(w, w_scale, group)
     assert torch.equal(run(x, packed, None, torch.empty(M, 20, dtype=dtype), group, 1),
                        run(x, packed, None, torch.empty(M, 20, dtype=dtype), group, 2))
@@ -189,29 +198,32 @@ torch.save({"isa": _C.int8_isa(), "out": out}, sys.argv[2])
 
 def test_int8_linear_each_isa_path_same_bits(tmp_path, gen):
     cases = []
-    for (M, K, N, group) in [(1, 1, 1, 4), (7, 13, 33, 4), (13, 130, 70, 64), (300, 385, 97, 128), (50, 600, 64, 512)]:
+    for (M, K, N, group) in [(1, 1, 1, 4), (7, 13, 33, 4), (13, 130, 70, 64), (300, 385, 97, 128), (50, 600, 64, 512),
+                             (33, 64, 32, 64), (70, 200, 40, 32), (400, 3072, 40, 64)]:
         for dtype in (torch.float32, torch.bfloat16):
             w, s = make_weight(N, K, group, group != 128, gen)
             cases.append((torch.randn(M, K, generator=gen).to(dtype) * 4, w, s, group,
                           torch.randn(N, generator=gen)))
     torch.save(cases, tmp_path / "cases.pt")
     results = {}
-    for isa in ("native", "portable"):
+    for isa in ("native", "avx512", "portable"):  # avx512: AMX off, VNNI on where the CPU has them
         env = dict(os.environ, OMP_NUM_THREADS="2", TLTORCH_THREADS_LOAD="off")
-        if isa == "portable":
-            env["TLTORCH_CPU_ISA"] = "portable"
-        else:
+        if isa == "native":
             env.pop("TLTORCH_CPU_ISA", None)
+        else:
+            env["TLTORCH_CPU_ISA"] = isa
         out = tmp_path / f"{isa}.pt"
         proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(tmp_path / "cases.pt"), str(out)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[isa] = torch.load(out)
-    assert results["portable"]["isa"] == "portable"
-    for i, ((x, w, s, group, bias), yn, yp) in enumerate(zip(cases, results["native"]["out"],
-                                                             results["portable"]["out"])):
-        assert torch.equal(yn[0], yn[1]) and torch.equal(yp[0], yp[1]), f"case {i}: threads differ"
+    assert results["portable"]["isa"] == "portable" and results["avx512"]["isa"] != "amx"
+    for i, ((x, w, s, group, bias), yn, yv, yp) in enumerate(zip(cases, results["native"]["out"],
+                                                                 results["avx512"]["out"], results["portable"]["out"])):
+        assert torch.equal(yn[0], yn[1]) and torch.equal(yv[0], yv[1]) and torch.equal(yp[0], yp[1]), \
+            f"case {i}: threads differ"
         assert torch.equal(yn[0], yp[0]), f"case {i}: {results['native']['isa']} and portable differ"
+        assert torch.equal(yv[0], yp[0]), f"case {i}: {results['avx512']['isa']} and portable differ"
         assert max_rel(yp[0].float(), ref_int8_linear(x, w, s, group, bias)) <= (TOL32 if x.dtype == torch.float32
                                                                                else 2 ** -8)
 

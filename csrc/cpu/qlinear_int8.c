@@ -2,33 +2,50 @@
  *
  *     y[m, n] = sum_g a_s[m, g] * w_s[g, n] * (sum_{k in g} q[m, k] w[n, k] - zp[m, g] * wsum[g, n]) + bias[n]
  *
- * K is cut into groups g of G consecutive inputs (the last may be shorter). The weight W (N x K) is int8
- * with a float32 scale per output channel and group w_s[g, n] (a per-channel scale is the same in every
- * group), packed once (tl_int8_pack_cpu) into slivers of NR = 32 columns: for each 4 consecutive k
- * (zero-padded to a multiple of 4 in every group) the 4 bytes of each column, then per group the
- * sliver's scales and v[g, n] = w_s[g, n] * wsum[g, n], wsum the group's sum of the column's int8
- * weights. Each call quantises x per row and group to uint8, asymmetrically (GELU outputs are
+ * K is cut into groups g of G consecutive inputs (the last may be shorter), each zero-padded to a multiple
+ * of 64 bytes when G is one (an AMX tile's row), else of 4. The weight W (N x K) is int8 with a float32
+ * scale per output channel and group w_s[g, n] (a per-channel scale is the same in every group), packed
+ * once (tl_int8_pack_cpu) into slivers of NR = 32 columns: for each 4 consecutive (padded) k the 4 bytes
+ * of each column (the VNNI/AMX operand layout: a 16-column half of 16 such rows is an AMX tile), then
+ * per group the sliver's scales and v[g, n] = w_s[g, n] * wsum[g, n], wsum the group's sum of the
+ * column's int8 weights. Each call quantises x per row and group to uint8, asymmetrically (GELU outputs are
  * one-sided): lo = min(0, min x), hi = max(0, max x), a_s = (hi - lo) / 255, zp = rint(-lo / a_s),
  * q = clamp(rint(x / a_s) + zp, 0, 255) (x / a_s as x * (1 / a_s)), into the caller's workspace,
  * with u[m, g] = a_s[m, g] * zp[m, g]. Then, per output, in this order of float32 operations:
  *     f = 0;  for each g:  acc = sum_k q w (int32, exact);  f = fma(a_s, acc * w_s, f);  f = fma(-u, v, f)
  *     y = f + bias
- * which the AVX512-VNNI path (vpdpbusd: uint8 x int8 in fours into int32) and the portable path both
- * follow, so their results are bitwise equal, and equal for any thread count (each output is one
+ * which the AMX path (tdpbusd: 32 x 32 outputs, 64 k at a time, in four 16 x 16 int32 tiles), the
+ * AVX512-VNNI path (vpdpbusd: uint8 x int8 in fours into int32; 6 x 32 outputs) and the portable path
+ * all follow, so their results are bitwise equal, and equal for any thread count (each output is one
  * tile's). acc * w_s is exact in its conversion to float32 for G <= 512 (|acc| <= 255 * 127 * G < 2^24).
  * A row whose group holds a NaN or an infinity gives NaN outputs (its scale is NaN).
  *
- * Why groups: on all-MiniLM-L6-v2 (mean-pooled last_hidden_state over 512 generated reviews padded to
- * 64 tokens, cosine to the float32 body, min over sentences) int8 weights with one scale per channel
- * reach 0.99855 even with float32 activations (0.99922 with groups of 128, 0.99952 of 64); per-row
- * activation scales with float32 weights 0.99625, the FFN's first layer (after a LayerNorm whose
- * output has one hidden dimension ~15x the rest) alone 0.99874; torch's quantize_dynamic (per-row,
- * per-channel) far less.
+ * The scheme, from all-MiniLM-L6-v2 (simulated in float64 torch: the cosine of the mean-pooled
+ * last_hidden_state to the float32 body's, min over 512 generated reviews padded to 64 tokens):
+ *     int8 weights, float32 x:        one scale a channel 0.99855; groups of 128 0.99922, of 64 0.99952
+ *     float32 weights, 8-bit x:       a scale a row 0.99625 (the FFN's first layer, after a LayerNorm with
+ *                                     one hidden dimension ~15x the rest, alone 0.99874); a row plus the
+ *                                     4 largest columns kept in float 0.99951
+ *     both, a scale a channel:        x per row 0.99479, per group of 128 0.99749, of 64 0.99810 (+ the 4
+ *                                     largest columns in float 0.99844), per row + 4 columns 0.99812
+ *     both, weight groups too:        groups of 128 0.99751, of 64 0.99885 (+ 4 columns 0.99938), of 32
+ *                                     0.99920; symmetric int8 x instead of uint8 with a zero point, groups
+ *                                     of 64: 0.99777
+ *     torch's quantize_dynamic: per-row, per-channel, symmetric weights: far below (0.80-0.87).
+ * So asymmetric x in groups of 64 (FrozenLinear's INT8_GROUP), a scale per channel (the stored
+ * format) or per channel and group of the weight; the weight's own rounding then sets the floor.
  *
  * Memory: the packed weight, N_pad * (K_pad + 8 * groups) bytes (N_pad, K_pad: N and K padded as above);
- * the workspace, M_pad * (K_pad + 8 * groups) bytes (M_pad: M rounded up to MR), read by every thread;
- * a thread reads its own columns' slivers once per block of rows (at most ~512 KB of A).
+ * the workspace, M_pad * (K_pad + 8 * groups) bytes (M_pad: M rounded up to 32): x's rows quantised,
+ * then their scales, read by every thread. Rows go in chunks of ~256 KB of A, each multiplied against
+ * all of a thread's B slivers while the thread quantises its share of the next chunk between slivers,
+ * so that reading x (float, often from DRAM: on a busy 2-core VM a float32 row read costs as much as
+ * its AMX products) overlaps the tile products.
+ *
+ * AMX (Sapphire Rapids on): the process asks Linux for the tile state once (arch_prctl); where that is
+ * refused, or TLTORCH_CPU_ISA is avx512, avx2 or portable, the VNNI or portable path runs instead.
  */
+#define _GNU_SOURCE /* syscall under -std=c11 */
 #include <math.h>
 #include <stdlib.h>
 
@@ -38,27 +55,38 @@
 #include <immintrin.h>
 #define TL_X86 1
 #endif
+#if defined(__linux__) && defined(TL_X86)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TL_AMX 1
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define NR TL_INT8_NR /* columns of a sliver: two zmm of int32 */
-#define MR 6          /* rows of a tile */
+#define NR TL_INT8_NR /* columns of a sliver: two zmm of int32, or two AMX tiles */
+#define MR 6          /* rows of a VNNI or portable tile */
+#define MB 32         /* rows of an AMX block (two tiles); the workspace's rows are padded to it */
 #define NV (NR / 16)
 #define HEADER 64     /* bytes before the slivers */
 #define MAGIC 0x38494c54 /* "TLI8" */
-#define A_BLOCK_BYTES (512 << 10)
+#define A_BLOCK_BYTES (256 << 10)
 
 typedef struct {
-    int64_t N, K, G, groups, kpad; /* kpad: K with every group padded to a multiple of 4 */
-    int64_t sliver;                /* bytes of one packed sliver (NR columns) */
+    int64_t N, K, G, groups, unit, kpad; /* unit: each group's padding; kpad: K with every group padded */
+    int64_t sliver;                      /* bytes of one packed sliver (NR columns) */
 } layout;
 
-/* Group g's first k and its length (the last may be shorter), and its offset in a padded row. */
 static inline int64_t
 group_len(const layout *L, int64_t g)
 {
     return g < L->groups - 1 ? L->G : L->K - g * L->G;
+}
+
+static inline int64_t
+group_pad(const layout *L, int64_t g)
+{
+    return (group_len(L, g) + L->unit - 1) / L->unit * L->unit;
 }
 
 static layout
@@ -68,8 +96,9 @@ layout_of(int64_t N, int64_t K, int64_t G)
     L.N = N;
     L.K = K;
     L.G = G;
+    L.unit = G % 64 == 0 ? 64 : 4;
     L.groups = K > 0 ? (K + G - 1) / G : 0;
-    L.kpad = L.groups ? (L.groups - 1) * G + (((K - (L.groups - 1) * G) + 3) & ~(int64_t)3) : 0;
+    L.kpad = L.groups ? (L.groups - 1) * G + group_pad(&L, L.groups - 1) : 0;
     L.sliver = NR * L.kpad + 8 * NR * L.groups;
     return L;
 }
@@ -87,7 +116,7 @@ tl_int8_linear_ws_bytes(int64_t M, int64_t K, int64_t group)
 {
     if (M < 0 || K < 0 || !tl_int8_group_ok(group)) return -1;
     const layout L = layout_of(0, K, group);
-    return (M + MR - 1) / MR * MR * (L.kpad + 8 * L.groups);
+    return (M + MB - 1) / MB * MB * (L.kpad + 8 * L.groups);
 }
 
 tl_status
@@ -107,6 +136,57 @@ tl_int8_packed_info(const tl_tensor *packed, int64_t *N, int64_t *K, int64_t *gr
     *K = h[3];
     *group = h[4];
     return TL_OK;
+}
+
+/* ---- the instruction sets ----------------------------------------------------------------------- */
+
+static int
+has_vnni(void)
+{
+#ifdef TL_X86
+    static int v = -1;
+    int r = __atomic_load_n(&v, __ATOMIC_ACQUIRE);
+    if (r < 0) {
+        __builtin_cpu_init();
+        r = tl_cpu_level() >= 2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vnni");
+        __atomic_store_n(&v, r, __ATOMIC_RELEASE);
+    }
+    return r;
+#else
+    return 0;
+#endif
+}
+
+/* AMX-INT8 with the tile state granted to this process (Linux asks for it: ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA), unless TLTORCH_CPU_ISA caps the level at avx512 or below. */
+static int
+has_amx(void)
+{
+#ifdef TL_AMX
+    static int v = -1;
+    int r = __atomic_load_n(&v, __ATOMIC_ACQUIRE);
+    if (r < 0) {
+        const char *cap = getenv("TLTORCH_CPU_ISA");
+        unsigned a, b, c, d;
+        r = 0;
+        if (has_vnni() && !(cap && (!strcmp(cap, "avx512") || !strcmp(cap, "avx2") || !strcmp(cap, "portable")))) {
+            __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+            if ((d >> 24 & 1) && (d >> 25 & 1)) /* AMX-TILE, AMX-INT8 */
+                r = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        }
+        __atomic_store_n(&v, r, __ATOMIC_RELEASE);
+    }
+    return r;
+#else
+    return 0;
+#endif
+}
+
+const char *
+tl_int8_isa(void)
+{
+    return has_amx() ? "amx" : has_vnni() ? "avx512vnni" : "portable";
 }
 
 /* ---- packing the weight ------------------------------------------------------------------------- */
@@ -155,7 +235,7 @@ tl_int8_pack_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl
                     sl[((kp + i) / 4) * (4 * NR) + 4 * j + (kp + i) % 4] = (uint8_t)q;
                     sum += q;
                 }
-                kp += (len + 3) & ~(int64_t)3;
+                kp += group_pad(&L, g);
                 const float sc = sd[n * ss0 + g * ss1];
                 scales[g * NR + j] = sc;
                 v[g * NR + j] = sc * (float)sum;
@@ -167,12 +247,39 @@ tl_int8_pack_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl
 
 /* ---- quantising x ------------------------------------------------------------------------------- */
 
-/* The workspace: A slivers of MR rows, each MR * kpad bytes (for each 4 k, the MR rows' 4 bytes) followed
- * by [groups][MR] a_s and [groups][MR] u. Padding rows and padding k hold zeros. */
-static inline int64_t
-a_sliver_bytes(const layout *L)
+/* The workspace: the rows of x quantised, kpad bytes each (padding: zeros), M_pad of them (rows past M:
+ * zeros), then a_s[M_pad][groups] and u[M_pad][groups]. With groups padded to 64 bytes the rows are
+ * stored in blocks of 16, each block's k in 64-byte chunks of its 16 rows: an AMX tile (1 KB) each, read
+ * whole; else row after row. */
+typedef struct {
+    uint8_t *q;
+    float *as, *u;
+} arows;
+
+static arows
+arows_of(void *ws, const layout *L, int64_t M)
 {
-    return MR * L->kpad + 8 * MR * L->groups;
+    const int64_t mpad = (M + MB - 1) / MB * MB;
+    arows A;
+    A.q = ws;
+    A.as = (float *)(A.q + mpad * L->kpad);
+    A.u = A.as + mpad * L->groups;
+    return A;
+}
+
+/* Where byte k of quantised row m lives; 16 consecutive k (from a multiple of 16) are contiguous. */
+static inline uint8_t *
+qa(const arows *A, const layout *L, int64_t m, int64_t k)
+{
+    if (L->unit == 64) return A->q + (m >> 4) * 16 * L->kpad + (k >> 6) * 1024 + (m & 15) * 64 + (k & 63);
+    return A->q + m * L->kpad + k;
+}
+
+/* The offset of byte k of a row from its byte 0, in either layout. */
+static inline int64_t
+qa_off(const layout *L, int64_t k)
+{
+    return L->unit == 64 ? ((k >> 6) << 10) + (k & 63) : k;
 }
 
 /* The scale and zero point of a group whose extremes (with 0) are lo <= 0 <= hi; bad: it held a NaN or
@@ -201,13 +308,13 @@ quant1(float x, float inv, int32_t zp)
     return (uint8_t)(q < 0 ? 0 : q > 255 ? 255 : q);
 }
 
-/* Row m of x (any dtype, any strides) into its place in the A sliver, scalar. */
+/* Row m of x (any dtype, any strides) into the workspace, scalar. */
 static void
-quant_row_scalar(const tl_tensor *x, int64_t m, const layout *L, uint8_t *sl, int r)
+quant_row_scalar(const tl_tensor *x, int64_t m, const layout *L, const arows *A)
 {
     const char *xd = x->data;
     const int64_t es = (int64_t)tl_dtype_size(x->dtype), s0 = x->strides[0], s1 = x->strides[1];
-    float *as = (float *)(sl + MR * L->kpad), *u = as + MR * L->groups;
+    float *as = A->as + m * L->groups, *u = A->u + m * L->groups;
     int64_t kp = 0;
     for (int64_t g = 0; g < L->groups; g++) {
         const int64_t len = group_len(L, g), k0 = g * L->G;
@@ -220,13 +327,14 @@ quant_row_scalar(const tl_tensor *x, int64_t m, const layout *L, uint8_t *sl, in
             hi = v > hi ? v : hi;
         }
         int32_t zp;
-        const float inv = group_params(lo, hi, bad, &as[g * MR + r], &zp);
-        u[g * MR + r] = as[g * MR + r] * (float)zp;
+        const float inv = group_params(lo, hi, bad, &as[g], &zp);
+        u[g] = as[g] * (float)zp;
         for (int64_t i = 0; i < len; i++) {
             const float v = tl_load_f(xd + (m * s0 + (k0 + i) * s1) * es, 0, x->dtype);
-            sl[((kp + i) / 4) * (4 * MR) + 4 * r + (kp + i) % 4] = bad ? 0 : quant1(v, inv, zp);
+            *qa(A, L, m, kp + i) = bad ? 0 : quant1(v, inv, zp);
         }
-        kp += (len + 3) & ~(int64_t)3;
+        for (int64_t i = len; i < group_pad(L, g); i++) *qa(A, L, m, kp + i) = 0;
+        kp += group_pad(L, g);
     }
 }
 
@@ -243,16 +351,17 @@ load16(const void *p, int bf16, int n)
 
 /* quant_row_scalar for a float32 or bfloat16 row with unit column stride: the same values. */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void
-quant_row_avx512(const void *row, int bf16, const layout *L, uint8_t *sl, int r)
+quant_row_avx512(const void *row, int bf16, int64_t m, const layout *L, const arows *A)
 {
     const int64_t es = bf16 ? 2 : 4;
-    float *as = (float *)(sl + MR * L->kpad), *u = as + MR * L->groups;
+    float *as = A->as + m * L->groups, *u = A->u + m * L->groups;
     int64_t kp = 0;
     for (int64_t g = 0; g < L->groups; g++) {
         const int64_t len = group_len(L, g);
         const char *p = (const char *)row + g * L->G * es;
         __m512 lo = _mm512_setzero_ps(), hi = lo, chk = lo;
         for (int64_t i = 0; i < len; i += 16) {
+            _mm_prefetch(p + i * es + 1024, _MM_HINT_T0);
             const __m512 v = load16(p + i * es, bf16, (int)(len - i));
             lo = _mm512_min_ps(lo, v);
             hi = _mm512_max_ps(hi, v);
@@ -260,106 +369,96 @@ quant_row_avx512(const void *row, int bf16, const layout *L, uint8_t *sl, int r)
         }
         const int bad = _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q) != 0;
         int32_t zp;
-        const float inv = group_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), bad, &as[g * MR + r], &zp);
-        u[g * MR + r] = as[g * MR + r] * (float)zp;
+        const float inv = group_params(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), bad, &as[g], &zp);
+        u[g] = as[g] * (float)zp;
         const __m512 vinv = _mm512_set1_ps(inv);
         const __m512i vzp = _mm512_set1_epi32(zp), z = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
-        uint8_t *dst = sl + (kp / 4) * (4 * MR) + 4 * r;
         for (int64_t i = 0; i < len; i += 16) {
             const int n = (int)(len - i < 16 ? len - i : 16);
             const __m512 v = load16(p + i * es, bf16, n);
-            __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), vzp);
-            q = _mm512_min_epi32(_mm512_max_epi32(q, z), top);
-            if (bad) q = z;
-            /* 16 bytes, 4 per 4-k step, the steps MR * 4 bytes apart */
-            const __m128i b = _mm512_cvtepi32_epi8(q);
-            uint32_t wds[4];
-            _mm_storeu_si128((__m128i *)wds, b);
-            for (int t = 0; t < (n + 3) / 4; t++) {
-                uint32_t wd = wds[t];
-                if (n - 4 * t < 4) wd &= (1u << (8 * (n - 4 * t))) - 1u;
-                memcpy(dst + (i / 4 + t) * (4 * MR), &wd, 4);
-            }
+            __m512i qv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), vzp);
+            qv = _mm512_min_epi32(_mm512_max_epi32(qv, z), top);
+            if (bad) qv = z;
+            _mm_storeu_si128((__m128i *)qa(A, L, m, kp + i),
+                             _mm_maskz_mov_epi8(n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1), _mm512_cvtepi32_epi8(qv)));
         }
-        kp += (len + 3) & ~(int64_t)3;
+        for (int64_t i = (len + 15) & ~(int64_t)15; i < group_pad(L, g); i += 16)
+            memset(qa(A, L, m, kp + i), 0, 16);
+        kp += group_pad(L, g);
     }
 }
 #endif
 
-static int
-has_vnni(void)
-{
-#ifdef TL_X86
-    static int v = -1;
-    int r = __atomic_load_n(&v, __ATOMIC_ACQUIRE);
-    if (r < 0) {
-        __builtin_cpu_init();
-        r = tl_cpu_level() >= 2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512vnni");
-        __atomic_store_n(&v, r, __ATOMIC_RELEASE);
-    }
-    return r;
-#else
-    return 0;
-#endif
-}
+/* ---- the tiles: f[r][j] (before the bias) for rows m0.. of the workspace and one B sliver ---------- */
 
-const char *
-tl_int8_isa(void)
-{
-    return has_vnni() ? "avx512vnni" : "portable";
-}
-
-/* ---- the tiles ---------------------------------------------------------------------------------- */
-
-/* tile[r][j] = f (before the bias) for the MR rows of A sliver ap and the NR columns of B sliver bp. */
+/* Rows m0 .. m0 + mn - 1 (mn <= MR; the tile's other rows repeat the last). */
 static void
-tile_portable(const layout *L, const uint8_t *ap, const uint8_t *bp, float tile[MR][NR])
+tile_portable(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp, float tile[][NR])
 {
-    const float *as = (const float *)(ap + MR * L->kpad), *u = as + MR * L->groups;
     const float *ws = (const float *)(bp + NR * L->kpad), *v = ws + NR * L->groups;
-    for (int r = 0; r < MR; r++)
+    for (int r = 0; r < mn; r++)
         for (int j = 0; j < NR; j++) tile[r][j] = 0.0f;
-    int64_t kq = 0; /* 4-k step */
+    int64_t kp = 0;
     for (int64_t g = 0; g < L->groups; g++) {
-        const int64_t steps = (group_len(L, g) + 3) / 4;
-        int32_t acc[MR][NR] = {{0}};
-        for (int64_t s = 0; s < steps; s++) {
-            const uint8_t *a = ap + (kq + s) * 4 * MR, *b = bp + (kq + s) * 4 * NR;
-            for (int r = 0; r < MR; r++)
-                for (int j = 0; j < NR; j++)
-                    acc[r][j] += a[4 * r] * (int8_t)b[4 * j] + a[4 * r + 1] * (int8_t)b[4 * j + 1] +
-                                 a[4 * r + 2] * (int8_t)b[4 * j + 2] + a[4 * r + 3] * (int8_t)b[4 * j + 3];
-        }
-        kq += steps;
-        for (int r = 0; r < MR; r++)
+        const int64_t len = group_pad(L, g);
+        for (int r = 0; r < mn; r++) {
+            const uint8_t *a0 = qa(A, L, m0 + r, 0);
+            const float as = A->as[(m0 + r) * L->groups + g], u = A->u[(m0 + r) * L->groups + g];
             for (int j = 0; j < NR; j++) {
-                const float t = (float)acc[r][j] * ws[g * NR + j];
-                tile[r][j] = fmaf(-u[g * MR + r], v[g * NR + j], fmaf(as[g * MR + r], t, tile[r][j]));
+                const int8_t *b = (const int8_t *)bp + kp * NR + 4 * j;
+                int32_t acc = 0;
+                for (int64_t k = kp; k < kp + len; k += 4, b += 4 * NR) {
+                    const uint8_t *a = a0 + qa_off(L, k);
+                    acc += a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3];
+                }
+                const float t = (float)acc * ws[g * NR + j];
+                tile[r][j] = fmaf(-u, v[g * NR + j], fmaf(as, t, tile[r][j]));
             }
+        }
+        kp += len;
     }
 }
 
 #ifdef TL_X86
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
-tile_vnni(const layout *L, const uint8_t *ap, const uint8_t *bp, float tile[MR][NR])
+/* f = fma(-u, v, fma(a_s, acc * w_s, f)) for one row's two vectors. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+epilogue(__m512 *f, const __m512i *acc, const __m512 *wv, const __m512 *vv, float as, float u)
 {
-    const float *as = (const float *)(ap + MR * L->kpad), *u = as + MR * L->groups;
+    const __m512 sa = _mm512_set1_ps(as), su = _mm512_set1_ps(u);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++)
+        f[j] = _mm512_fnmadd_ps(su, vv[j], _mm512_fmadd_ps(sa, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[j]), wv[j]), f[j]));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+tile_vnni(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp, float tile[][NR])
+{
     const float *ws = (const float *)(bp + NR * L->kpad), *v = ws + NR * L->groups;
+    const uint8_t *ar[MR];
+    const float *asr[MR], *ur[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        const int64_t m = m0 + (r < mn ? r : mn - 1);
+        ar[r] = qa(A, L, m, 0);
+        asr[r] = A->as + m * L->groups;
+        ur[r] = A->u + m * L->groups;
+    }
     __m512 f[MR][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) f[r][j] = _mm512_setzero_ps();
-    const uint8_t *a = ap, *b = bp;
+    const uint8_t *b = bp;
+    int64_t kp = 0;
     for (int64_t g = 0; g < L->groups; g++) {
-        const int64_t steps = (group_len(L, g) + 3) / 4;
+        const int64_t end = kp + group_pad(L, g);
         __m512i acc[MR][NV];
 #pragma GCC unroll 8
         for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
             for (int j = 0; j < NV; j++) acc[r][j] = _mm512_setzero_si512();
-        for (int64_t s = 0; s < steps; s++, a += 4 * MR, b += 4 * NR) {
+        for (; kp < end; kp += 4, b += 4 * NR) {
+            const int64_t ko = qa_off(L, kp);
             __m512i bv[NV];
 #pragma GCC unroll 4
             for (int j = 0; j < NV; j++) bv[j] = _mm512_loadu_si512(b + 64 * j);
@@ -367,7 +466,7 @@ tile_vnni(const layout *L, const uint8_t *ap, const uint8_t *bp, float tile[MR][
 #pragma GCC unroll 8
             for (int r = 0; r < MR; r++) {
                 int32_t aw;
-                memcpy(&aw, a + 4 * r, 4);
+                memcpy(&aw, ar[r] + ko, 4);
                 const __m512i av = _mm512_set1_epi32(aw);
 #pragma GCC unroll 4
                 for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
@@ -380,21 +479,115 @@ tile_vnni(const layout *L, const uint8_t *ap, const uint8_t *bp, float tile[MR][
             vv[j] = _mm512_loadu_ps(v + g * NR + 16 * j);
         }
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) {
-            const __m512 sa = _mm512_set1_ps(as[g * MR + r]), su = _mm512_set1_ps(u[g * MR + r]);
-#pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) {
-                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), wv[j]);
-                f[r][j] = _mm512_fnmadd_ps(su, vv[j], _mm512_fmadd_ps(sa, t, f[r][j]));
-            }
-        }
+        for (int r = 0; r < MR; r++) epilogue(f[r], acc[r], wv, vv, asr[r][g], ur[r][g]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) _mm512_storeu_ps(&tile[r][16 * j], f[r][j]);
 }
+#endif
 
+#ifdef TL_AMX
+/* The tile registers' shapes: 16 rows of 64 bytes each (palette 1). */
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* A constant: GCC drops stores to a local configuration that only ldtilecfg reads. */
+static const amx_config amx_tiles __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+__attribute__((target("amx-tile"))) static void
+amx_begin(void)
+{
+    _tile_loadconfig(&amx_tiles);
+}
+
+__attribute__((target("amx-tile"))) static void
+amx_end(void)
+{
+    _tile_release();
+}
+
+/* The int32 sums of group g's k in [kp, end) for the block's two 16-row halves a0, a1 and sliver bp: tiles 0-3
+ * the block's four 16 x 16 quarters, 4-5 its two 16-row halves of A, 6-7 the sliver's two 16-column
+ * halves of B. */
+__attribute__((target("amx-tile,amx-int8"), always_inline)) static inline void
+amx_group(const uint8_t *a0, const uint8_t *a1, const uint8_t *bp, int64_t kp, int64_t end)
+{
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (; kp < end; kp += 64) {
+        const uint8_t *b = bp + kp * NR;
+        _tile_loadd(4, a0 + kp * 16, 64);
+        _tile_loadd(5, a1 + kp * 16, 64);
+        _tile_loadd(6, b, 4 * NR);
+        _tile_loadd(7, b + 64, 4 * NR);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+}
+
+__attribute__((target("amx-tile"), always_inline)) static inline void
+amx_store(int32_t c[MB][NR])
+{
+    _tile_stored(0, &c[0][0], 4 * NR);
+    _tile_stored(1, &c[0][16], 4 * NR);
+    _tile_stored(2, &c[16][0], 4 * NR);
+    _tile_stored(3, &c[16][16], 4 * NR);
+}
+
+/* Rows m0 .. m0 + MB - 1 (the workspace holds them all). Group g + 1's tile products are issued before
+ * group g's epilogue, so that the tile unit works while the vector units convert and scale. */
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl"))) static void
+tile_amx(const layout *L, const arows *A, int64_t m0, const uint8_t *bp, float tile[][NR])
+{
+    const float *ws = (const float *)(bp + NR * L->kpad), *v = ws + NR * L->groups;
+    const uint8_t *a0 = qa(A, L, m0, 0), *a1 = qa(A, L, m0 + 16, 0);
+    const float *as = A->as + m0 * L->groups, *u = A->u + m0 * L->groups;
+    int32_t c[2][MB][NR] __attribute__((aligned(64)));
+    int64_t kp = group_pad(L, 0);
+    amx_group(a0, a1, bp, 0, kp);
+    amx_store(c[0]);
+    for (int64_t g = 0; g < L->groups; g++) {
+        const int more = g + 1 < L->groups;
+        if (more) amx_group(a0, a1, bp, kp, kp + group_pad(L, g + 1));
+        __m512 wv[NV], vv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            wv[j] = _mm512_loadu_ps(ws + g * NR + 16 * j);
+            vv[j] = _mm512_loadu_ps(v + g * NR + 16 * j);
+        }
+        int32_t(*cg)[NR] = c[g & 1];
+        for (int r = 0; r < MB; r++) {
+            __m512 f[NV];
+            __m512i acc[NV];
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++) {
+                f[j] = g ? _mm512_load_ps(&tile[r][16 * j]) : _mm512_setzero_ps();
+                acc[j] = _mm512_load_si512(&cg[r][16 * j]);
+            }
+            epilogue(f, acc, wv, vv, as[r * L->groups + g], u[r * L->groups + g]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++) _mm512_store_ps(&tile[r][16 * j], f[j]);
+        }
+        if (more) {
+            amx_store(c[(g + 1) & 1]);
+            kp += group_pad(L, g + 1);
+        }
+    }
+}
+#endif
+
+#ifdef TL_X86
 /* float32 -> bfloat16 as tl_f32_to_bf16 (round to nearest even, NaN kept quiet), 16 at a time. */
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline __m256i
 to_bf16(__m512 x)
@@ -409,7 +602,7 @@ to_bf16(__m512 x)
 
 /* y rows of a tile with unit column stride, float32 or bfloat16: tile + bias, nn <= NR columns. */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void
-store_avx512(float tile[MR][NR], const float *bias, char *y, int64_t ys0, int bf16, int mn, int nn)
+store_avx512(float tile[][NR], const float *bias, char *y, int64_t ys0, int bf16, int mn, int nn)
 {
     for (int j = 0; j < NV; j++) {
         const int n = nn - 16 * j;
@@ -426,6 +619,28 @@ store_avx512(float tile[MR][NR], const float *bias, char *y, int64_t ys0, int bf
     }
 }
 #endif
+
+/* Quantise rows [m0, m1) of x into the workspace; rows from M on (the padding of the last block): zeros. */
+static void
+quant_rows(const tl_tensor *x, const layout *L, const arows *A, int64_t m0, int64_t m1, int64_t M, int fast_x)
+{
+    for (int64_t m = m0; m < m1; m++) {
+        if (m >= M) {
+            for (int64_t k = 0; k < L->kpad; k += L->unit) memset(qa(A, L, m, k), 0, (size_t)L->unit);
+            memset(A->as + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
+            memset(A->u + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
+            continue;
+        }
+#ifdef TL_X86
+        if (fast_x) {
+            quant_row_avx512((const char *)x->data + m * x->strides[0] * (int64_t)tl_dtype_size(x->dtype),
+                             x->dtype == TL_BFLOAT16, m, L, A);
+            continue;
+        }
+#endif
+        quant_row_scalar(x, m, L, A);
+    }
+}
 
 /* ---- the layer ---------------------------------------------------------------------------------- */
 
@@ -454,16 +669,22 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
         return TL_ERR_VALUE;
 
     const uint8_t *bbase = (const uint8_t *)packed->data + HEADER;
-    uint8_t *abase = ws->data;
-    const int64_t asl = a_sliver_bytes(&L), nsl_a = (M + MR - 1) / MR, nsl_b = (N + NR - 1) / NR;
-    const int vnni = has_vnni();
+    const arows A = arows_of(ws->data, &L, M);
+    const int vnni = has_vnni(), amx = vnni && L.unit == 64 && L.groups > 0 && has_amx();
     const int fast_x = vnni && (x->dtype == TL_FLOAT32 || x->dtype == TL_BFLOAT16) && (x->strides[1] == 1 || K <= 1);
     const int fast_y = vnni && (y->dtype == TL_FLOAT32 || y->dtype == TL_BFLOAT16) && (y->strides[1] == 1 || N == 1);
-    /* A slivers per block of rows: ~A_BLOCK_BYTES of A, read against each of a thread's B slivers */
-    int64_t blk = asl > 0 ? A_BLOCK_BYTES / asl : nsl_a; /* K == 0: y = bias */
-    if (blk < 1) blk = 1;
+    const int mr = amx ? MB : MR;
+    const int64_t mpad = (M + MB - 1) / MB * MB, nsl_b = (N + NR - 1) / NR;
+    const int64_t row_bytes = L.kpad + 8 * L.groups;
+    /* Chunks of rows (a multiple of both tiles' heights, ~A_BLOCK_BYTES of A), each read against all of a
+     * thread's B slivers; a chunk's rows are quantised while the one before is multiplied. */
+    int64_t chunk = row_bytes > 0 ? A_BLOCK_BYTES / row_bytes / 96 * 96 : mpad;
+    if (chunk < 96) chunk = 96;
+    const int64_t nch = (mpad + chunk - 1) / chunk;
     int nt = tl_threads_for(nthreads, 2.0 * (double)M * N * K);
     if ((double)M * N * K < 1e6) nt = 1;
+    tl_barrier bar;
+    if (nt > 1 && tl_barrier_init(&bar)) return TL_ERR_NOMEM;
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -472,52 +693,61 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
 #else
         const int tid = 0, nth = 1;
 #endif
-        /* quantise x: a share of the A slivers each */
-        for (int64_t s = nsl_a * tid / nth; s < nsl_a * (tid + 1) / nth; s++) {
-            uint8_t *sl = abase + s * asl;
-            /* a last sliver's missing rows: zeros (q 0, scales 0); k's padding is multiplied by B's zeros */
-            if ((s + 1) * MR > M) memset(sl, 0, (size_t)asl);
-            for (int r = 0; r < MR && s * MR + r < M; r++) {
-                const int64_t m = s * MR + r;
-#ifdef TL_X86
-                if (fast_x)
-                    quant_row_avx512((const char *)x->data + m * x->strides[0] * (int64_t)tl_dtype_size(x->dtype),
-                                     x->dtype == TL_BFLOAT16, &L, sl, r);
-                else
-#endif
-                    quant_row_scalar(x, m, &L, sl, r);
-            }
-        }
-#pragma omp barrier
-        /* the tiles: each thread a share of the B slivers (or, with fewer of them than threads, of A's) */
-        int64_t js0 = 0, js1 = nsl_b, is0 = 0, is1 = nsl_a;
-        if (nsl_b >= nth) {
-            js0 = nsl_b * tid / nth;
-            js1 = nsl_b * (tid + 1) / nth;
-        } else {
-            is0 = nsl_a * tid / nth;
-            is1 = nsl_a * (tid + 1) / nth;
-        }
-        float tile[MR][NR] __attribute__((aligned(64)));
+        float tile[MB][NR] __attribute__((aligned(64)));
         float bvec[NR];
-        for (int64_t ib = is0; ib < is1; ib += blk) {
-            const int64_t ie = ib + blk < is1 ? ib + blk : is1;
+        const int64_t es = (int64_t)tl_dtype_size(y->dtype);
+        /* this thread's share of chunk c's rows (rows past M, up to mpad: zeros) */
+#define SHARE(c, lo, hi)                                                                                  \
+    const int64_t lo##_c0 = (c) * chunk, lo##_n = ((c) + 1) * chunk < mpad ? chunk : mpad - (c) * chunk; \
+    const int64_t lo = lo##_c0 + lo##_n * tid / nth, hi = lo##_c0 + lo##_n * (tid + 1) / nth
+        int64_t qnext = 0, qend = 0; /* rows of the next chunk still to quantise */
+        {
+            SHARE(0, q0, q1);
+            quant_rows(x, &L, &A, q0, q1, M, fast_x);
+        }
+#ifdef TL_AMX
+        if (amx) amx_begin();
+#endif
+        for (int64_t c = 0; c < nch; c++) {
+            if (nth > 1) tl_barrier_wait(&bar, nth); /* chunk c quantised */
+            if (c + 1 < nch) {
+                SHARE(c + 1, q0, q1);
+                qnext = q0;
+                qend = q1;
+            }
+            /* chunk c's tiles: each thread a share of the B slivers (with fewer of them than threads, of
+             * the chunk's A slivers) */
+            const int64_t r0 = c * chunk, r1 = r0 + chunk < M ? r0 + chunk : M;
+            int64_t js0 = 0, js1 = nsl_b, is0 = r0 / mr, is1 = r1 > r0 ? (r1 + mr - 1) / mr : is0;
+            if (nsl_b >= nth) {
+                js0 = nsl_b * tid / nth;
+                js1 = nsl_b * (tid + 1) / nth;
+            } else {
+                const int64_t n = is1 - is0;
+                is1 = is0 + n * (tid + 1) / nth;
+                is0 = is0 + n * tid / nth;
+            }
             for (int64_t js = js0; js < js1; js++) {
                 const uint8_t *bp = bbase + js * L.sliver;
                 const int nn = (int)(N - js * NR < NR ? N - js * NR : NR);
                 for (int j = 0; j < NR; j++)
                     bvec[j] = bias && j < nn ? tl_load_f(bias->data, (js * NR + j) * bias->strides[0], bias->dtype)
                                              : 0.0f;
-                for (int64_t is = ib; is < ie; is++) {
-                    const int mn = (int)(M - is * MR < MR ? M - is * MR : MR);
-#ifdef TL_X86
-                    if (vnni)
-                        tile_vnni(&L, abase + is * asl, bp, tile);
+                for (int64_t is = is0; is < is1; is++) {
+                    const int64_t m0 = is * mr;
+                    const int mn = (int)(M - m0 < mr ? M - m0 : mr);
+#ifdef TL_AMX
+                    if (amx)
+                        tile_amx(&L, &A, m0, bp, tile);
                     else
 #endif
-                        tile_portable(&L, abase + is * asl, bp, tile);
-                    const int64_t es = (int64_t)tl_dtype_size(y->dtype);
-                    char *yd = (char *)y->data + (is * MR * y->strides[0] + js * NR * y->strides[1]) * es;
+#ifdef TL_X86
+                    if (vnni)
+                        tile_vnni(&L, &A, m0, mn, bp, tile);
+                    else
+#endif
+                        tile_portable(&L, &A, m0, mn, bp, tile);
+                    char *yd = (char *)y->data + (m0 * y->strides[0] + js * NR * y->strides[1]) * es;
 #ifdef TL_X86
                     if (fast_y) {
                         store_avx512(tile, bvec, yd, y->strides[0], y->dtype == TL_BFLOAT16, mn, nn);
@@ -528,8 +758,19 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
                         for (int j = 0; j < nn; j++)
                             tl_store_f(yd, r * y->strides[0] + j * y->strides[1], y->dtype, tile[r][j] + bvec[j]);
                 }
+                /* a slice of the next chunk's rows, so that reading x overlaps the tiles */
+                const int64_t upto = qnext + (qend - qnext + (js1 - js) - 1) / (js1 - js);
+                quant_rows(x, &L, &A, qnext, upto, M, fast_x);
+                qnext = upto;
             }
+            quant_rows(x, &L, &A, qnext, qend, M, fast_x);
+            qnext = qend;
         }
+#undef SHARE
+#ifdef TL_AMX
+        if (amx) amx_end();
+#endif
     }
+    if (nt > 1) tl_barrier_destroy(&bar);
     return TL_OK;
 }

@@ -137,6 +137,7 @@ module_exec(PyObject *mod)
 {
     if (tl_module_init(mod, &cpu) < 0) return -1;
     (void)tl_cpu_level(); /* fix the SIMD level now, with the GIL held (it reads the environment) */
+    (void)tl_int8_isa();  /* and the int8 kernel's (it asks Linux for the AMX tile state) */
     if (PyModule_AddIntConstant(mod, "GEMM_KC", TL_GEMM_KC) < 0) return -1;
     return PyModule_AddIntConstant(mod, "XENT_SKINNY_C", TL_XENT_SKINNY_C);
 }
