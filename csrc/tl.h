@@ -414,7 +414,7 @@ tl_status tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl
  * ws 1-D uint8 or int8, contiguous, 4-byte aligned, >= tl_int8_linear_ws_bytes(M, K, group) bytes (the
  * quantised x). The sizes are -1 for a bad group or a negative size. tl_int8_packed_info reads N, K and
  * group back (TL_ERR_VALUE: not a packed weight). tl_int8_isa: "amx", "avx512vnni" or "portable" (AMX: with
- * groups of a multiple of 64 only; TLTORCH_CPU_ISA=avx512 turns it off). */
+ * groups of a multiple of 64 and K >= 768 only, VNNI otherwise; TLTORCH_CPU_ISA=avx512 turns it off). */
 #define TL_INT8_NR 32
 #define TL_INT8_MAX_GROUP 512
 static inline int
