@@ -12,6 +12,8 @@ mean over the batch), the metrics 0-d detached tensors named as TRL logs them ("
     reward_loss         a reward model's Bradley-Terry loss, with margin and centering
     LinearDPOLoss       DPO from the hidden states of the chosen and rejected batches and the head,
                         without the B x T x V logits of either
+    linear_distillation_loss   a student head distilled from a teacher's (DistilBERT's soft KL at a
+                        temperature plus hard cross-entropy; reverse KL, generalised JSD), chunk by chunk
 """
 import math
 from typing import Dict, Optional, Tuple
@@ -20,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import _check_positive, token_logprobs
+from . import ops
+from .functional import _check_positive, _check_same, _check_tensor, check_ignore_index, token_logprobs
 
 __all__ = ["sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "reward_loss", "LinearDPOLoss",
-           "DPO_LOSS_TYPES"]
+           "DPO_LOSS_TYPES", "linear_distillation_loss", "DIVERGENCES"]
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
@@ -286,3 +289,301 @@ class LinearDPOLoss(torch.nn.Module):
                            rejected_lengths=count(rejected_targets, rejected_mask))
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.loss_type,
                         self.label_smoothing, **lengths)
+
+
+# ---- distillation ------------------------------------------------------------------------------------
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+# A chunk's float32 logits (of the larger vocabulary) stay under this; about five such buffers are alive
+# at once (student and teacher log-probs, probabilities, the gradient).
+_DISTILL_CHUNK_BYTES = 32 << 20
+_DISTILL_MAX_ROWS = 1024
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, min(_DISTILL_MAX_ROWS, _DISTILL_CHUNK_BYTES // (4 * max(V, 1))))
+
+
+def _log_softmax_(z: Tensor) -> Tensor:
+    """z - logsumexp(z) in place, per row."""
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _divergence_chunk(ls: Tensor, lt: Tensor, kind: str, beta: float) -> Tuple[Tensor, Tensor]:
+    """Per row, D(p_t || p_s) and dD/du (u = student logits / T, over the student's Vs classes), from
+    the float32 log-probs ls (n, Vs) and lt (n, Vt) at temperature T. Classes beyond a model's own
+    vocabulary have probability 0 on its side (log-prob -inf), written out below rather than padded:
+      kl          D = sum_c p_t (lt - ls)                  dD/du = p_s - p_t
+      reverse_kl  D = sum_c p_s (ls - lt)                  dD/du = p_s (ls - lt - D)
+      jsd         m = b p_t + (1-b) p_s,  D = b KL(p_t||m) + (1-b) KL(p_s||m),
+                  dD/du = (1-b) p_s (ls - lm - KL(p_s||m))   (d/dp_s of the b KL(p_t||m) part cancels
+                  against the p_s/m part of the other: dD/dp_s = (1-b)(ls - lm))
+    (kl needs Vs >= Vt, reverse_kl Vt >= Vs: the caller checks.)"""
+    Vs, Vt = ls.shape[1], lt.shape[1]
+    V0 = min(Vs, Vt)
+    ps = ls.exp()
+    if kind == "kl":
+        pt = lt.exp()
+        d = torch.mul(pt, lt.sub_(ls[:, :Vt])).sum(-1)
+        ps[:, :Vt].sub_(pt)
+        return d, ps
+    if kind == "reverse_kl":
+        r = ls - lt[:, :Vs]
+        d = torch.mul(ps, r).sum(-1)
+        return d, r.sub_(d[:, None]).mul_(ps)
+    lb, l1b = math.log(beta), math.log1p(-beta)
+    lm = ls + l1b  # log m on the student's classes; beyond the teacher's vocabulary m = (1-b) p_s
+    torch.logaddexp(lm[:, :V0], lt[:, :V0] + lb, out=lm[:, :V0])
+    r = ls - lm
+    kls = torch.mul(ps, r).sum(-1)
+    pt = lt[:, :V0].exp()
+    klt = torch.mul(pt, lt[:, :V0].sub_(lm[:, :V0])).sum(-1)
+    if Vt > Vs:  # beyond the student's vocabulary m = b p_t: each term p_t log(1/b)
+        klt.sub_(lt[:, Vs:].exp().sum(-1) * lb)
+    d = beta * klt + (1 - beta) * kls
+    return d, r.sub_(kls[:, None]).mul_(ps).mul_(1 - beta)
+
+
+class _LinearDistillation(torch.autograd.Function):
+    """loss and its gradients in one pass over chunks of rows; backward scales them by the upstream
+    gradient. Rows: the student's (N, D) hidden states (only the counted ones, when `index` is given)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, th, tw, tb, tz, targets, index, count, T, alpha, kind, beta):
+        N, Vs = h.shape[0] if index is None else index.numel(), w.shape[0]
+        Vt = tz.shape[1] if tz is not None else tw.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dev = h.device
+        loss = torch.zeros((), dtype=torch.float64, device=dev)
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=dev) if need_h else None
+        dw = torch.empty(w.shape, dtype=torch.float32, device=dev) if need_w else None
+        db = torch.zeros(Vs, dtype=torch.float32, device=dev) if need_b else None
+        b32 = None if b is None else b.float()
+        tb32 = None if tb is None else tb.float()
+        scale = 1.0 / max(count, 1)
+        soft = T if targets is None else (1.0 - alpha) * T  # T^2 (1 - alpha) dD/du / T
+        rows = _chunk_rows(max(Vs, Vt))
+        for i in range(0, N, rows):
+            sel = slice(i, min(i + rows, N)) if index is None else index[i:i + rows]
+            hc = h[sel]
+            n = hc.shape[0]
+            s = torch.empty(n, Vs, dtype=torch.float32, device=dev)
+            ops.gemm(hc, w, s, b32, 1.0, 0.0, 2)
+            if tz is not None:
+                t = tz[sel].float()
+            else:
+                t = torch.empty(n, Vt, dtype=torch.float32, device=dev)
+                ops.gemm(th[sel], tw, t, tb32, 1.0, 0.0, 2)
+            hard = None
+            if targets is not None and alpha != 0.0:
+                tc = targets[sel]
+                if T != 1.0:  # the hard term's softmax is at temperature 1
+                    hard = torch.log_softmax(s, -1)
+                    loss += alpha * (-hard.gather(1, tc[:, None])).sum(dtype=torch.float64)
+                    hard = hard.exp_()
+                    hard[torch.arange(n, device=dev), tc] -= 1.0
+                    hard.mul_(alpha)
+            if T != 1.0:
+                s.div_(T)
+                t.div_(T)
+            ls, lt = _log_softmax_(s), _log_softmax_(t)
+            if targets is not None and alpha != 0.0 and T == 1.0:
+                loss += alpha * (-ls.gather(1, tc[:, None])).sum(dtype=torch.float64)
+            d, g = _divergence_chunk(ls, lt, kind, beta)
+            loss += (soft * T) * d.sum(dtype=torch.float64)
+            g.mul_(soft)
+            if targets is not None and alpha != 0.0:
+                if hard is not None:
+                    g.add_(hard)
+                else:  # alpha (softmax(s) - onehot), softmax(s) = exp(ls)
+                    g.add_(ls.exp_(), alpha=alpha)
+                    g[torch.arange(n, device=dev), tc] -= alpha
+            del s, t, ls, lt, hard
+            if need_b:
+                ops.colsum(g, db, 1.0)
+            gw = g if w.dtype == torch.float32 else g.to(w.dtype)  # the GEMMs multiply like dtypes
+            if need_h:
+                if index is None:
+                    ops.gemm(gw, w, dh[sel], None, scale, 0.0, 0)
+                else:
+                    part = torch.empty(n, h.shape[1], dtype=torch.float32, device=dev)
+                    ops.gemm(gw, w, part, None, scale, 0.0, 0)
+                    dh.index_copy_(0, sel, part)
+            if need_w:
+                ops.gemm(gw, hc, dw, None, scale, 0.0 if i == 0 else 1.0, 1)
+        if need_w and N == 0:
+            dw.zero_()
+        if need_b:
+            db.mul_(scale)
+        ctx.grads = (dh, dw, db)
+        ctx.dtypes = (h.dtype, w.dtype, None if b is None else b.dtype)
+        return (loss * scale).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError("linear_distillation_loss keeps its gradients for one backward only; "
+                               "recompute the loss to differentiate it again")
+        out = tuple(None if g is None else g.mul_(grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes))
+        ctx.grads = None
+        return out + (None,) * 11
+
+
+def _check_number(name: str, v, lo: float, hi: float) -> float:
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point():
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number in [{lo}, {hi}], got {type(v).__name__}")
+    v = float(v)
+    if not lo <= v <= hi:  # refuses nan too
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _check_bias(model: str, bias: Optional[Tensor], hidden: Tensor, V: int) -> None:
+    if bias is not None:
+        _check_tensor(f"{model}_bias", bias)
+        _check_same(f"{model}_bias", bias, f"{model}_hidden", hidden)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{model}_bias must have shape ({V},), got {tuple(bias.shape)}")
+
+
+def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
+                             teacher_weight: Optional[Tensor] = None, teacher_logits: Optional[Tensor] = None,
+                             targets: Optional[Tensor] = None, temperature: float = 2.0, alpha: float = 0.5,
+                             divergence: str = "kl", beta: float = 0.5, ignore_index: int = -100,
+                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None) -> Tensor:
+    """Knowledge distillation through the vocabulary heads, without the B x T x V logits of either model.
+
+    With z_s = student_hidden @ student_weight.T + student_bias, z_t the teacher's (teacher_hidden @
+    teacher_weight.T + teacher_bias, or teacher_logits), p^T = softmax(z / T), T = temperature, per
+    counted token i:
+
+        loss_i = (1 - alpha) T^2 D(p_t^T || p_s^T) + alpha (-log softmax(z_s)[target_i])   with targets
+        loss_i = T^2 D(p_t^T || p_s^T)                                                     without (alpha unused)
+
+    and the loss is the mean over the counted tokens (those whose target is not ignore_index; every
+    token without targets: pass hidden[mask] to leave out padding). T^2 keeps the soft term's gradient
+    on the scale of the hard one's as T changes (Hinton et al.; DistilBERT). A batch with no counted
+    token gives 0 and zero gradients. D, by `divergence`:
+      "kl"          KL(p_t || p_s), forward KL (DistilBERT, Hinton et al.)
+      "reverse_kl"  KL(p_s || p_t)
+      "jsd"         the generalised Jensen-Shannon divergence of GKD as TRL's GKDTrainer computes it:
+                    beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, with
+                    beta 0 taken as "kl" and 1 as "reverse_kl" (TRL's convention); beta in [0, 1]
+
+    student_hidden: (N, D) or (B, T, D); student_weight: (Vs, D), student_bias: (Vs,) or None, all one
+    dtype (float32, bfloat16 or float16). Either teacher_hidden (hidden's leading shape, Dt features)
+    with teacher_weight (Vt, Dt) and teacher_bias (Vt,) or None, in one float dtype; or teacher_logits
+    (hidden's leading shape, Vt). targets: None or hidden.shape[:-1] of class indices in [0, Vs) (int64
+    or int32) or ignore_index. The teacher gets no gradient (it is read detached, as under no_grad).
+
+    Vocabularies of different sizes (a model's embedding rounded up to a multiple of 64 or 128, say) are
+    aligned on their first min(Vs, Vt) classes and the smaller one padded with probability 0 (logit
+    -inf): the classes it lacks are ones it can never predict, and padding rather than truncating keeps
+    each model's distribution the one it defines, normalised over its own vocabulary. A zero on one side
+    makes a KL infinite where the other side has mass, so "kl" needs Vs >= Vt (the student's extra
+    classes are pushed to probability 0), "reverse_kl" needs Vt >= Vs, and "jsd" with 0 < beta < 1 takes
+    either (m > 0 wherever either has mass); other combinations raise ValueError.
+
+    Rows are processed in chunks whose float32 logits stay under 32 MB (at most 1024 rows): each
+    chunk's student and teacher logits come from tltorch's GEMM op (tltorch.ops.gemm, which writes
+    float32 logits from bfloat16/float16 inputs directly and accumulates dW in place), and its loss and
+    gradient wrt the student logits are computed there and then, and taken back to student_hidden,
+    student_weight and student_bias. All the math is float32 (the gradient of the logits is rounded to
+    the weight's dtype for the two backward GEMMs, as torch's own backward feeds them). Returns a
+    float32 scalar; its backward only scales the stored gradients, so it can be run once per call.
+    """
+    _check_tensor("student_hidden", student_hidden)
+    _check_tensor("student_weight", student_weight)
+    _check_same("student_weight", student_weight, "student_hidden", student_hidden)
+    if student_hidden.dim() not in (2, 3):
+        raise ValueError(f"student_hidden must be (N, D) or (B, T, D), got shape {tuple(student_hidden.shape)}")
+    if student_weight.dim() != 2 or student_weight.shape[1] != student_hidden.shape[-1] or student_weight.shape[0] < 1:
+        raise ValueError(f"student_weight must be (vocab, {student_hidden.shape[-1]}) (student_hidden's features), "
+                         f"got shape {tuple(student_weight.shape)}")
+    lead = tuple(student_hidden.shape[:-1])
+    Vs = student_weight.shape[0]
+    _check_bias("student", student_bias, student_hidden, Vs)
+    by_hidden = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
+    if by_hidden == (teacher_logits is not None):
+        raise ValueError("give the teacher as teacher_hidden with teacher_weight (and teacher_bias), or as "
+                         "teacher_logits: exactly one of the two")
+    dev = student_hidden.device
+    if by_hidden:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight go together: give both")
+        _check_tensor("teacher_hidden", teacher_hidden)
+        _check_tensor("teacher_weight", teacher_weight)
+        _check_same("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden)
+        if tuple(teacher_hidden.shape[:-1]) != lead or teacher_hidden.dim() != student_hidden.dim():
+            raise ValueError(f"teacher_hidden must have shape {lead} + (features,) (student_hidden's tokens), got "
+                             f"{tuple(teacher_hidden.shape)}")
+        if teacher_hidden.device != dev:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {dev}")
+        if teacher_weight.dim() != 2 or teacher_weight.shape[1] != teacher_hidden.shape[-1] or teacher_weight.shape[0] < 1:
+            raise ValueError(f"teacher_weight must be (vocab, {teacher_hidden.shape[-1]}) (teacher_hidden's "
+                             f"features), got shape {tuple(teacher_weight.shape)}")
+        Vt = teacher_weight.shape[0]
+        _check_bias("teacher", teacher_bias, teacher_hidden, Vt)
+    else:
+        _check_tensor("teacher_logits", teacher_logits)
+        if teacher_logits.dim() != student_hidden.dim() or tuple(teacher_logits.shape[:-1]) != lead \
+                or teacher_logits.shape[-1] < 1:
+            raise ValueError(f"teacher_logits must have shape {lead} + (vocab,) (student_hidden's tokens), got "
+                             f"{tuple(teacher_logits.shape)}")
+        if teacher_logits.device != dev:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden is on {dev}")
+        Vt = teacher_logits.shape[-1]
+    T = _check_positive("temperature", temperature)
+    alpha = _check_number("alpha", alpha, 0.0, 1.0)
+    beta = _check_number("beta", beta, 0.0, 1.0)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    kind = divergence
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "kl" if beta == 0.0 else "reverse_kl"
+    if kind == "kl" and Vt > Vs:
+        raise ValueError(f"divergence {divergence!r} (forward KL) needs the student's vocabulary to cover the "
+                         f"teacher's: the teacher has {Vt} classes, the student {Vs}, and KL(p_t || p_s) is "
+                         "infinite where p_s is 0; use 'jsd' (0 < beta < 1) or a student head of >= the teacher's size")
+    if kind == "reverse_kl" and Vs > Vt:
+        raise ValueError(f"divergence {divergence!r} (reverse KL) needs the teacher's vocabulary to cover the "
+                         f"student's: the student has {Vs} classes, the teacher {Vt}, and KL(p_s || p_t) is "
+                         "infinite where p_t is 0; use 'kl' or 'jsd' (0 < beta < 1)")
+    index = None
+    h2 = student_hidden.reshape(-1, student_hidden.shape[-1])
+    N = h2.shape[0]
+    count = N
+    t1 = None
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor of class indices or None, not {type(targets).__name__}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"targets has dtype {targets.dtype}; expected class indices of dtype int64 or int32")
+        if tuple(targets.shape) != lead:
+            raise ValueError(f"targets must have shape {lead} (student_hidden.shape[:-1]), got {tuple(targets.shape)}")
+        if targets.device != dev:
+            raise ValueError(f"targets is on {targets.device} but student_hidden is on {dev}")
+        ignore_index = check_ignore_index(ignore_index)
+        t1 = targets.reshape(-1).long()
+        index = (t1 != ignore_index).nonzero()[:, 0]
+        count = index.numel()
+        if count and ((t1[index] < 0) | (t1[index] >= Vs)).any():
+            raise ValueError(f"targets must be in [0, {Vs}) (the student's vocabulary) or ignore_index "
+                             f"{ignore_index}")
+        if count == N:
+            index = None  # every row: chunks are views, no gather
+    # tltorch's kernels read DLPack, which has no lazy negation bit.
+    w = student_weight.resolve_neg()
+    b = None if student_bias is None else student_bias.resolve_neg()
+    if by_hidden:
+        th = teacher_hidden.detach().resolve_neg().reshape(-1, teacher_hidden.shape[-1])
+        tw = teacher_weight.detach().resolve_neg()
+        tb = None if teacher_bias is None else teacher_bias.detach()
+        tz = None
+    else:
+        th = tw = tb = None
+        tz = teacher_logits.detach().reshape(-1, Vt)
+    return _LinearDistillation.apply(h2.resolve_neg(), w, b, th, tw, tb, tz, t1, index, count, T, alpha, kind, beta)
