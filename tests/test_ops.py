@@ -52,6 +52,8 @@ def _differentiable_cases(device, gen):
         ("frozen_linear", ops.frozen_linear, (rn(2, 3, 6), int8, rn(4).abs() + 0.01, rn(4)), (0,)),
         ("frozen_linear", ops.frozen_linear, (rn(5, 6, dtype=torch.bfloat16), rn(4, 6, dtype=torch.bfloat16),
                                               None, None), (0,)),
+        ("lora_update", lora_ops._lora_update_op, (rn(2, 3, 4), rn(2, 3, 6), rn(2, 6), rn(4, 2), 1.5, 0.3, seed),
+         (0, 1, 2, 3)),
         ("int8_linear", ops.int8_linear, (rn(2, 3, 6), int8, scale, ops.int8_pack(int8.cpu(), scale.cpu(), 4)
                                           .to(device), 4, rn(4)), (0,)),
     ]
@@ -176,8 +178,8 @@ def test_eager_and_torch_ops_agree_without_gradients(device, gen):
 
 OP_NAMES = ["gemm", "colsum", "linear", "linear_backward", "dropout", "lora_linear", "lora_linear_backward",
             "linear_cross_entropy", "linear_cross_entropy_backward", "qgemm", "frozen_linear",
-            "frozen_linear_backward", "int8_linear", "pool", "adamw_", "linear_head", "linear_head_backward"]
-DIFFERENTIABLE = {"linear", "lora_linear", "linear_cross_entropy", "frozen_linear", "int8_linear", "linear_head"}
+            "frozen_linear_backward", "int8_linear", "pool", "adamw_", "linear_head", "linear_head_backward", "lora_update"]
+DIFFERENTIABLE = {"linear", "lora_linear", "lora_update", "linear_cross_entropy", "frozen_linear", "int8_linear", "linear_head"}
 
 
 def test_every_op_is_covered():

@@ -174,6 +174,22 @@ def _lora_ref(args):
     return y
 
 
+def _update_make(gen, dtype, lead, K, N, r, p, layout="contig"):
+    """lora_update over a base output y; the adapter in float32 (as over a compact base), x and y in dtype."""
+    x = make_x(lead, K, layout, dtype, gen)
+    a = randn((r, K), torch.float32, gen, scale=K ** -0.5)
+    b = randn((N, r), torch.float32, gen)
+    return [randn((*lead, N), dtype, gen), x, a, b, 1.5, p, torch.tensor(SEED) if p > 0 else None]
+
+
+def _update_ref(args):
+    y, x, a, b, scale, p, seed = args
+    x2 = flat_rows(x)
+    if p > 0:
+        x2 = x2 * dropout_keep_mask(int(seed), *x2.shape, p) / (1 - p)
+    return y + (scale * (x2 @ a.t()) @ b.t()).reshape(y.shape)
+
+
 def _lora_backward_make(gen, dtype, lead, K, N, r, p, need=(True, True, True)):
     x, w, _, a, b, scale, p, seed = _lora_make(gen, dtype, lead, K, N, r, p, bias=False)
     x2 = flat_rows(x.double())
@@ -422,6 +438,11 @@ TWINS: Dict[str, Twin] = {
         "p0": dict(M=3, N=4, p=0.0),
         "empty": dict(M=0, N=5, p=0.3),
     }, _dropout_make, _dropout_ref),
+    "lora_update": Twin({
+        "2d": dict(lead=(7,), K=13, N=5, r=3, p=0.0),
+        "3d_dropout_transposed": dict(lead=(2, 5), K=9, N=6, r=2, p=0.3, layout="transposed"),
+        "empty": dict(lead=(0,), K=7, N=5, r=2, p=0.0),
+    }, _update_make, _update_ref, grads=(0, 1, 2, 3)),
     "lora_linear": Twin({
         "2d": dict(lead=(7,), K=13, N=5, r=3, p=0.0),
         "3d_dropout": dict(lead=(2, 3), K=11, N=6, r=2, p=0.25),

@@ -6,10 +6,10 @@ import warnings
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as TF
+from .. import ops
 from .frozen import FrozenLinear
 
 # The string values of init_lora_weights: initialisations that leave the base weights as they are.
@@ -211,9 +211,7 @@ class LoRALinear(nn.Module):
         if self.compact:
             # base's frozen kernel (its input gradient through the compact weight) plus the low-rank
             # update in the adapter's float32, as PEFT computes adapters over 8- and 4-bit layers
-            y = self.base(x)
-            u = F.dropout(x.to(self.lora_A.dtype), p) if p else x.to(self.lora_A.dtype)
-            return y + (F.linear(F.linear(u, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+            return ops.lora_update(self.base(x), x, self.lora_A, self.lora_B, self.scaling, p)
         return TF.lora_linear(x, self._weight_out_in(), self.base.bias, self.lora_A, self.lora_B,
                               scaling=self.scaling, dropout=p)
 

@@ -6,7 +6,7 @@ torch.compile, functorch and DistributedDataParallel see an ordinary torch op, a
 without the dispatcher's cost.
 
   linear.py   gemm, colsum, linear (+ linear_backward)
-  lora.py     dropout, lora_linear (+ lora_linear_backward)
+  lora.py     dropout, lora_linear (+ lora_linear_backward), lora_update
   head.py     linear_cross_entropy (+ linear_cross_entropy_backward), and xent, the fused kernel's call
   frozen.py   qgemm, frozen_linear (+ frozen_linear_backward), int8_pack, int8_linear (CPU)
   pool.py     pool
@@ -17,9 +17,9 @@ from .adamw import adamw_
 from .frozen import dequant, frozen_linear, int8_linear, int8_pack, qgemm
 from .head import REDUCTIONS, linear_cross_entropy, xent
 from .linear import colsum, gemm, linear
-from .lora import dropout, lora_linear, next_dropout_seed
+from .lora import dropout, lora_linear, lora_update, next_dropout_seed
 from .pool import POOL_MODES, pool
 
 __all__ = ["cuda_built", "cuda_module", "adamw_", "dequant", "frozen_linear", "int8_linear", "int8_pack", "qgemm", "REDUCTIONS",
-           "linear_cross_entropy", "xent", "colsum", "gemm", "linear", "dropout", "lora_linear",
+           "linear_cross_entropy", "xent", "colsum", "gemm", "linear", "dropout", "lora_linear", "lora_update",
            "next_dropout_seed", "POOL_MODES", "pool"]

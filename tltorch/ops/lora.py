@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _C
 from ._define import define_op
 from ._device import allow_tf32, cublas_ready, cublas_workspace, cuda_module, rows
-from .linear import linear_backward
+from .linear import gemm, linear_backward
 
 
 def next_dropout_seed() -> Tensor:
@@ -160,3 +160,70 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b:
                 p: float) -> Tensor:
     seed = next_dropout_seed() if p > 0 else None
     return _lora_linear(x, weight, bias, a, b, scale, p, seed)
+
+
+# ---- lora_update: out = y + s * dropout(x) A^T B^T, the adapter over a base computed elsewhere ------------
+# For a base tltorch's fused kernel cannot read (a compact FrozenLinear: int8 or bfloat16 weight, run by its own
+# kernel): the base's output y plus the low-rank update, in the adapter's dtype, through tltorch's GEMMs (which
+# read transposed operands in place; torch's CPU matmul was ~80x slower on some of these transposes).
+# su = s * dropout(x) A^T (tokens x r) is kept for backward; the dropout mask is recomputed from the seed.
+
+def _update_inputs(x, a, p, seed):
+    x2 = rows(x).to(a.dtype)
+    return dropout(x2, p, _seed_value(seed)) if p > 0 else x2
+
+
+def _lora_update(y, x, a, b, scale, p, seed):
+    xd = _update_inputs(x, a, p, seed)
+    su = torch.empty(xd.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
+    gemm(xd, a, su, None, scale, 0.0, 2)
+    out = rows(y).to(a.dtype, copy=True)
+    gemm(su, b, out, None, 1.0, 1.0, 2)
+    return out.to(y.dtype).view(y.shape), (su,)
+
+
+def _lora_update_fake(y, x, a, b, scale, p, seed):
+    return y.new_empty(y.shape), (x.new_empty(x.shape[:-1].numel(), a.shape[0], dtype=a.dtype),)
+
+
+def _update_setup(ctx, inputs, output):
+    y, x, a, b, scale, p, seed = inputs
+    (su,) = output[1]
+    ctx.save_for_backward(x, a, b, su, seed)
+    ctx.args = (scale, p, y.dtype)
+
+
+def _update_grad(ctx, grad, _grad_su):
+    x, a, b, su, seed = ctx.saved_tensors
+    scale, p, y_dtype = ctx.args
+    ny, nx, na, nb = ctx.needs_input_grad[:4]
+    g = rows(grad).to(a.dtype)
+    dy = grad if ny else None
+    dx = da = db = None
+    if nx or na:
+        gsu = torch.empty(g.shape[0], a.shape[0], dtype=a.dtype, device=g.device)
+        gemm(g, b, gsu, None, 1.0, 0.0, 0)  # dL/d(su) = g B
+        if na:
+            da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+            gemm(gsu, _update_inputs(x, a, p, seed), da, None, scale, 0.0, 1)  # s (g B)^T dropout(x)
+        if nx:
+            dx2 = torch.empty(g.shape[0], a.shape[1], dtype=a.dtype, device=g.device)
+            gemm(gsu, a, dx2, None, scale, 0.0, 0)  # s (g B) A, then through dropout's mask
+            dx = (dropout(dx2, p, _seed_value(seed)) if p > 0 else dx2).to(x.dtype).view(x.shape)
+    if nb:
+        db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        gemm(g, su, db, None, 1.0, 0.0, 1)  # g^T su
+    return dy, dx, da, db, None, None, None
+
+
+_lora_update_op = define_op(
+    "lora_update", "(Tensor y, Tensor x, Tensor a, Tensor b, float scale, float p, Tensor? seed) -> (Tensor, Tensor)",
+    {"cpu": _lora_update, "cuda": _lora_update}, _lora_update_fake, setup_context=_update_setup,
+    backward=_update_grad, differentiable=("y", "x", "a", "b"), kept_outputs=1)
+
+
+def lora_update(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float) -> Tensor:
+    """y + scale * dropout(x, p) a^T b^T, with y the output of a base layer on x (any float dtypes; the update
+    is computed in a's)."""
+    seed = next_dropout_seed() if p > 0 else None
+    return _lora_update_op(y, x, a, b, scale, p, seed)
