@@ -364,3 +364,105 @@ def test_layer_bad_input_names_the_argument(gen):
             lin.weight[1, 2] = bad
         with pytest.raises(ValueError, match=r"weight.*int8"):
             FrozenLinear.from_linear(lin, "int8")
+
+
+# ---- group scales: FrozenLinear.from_linear(linear, "int8", group=G) ------------------------------------
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_layer_group_scales(group, gen):
+    """One scale per output channel and group of `group` inputs (the last group short): each block's
+    absmax / 127, every weight within half its block's step, x quantised in the same groups by the kernel."""
+    lin, per_channel = make_layer(150, 70, gen)
+    m = FrozenLinear.from_linear(lin, "int8", group=group)
+    groups = -(-150 // group)
+    assert m.group == group and m.weight_scale.shape == (70, groups) and f"group={group}" in repr(m)
+    w = lin.weight.detach()
+    blocks = torch.nn.functional.pad(w, (0, groups * group - 150)).view(70, groups, group)
+    torch.testing.assert_close(m.weight_scale, blocks.abs().amax(2) / 127, rtol=1e-6, atol=0)
+    step = m.weight_scale.repeat_interleave(group, dim=1)[:, :150]
+    wq = m.dequantized_weight()
+    assert torch.equal(wq, m.weight.float() * step)
+    assert ((wq - w).abs() <= 0.5 * step * (1 + 1e-5)).all()
+    assert fro(wq, w) < fro(per_channel.dequantized_weight(), w)
+    assert m.weight_bytes() == 70 * 150 + 70 * groups * 4
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 11, 150, generator=gen).to(dtype)
+        y = m(x)
+        direct = run(x.reshape(33, 150), pack(m.weight, m.weight_scale, group), m.bias,
+                     torch.empty(33, 70, dtype=dtype), group)
+        assert y.dtype == dtype and torch.equal(y.reshape(33, 70), direct)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_layer_group_scales_input_gradient(dtype, gen):
+    """dx = dy (W*s) with s per group, through the dequantised weight."""
+    lin, _ = make_layer(100, 24, gen)
+    m = FrozenLinear.from_linear(lin, "int8", group=32)
+    x = torch.randn(9, 100, generator=gen).to(dtype).requires_grad_()
+    dy = torch.randn(9, 24, generator=gen).to(dtype)
+    m(x).backward(dy)
+    assert x.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert max_rel(x.grad, dy.double() @ m.dequantized_weight(torch.float64)) <= tol
+
+
+def test_layer_group_scales_float_activations(gen):
+    lin, _ = make_layer(100, 24, gen)
+    m = FrozenLinear.from_linear(lin, "int8", activations="float", group=32)
+    x = torch.randn(2, 5, 100, generator=gen, requires_grad=True)
+    y = m(x)
+    assert max_rel(y, x.double() @ m.dequantized_weight(torch.float64).T + m.bias.double()) <= 1e-5
+    assert m.packed_weight is None
+    dy = torch.randn(2, 5, 24, generator=gen)
+    y.backward(dy)
+    assert max_rel(x.grad, dy.double() @ m.dequantized_weight(torch.float64)) <= 1e-5
+
+
+def test_layer_group_scales_load_per_channel_state_dict(gen):
+    """A per-channel scale (N,), as saved by a layer without groups, loads into a grouped layer unchanged:
+    the same scale in every group."""
+    lin, old = make_layer(150, 33, gen)
+    old_sd = FrozenLinear.from_linear(lin, "int8", group=None).state_dict()
+    assert old_sd["weight_scale"].shape == (33,)
+    fresh = FrozenLinear(150, 33, storage="int8", group=64)
+    fresh.load_state_dict(old_sd)
+    assert fresh.weight_scale.shape == (33, 3)
+    assert torch.equal(fresh.dequantized_weight(), ops.dequant(old_sd["weight"], old_sd["weight_scale"], torch.float32))
+    x = torch.randn(5, 150, generator=gen)
+    ref = run(x, pack(old_sd["weight"], old_sd["weight_scale"], 64), old_sd["bias"], torch.empty(5, 33), 64)
+    assert torch.equal(fresh(x), ref)
+    grouped = FrozenLinear.from_linear(lin, "int8", group=64)
+    fresh.load_state_dict(grouped.state_dict())
+    assert torch.equal(fresh(x), grouped(x))
+
+
+def test_layer_group_scales_set_weight(gen):
+    """set_weight (a LoRA merge) requantises in the layer's groups; with a scale, takes it as stored."""
+    lin, _ = make_layer(96, 20, gen)
+    m = FrozenLinear.from_linear(lin, "int8", group=32)
+    w2 = torch.randn(20, 96, generator=gen) * 0.1
+    m.set_weight(w2)
+    assert m.weight_scale.shape == (20, 3)
+    lin2 = torch.nn.Linear(96, 20)
+    with torch.no_grad():
+        lin2.weight.copy_(w2)
+    assert torch.equal(m.dequantized_weight(), FrozenLinear.from_linear(lin2, "int8", group=32).dequantized_weight())
+    x = torch.randn(4, 96, generator=gen)
+    y = m(x)  # repacked
+    assert torch.equal(y, run(x, pack(m.weight, m.weight_scale, 32), m.bias, torch.empty(4, 20), 32))
+    weight, scale = m.weight.clone(), m.weight_scale.clone()
+    m.set_weight(torch.zeros(20, 96))
+    m.set_weight(weight, scale)
+    assert torch.equal(m(x), y)
+
+
+def test_group_option_checks_and_freeze(gen):
+    for bad in (0, 30, 1024, 64.0, True):
+        with pytest.raises(ValueError, match="group"):
+            FrozenLinear(64, 8, storage="int8", group=bad)
+        with pytest.raises(ValueError, match="group"):
+            freeze(torch.nn.Sequential(torch.nn.Linear(8, 4)), storage="int8", group=bad)
+    net = freeze(torch.nn.Sequential(torch.nn.Linear(70, 4)), storage="int8", group=32)
+    assert net[0].group == 32 and net[0].weight_scale.shape == (4, 3)
+    assert freeze(torch.nn.Sequential(torch.nn.Linear(70, 4)), storage="int8", group=None)[0].weight_scale.shape == (4,)
+    assert FrozenLinear(64, 8, storage="bfloat16", group=32).group is None  # float storages have no scales

@@ -5,7 +5,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .nn.frozen import ACTIVATIONS, STORAGES, FrozenLinear
+from .nn.frozen import ACTIVATIONS, INT8_WEIGHT_GROUP, STORAGES, FrozenLinear, _check_group
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -24,7 +24,7 @@ def _matches(name: str, patterns) -> bool:
 
 
 def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage: Optional[str] = None,
-           activations: str = "int8") -> nn.Module:
+           activations: str = "int8", group: Optional[int] = INT8_WEIGHT_GROUP) -> nn.Module:
     """Freeze `model` in place, except the submodules named in `except_`, and return it.
 
     Every parameter outside ``except_`` stops requiring grad, and every frozen module is put in eval mode
@@ -36,6 +36,8 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     per-output-channel absmax scale), which still passes gradients to its input, so trainable layers and
     adapters below it keep learning. ``activations``: with int8 storage on the CPU, "int8" quantises each
     layer's input to 8 bits too (the int8 kernel), "float" keeps it in float (FrozenLinear.activations).
+    ``group``: with int8 storage, the weight's scales: one per output channel and group of ``group`` inputs
+    (x is then quantised in the same groups), or None for one per channel (FrozenLinear.from_linear).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
@@ -47,6 +49,7 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
         raise ValueError(f"storage must be None, 'bfloat16', 'float16' or 'int8', got {storage!r}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    _check_group(group)
     names = [n for n, _ in model.named_modules()]
     for p in patterns:
         if not any(_matches(n, (p,)) for n in names if n):
@@ -73,5 +76,5 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
                 raise ValueError("storage= needs the model to contain layers; the model itself is an nn.Linear")
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FrozenLinear.from_linear(module, storage, activations))
+            setattr(parent, child, FrozenLinear.from_linear(module, storage, activations, group))
     return model

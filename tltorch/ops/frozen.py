@@ -18,10 +18,15 @@ from ._device import rows
 from .linear import GEMM_KC, gemm_cuda
 
 
-def dequant(weight: Tensor, scale: Optional[Tensor], dtype) -> Tensor:
-    """W * s as a dense tensor of `dtype`."""
+def dequant(weight: Tensor, scale: Optional[Tensor], dtype, group: Optional[int] = None) -> Tensor:
+    """W * s as a dense tensor of `dtype`; s (out,) one scale a channel, or (out, ceil(in / group)) one a
+    channel and group of `group` consecutive inputs."""
     w = weight.to(dtype)
-    return w if scale is None else w * scale.to(dtype)[:, None]
+    if scale is None:
+        return w
+    if scale.dim() == 1:
+        return w * scale.to(dtype)[:, None]
+    return w * scale.to(dtype).repeat_interleave(group, dim=1)[:, :w.shape[1]]
 
 
 # ---- qgemm: forward: a (n, in) -> a (W*s)^T + bias; else a (n, out) -> a (W*s) ---------------------------
@@ -98,10 +103,18 @@ frozen_linear = define_op("frozen_linear", "(Tensor x, Tensor weight, Tensor? sc
 #
 # y = x (W*s)^T + bias with x quantised per row and group of `group` inputs to uint8 (csrc/cpu/qlinear_int8.c
 # says how); dx = dy (W*s) through qgemm, as frozen_linear's (the quantisation passes the gradient straight
-# through). packed: int8_pack(weight, scale, group), built once when the layer is frozen.
+# through). packed: int8_pack(weight, scale, group), built once when the layer is frozen. scale: (out,), or
+# (out, ceil(in / group)), one a channel and group of the same inputs x is quantised in; qgemm scales per
+# channel only, so with group scales dx and the CUDA product go through the dequantised weight (a float32
+# copy of the layer's weight for the call).
+
+def _grouped(weight, scale, group, dtype):
+    """weight and scale as qgemm takes them: per-channel as they are, per-group scales dequantised."""
+    return (weight, scale) if scale.dim() == 1 else (dequant(weight, scale, dtype, group), None)
 
 def int8_pack(weight: Tensor, scale: Tensor, group: int) -> Tensor:
-    """The int8 weight (out, in) and its float32 scales (out,) in the int8 kernel's layout: a uint8 buffer."""
+    """The int8 weight (out, in) and its float32 scales, (out,) or (out, ceil(in / group)), in the int8
+    kernel's layout: a uint8 buffer."""
     packed = torch.empty(_C.int8_bytes(weight.shape[0], weight.shape[1], group, True), dtype=torch.uint8)
     _C.int8_pack(weight, scale, group, packed, 1)
     return packed
@@ -117,7 +130,7 @@ def _int8_linear_cpu(x, weight, scale, packed, group, bias):
 
 def _int8_linear_cuda(x, weight, scale, packed, group, bias):
     """No int8 kernel on CUDA: x stays in float (frozen_linear's)."""
-    return _frozen_linear(_qgemm_cuda, x, weight, scale, bias)
+    return _frozen_linear(_qgemm_cuda, x, *_grouped(weight, scale, group, x.dtype), bias)
 
 
 def _int8_linear_fake(x, weight, scale, packed, group, bias):
@@ -127,11 +140,13 @@ def _int8_linear_fake(x, weight, scale, packed, group, bias):
 def _int8_setup(ctx, inputs, output):
     x, weight, scale, packed, group, bias = inputs
     ctx.save_for_backward(weight, scale)
+    ctx.group = group
 
 
 def _int8_grad(ctx, grad):
     weight, scale = ctx.saved_tensors
-    return frozen_linear_backward(grad, weight, scale), None, None, None, None, None
+    dx = frozen_linear_backward(grad, *_grouped(weight, scale, ctx.group, torch.float32))
+    return dx, None, None, None, None, None
 
 
 int8_linear = define_op("int8_linear", "(Tensor x, Tensor weight, Tensor scale, Tensor packed, int group, "
