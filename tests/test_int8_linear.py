@@ -466,3 +466,16 @@ def test_group_option_checks_and_freeze(gen):
     assert net[0].group == 32 and net[0].weight_scale.shape == (4, 3)
     assert freeze(torch.nn.Sequential(torch.nn.Linear(70, 4)), storage="int8", group=None)[0].weight_scale.shape == (4,)
     assert FrozenLinear(64, 8, storage="bfloat16", group=32).group is None  # float storages have no scales
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_layer_under_bf16_autocast(group, gen):
+    """Under torch.autocast("cpu", bfloat16) x may come float32 or bfloat16 from the ops before: the layer
+    runs the same kernel as outside it, and y keeps x's dtype."""
+    lin, _ = make_layer(150, 40, gen)
+    m = FrozenLinear.from_linear(lin, "int8", group=group)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 150, generator=gen).to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == dtype and torch.equal(y, m(x))
