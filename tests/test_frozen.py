@@ -105,7 +105,7 @@ def test_frozen_linear_matches_reference(storage, xdtype, case, gen):
 @pytest.mark.parametrize("storage", STORAGES)
 def test_frozen_linear_vs_original_weight(storage, gen):
     lin = make_linear(KC + 61, 48, True, gen)
-    m = FrozenLinear.from_linear(lin, storage)
+    m = FrozenLinear.from_linear(lin, storage, group=None)  # group scales: tests/test_int8_linear.py
     x = randn((3, 7, KC + 61), torch.float32, gen)
     err = fro_err(m(x), ref_linear(x, lin.weight.double(), lin.bias))
     assert err <= STORAGE_TOL[storage], f"{storage}: relative error {err:.3g}"
@@ -171,8 +171,10 @@ def test_weight_asking_for_grad_gets_none(gen):
 def test_weight_bytes():
     lin = nn.Linear(768, 3072)
     f32 = lin.weight.numel() * 4
-    for storage, most in (("int8", 0.26), ("bfloat16", 0.5), ("float16", 0.5), ("float32", 1.0)):
-        m = FrozenLinear.from_linear(lin, storage)
+    # int8: a byte a weight, plus a float32 scale a channel (None) or a channel and group of 32 inputs
+    for storage, group, most in (("int8", None, 0.26), ("int8", 32, 0.25 + 1 / 32 + 1e-3), ("bfloat16", None, 0.5),
+                                 ("float16", None, 0.5), ("float32", None, 1.0)):
+        m = FrozenLinear.from_linear(lin, storage, group=group)
         stored = sum(t.numel() * t.element_size() for name, t in m.named_buffers() if name != "bias")
         assert m.weight_bytes() == stored
         assert m.weight_bytes() <= most * f32, f"{storage}: {m.weight_bytes() / f32:.4f} of float32"
@@ -225,7 +227,7 @@ def test_int8_state_dict_round_trip_keeps_group_scales(group, gen):
 
 @pytest.mark.parametrize("storage", ["int8", "bfloat16"])
 def test_opcheck(storage, gen):
-    m = FrozenLinear.from_linear(make_linear(10, 6, True, gen), storage)
+    m = FrozenLinear.from_linear(make_linear(10, 6, True, gen), storage, group=None)  # qgemm: per-channel scales
     x = randn((2, 3, 10), torch.float32, gen).requires_grad_()
     torch.library.opcheck(torch.ops.tltorch.frozen_linear.default, (x, m.weight, m.weight_scale, m.bias))
     torch.library.opcheck(torch.ops.tltorch.frozen_linear.default, (x.detach(), m.weight, m.weight_scale, None))

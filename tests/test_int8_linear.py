@@ -288,8 +288,8 @@ def test_layer_runs_the_int8_kernel(dtype, gen):
     x = torch.randn(3, 11, 150, generator=gen).to(dtype)
     y = m(x)
     assert y.dtype == dtype and y.shape == (3, 11, 70)
-    direct = run(x.reshape(33, 150), pack(m.weight, m.weight_scale, INT8_GROUP), m.bias,
-                 torch.empty(33, 70, dtype=dtype), INT8_GROUP)
+    g = m.group or INT8_GROUP
+    direct = run(x.reshape(33, 150), pack(m.weight, m.weight_scale, g), m.bias, torch.empty(33, 70, dtype=dtype), g)
     assert torch.equal(y.reshape(33, 70), direct)
     assert torch.equal(m(x[0, 0]), y[0, 0])  # 1-D x
 
@@ -321,10 +321,11 @@ def test_layer_input_gradient_is_dy_times_the_weight(gen):
 def test_layer_weight_only_activations(gen):
     lin, m = make_layer(50, 20, gen, activations="float")
     x = torch.randn(6, 50, generator=gen)
-    assert torch.equal(m(x), ops.frozen_linear(x, m.weight, m.weight_scale, m.bias))
+    ref = ops.frozen_linear(x, m.dequantized_weight(), None, m.bias)
+    assert torch.equal(m(x), ref)
     assert m.packed_weight is None  # never packed
     m.activations = "int8"
-    assert not torch.equal(m(x), ops.frozen_linear(x, m.weight, m.weight_scale, m.bias))
+    assert not torch.equal(m(x), ref)
     with pytest.raises(ValueError, match="activations"):
         m.activations = "int4"
     net = freeze(torch.nn.Sequential(torch.nn.Linear(8, 4)), storage="int8", activations="float")
@@ -345,7 +346,8 @@ def test_layer_repacks_after_load_state_dict_and_in_place_edits(gen):
     with torch.no_grad():
         m.weight[3] = -m.weight[3]
     y = m(x)
-    ref = run(x, pack(m.weight, m.weight_scale, INT8_GROUP), m.bias, torch.empty(5, 33), INT8_GROUP)
+    g = m.group or INT8_GROUP
+    ref = run(x, pack(m.weight, m.weight_scale, g), m.bias, torch.empty(5, 33), g)
     assert torch.equal(y, ref)
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh(x), y)
@@ -372,7 +374,8 @@ def test_layer_bad_input_names_the_argument(gen):
 def test_layer_group_scales(group, gen):
     """One scale per output channel and group of `group` inputs (the last group short): each block's
     absmax / 127, every weight within half its block's step, x quantised in the same groups by the kernel."""
-    lin, per_channel = make_layer(150, 70, gen)
+    lin, _ = make_layer(150, 70, gen)
+    per_channel = FrozenLinear.from_linear(lin, "int8", group=None)
     m = FrozenLinear.from_linear(lin, "int8", group=group)
     groups = -(-150 // group)
     assert m.group == group and m.weight_scale.shape == (70, groups) and f"group={group}" in repr(m)

@@ -32,12 +32,14 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     even after ``model.train()``. ``except_``: module paths as ``named_modules`` gives them (``"classifier"``,
     ``"encoder.layer.11"``) or globs (``"encoder.layer.1*"``); a named module's whole subtree stays trainable.
     ``storage``: None keeps the weights as they are; "bfloat16", "float16" or "int8" also replaces each
-    frozen ``nn.Linear`` by a ``tltorch.nn.FrozenLinear`` holding its weight in that form (int8: a
-    per-output-channel absmax scale), which still passes gradients to its input, so trainable layers and
+    frozen ``nn.Linear`` by a ``tltorch.nn.FrozenLinear`` holding its weight in that form (int8: absmax
+    scales per output channel and group of inputs, ``group``), which still passes gradients to its input, so trainable layers and
     adapters below it keep learning. ``activations``: with int8 storage on the CPU, "int8" quantises each
     layer's input to 8 bits too (the int8 kernel), "float" keeps it in float (FrozenLinear.activations).
     ``group``: with int8 storage, the weight's scales: one per output channel and group of ``group`` inputs
     (x is then quantised in the same groups), or None for one per channel (FrozenLinear.from_linear).
+    The default, 32, keeps all-MiniLM-L6-v2's mean-pooled features at a cosine of 0.9992 to float32's
+    (min over the demo's reviews) where one scale a channel gives 0.998, for 0.125 bytes a weight more.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
