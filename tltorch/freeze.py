@@ -33,8 +33,8 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     ``"encoder.layer.11"``) or globs (``"encoder.layer.1*"``); a named module's whole subtree stays trainable.
     ``storage``: None keeps the weights as they are; "bfloat16", "float16" or "int8" also replaces each
     frozen ``nn.Linear`` by a ``tltorch.nn.FrozenLinear`` holding its weight in that form (int8: absmax
-    scales per output channel and group of inputs, ``group``), which still passes gradients to its input, so trainable layers and
-    adapters below it keep learning. ``activations``: with int8 storage on the CPU, "int8" quantises each
+    scales per output channel and group of inputs, ``group``), which still passes gradients to its input,
+    so trainable layers and adapters below it keep learning. ``activations``: with int8 storage on the CPU, "int8" quantises each
     layer's input to 8 bits too (the int8 kernel), "float" keeps it in float (FrozenLinear.activations).
     ``group``: with int8 storage, the weight's scales: one per output channel and group of ``group`` inputs
     (x is then quantised in the same groups), or None for one per channel (FrozenLinear.from_linear).
