@@ -170,7 +170,7 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         """Add the update to base's weight (rounded once to its dtype); a no-op when merged.
 
-        On a compact base the sum is rounded to its storage (int8: requantised with new per-channel
+        On a compact base the sum is rounded to its storage (int8: requantised with new
         scales), with a warning: the merged layer differs from base + adapter by that rounding. The
         stored weight before merging is kept, so that unmerge() restores it exactly."""
         if self.merged:
