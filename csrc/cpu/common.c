@@ -1,5 +1,6 @@
 /* common.c: status and dtype tables, tensor checks, the thread count rule, the team barrier, and the
- * choice of SIMD code (tl_cpu_level; the GEMM micro-kernel per dtype, tl_gemm_isa; its name, tl_cpu_isa). */
+ * SIMD level (tl_cpu_level, and its name, tl_cpu_isa; gemm_kernels.c's tl_gemm_isa picks the micro-kernel
+ * for it). */
 #define _GNU_SOURCE /* clock_gettime under -std=c11; sched_getaffinity */
 #include <sched.h>
 #include <stdio.h>
@@ -9,7 +10,6 @@
 #include <unistd.h>
 
 #include "cpu.h"
-#include "gemm_internal.h" /* the GEMM micro-kernels that tl_gemm_isa chooses from */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -306,28 +306,13 @@ tl_cpu_level(void)
     return v;
 }
 
-/* The GEMM's micro-kernel for a dtype on this CPU (tl_cpu_level: its SIMD level, capped by
- * TLTORCH_CPU_ISA). */
-const isa_desc *
-tl_gemm_isa(tl_dtype dtype)
-{
-#ifdef TL_X86
-    const int level = tl_cpu_level();
-    /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
-     * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
-    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &tl_isa_avx512_bf16;
-    if (level >= 2) return &tl_isa_avx512;
-    if (level >= 1) return &tl_isa_avx2;
-#else
-    (void)dtype;
-#endif
-    return &tl_isa_portable;
-}
-
+/* The SIMD level's name: that of the float32 GEMM micro-kernel tl_gemm_isa picks for it (gemm_kernels.c;
+ * not called here, as tltorch._cuda links this file without the CPU kernels). */
 const char *
 tl_cpu_isa(void)
 {
-    return tl_gemm_isa(TL_FLOAT32)->name;
+    static const char *const names[] = {"portable", "avx2", "avx512"};
+    return names[tl_cpu_level()];
 }
 
 tl_tensor

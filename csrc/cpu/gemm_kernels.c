@@ -1,6 +1,6 @@
-/* gemm_kernels.c: the GEMM's micro-kernels, one per ISA, and their descriptors (tl_isa_*, chosen by
- * tl_gemm_isa in common.c). Each computes an MR x NR tile of float32 sums over one K block from a
- * packed A sliver and a B sliver (packed, or float32 rows read in place): portable C (4 x 16),
+/* gemm_kernels.c: the GEMM's micro-kernels, one per ISA, their descriptors (tl_isa_*) and the choice
+ * among them for tl_cpu_level's SIMD level (tl_gemm_isa, at the end). Each computes an MR x NR tile of
+ * float32 sums over one K block from a packed A sliver and a B sliver (packed, or float32 rows read in place): portable C (4 x 16),
  * AVX2+FMA (6 x 16), AVX-512 (12 x 32, with variants that add a whole tile to C in place or compute
  * only 16 columns) and AVX-512 BF16 (12 x 32 from bfloat16 pairs along k). Packing and the loops
  * around them: gemm_pack.c, gemm.c. */
@@ -130,3 +130,21 @@ const isa_desc tl_isa_avx2 = {6, 16, ukernel_avx2, "avx2", 0};
 const isa_desc tl_isa_avx512 = {12, 32, ukernel_avx512, "avx512", 0};
 const isa_desc tl_isa_avx512_bf16 = {12, 32, ukernel_avx512_bf16, "avx512_bf16", 1};
 #endif
+
+/* The GEMM's micro-kernel for a dtype on this CPU (tl_cpu_level: its SIMD level, capped by
+ * TLTORCH_CPU_ISA). */
+const isa_desc *
+tl_gemm_isa(tl_dtype dtype)
+{
+#ifdef TL_X86
+    const int level = tl_cpu_level();
+    /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
+     * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
+    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &tl_isa_avx512_bf16;
+    if (level >= 2) return &tl_isa_avx512;
+    if (level >= 1) return &tl_isa_avx2;
+#else
+    (void)dtype;
+#endif
+    return &tl_isa_portable;
+}

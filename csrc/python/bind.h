@@ -72,6 +72,8 @@ struct tl_backend {
         __typeof__(tl_int8_pack_cpu) *int8_pack;
         __typeof__(tl_int8_linear_cpu) *int8_linear;
         __typeof__(tl_int8_packed_info) *int8_packed_info;
+        __typeof__(tl_int8_packed_bytes) *int8_packed_bytes;
+        __typeof__(tl_int8_linear_ws_bytes) *int8_ws_bytes;
     } cpu;
     struct { /* tltorch._cuda's */
         __typeof__(tl_gemm_cuda) *gemm;

@@ -89,7 +89,7 @@ py_int8_pack(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     if (tl_get_int(args[2], "group", &group) < 0 || tl_call_tail(&k) < 0) return NULL;
     if (tl_call_import(&k, t, pos, TL_COUNT(t), 3) < 0 ||
         tl_call_check(&k, tl_check_int8_pack(&w.t, &sc.t, group, &k.why)) < 0 ||
-        need_bytes(&k, &packed, tl_int8_packed_bytes(w.t.shape[0], w.t.shape[1], group), 1) < 0)
+        need_bytes(&k, &packed, k.dev->cpu.int8_packed_bytes(w.t.shape[0], w.t.shape[1], group), 1) < 0)
         goto end;
     Py_BEGIN_ALLOW_THREADS
     st = k.dev->cpu.int8_pack(&w.t, &sc.t, group, &packed.t);
@@ -123,7 +123,7 @@ py_int8_linear(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         goto end;
     }
     if (tl_call_check(&k, tl_check_int8_linear(&x.t, tl_opt(&bias), &y.t, N, K, &k.why)) < 0 ||
-        need_bytes(&k, &ws, tl_int8_linear_ws_bytes(x.t.shape[0], K, G), 1) < 0)
+        need_bytes(&k, &ws, k.dev->cpu.int8_ws_bytes(x.t.shape[0], K, G), 1) < 0)
         goto end;
     Py_BEGIN_ALLOW_THREADS
     st = k.dev->cpu.int8_linear(&x.t, &packed.t, tl_opt(&bias), &y.t, &ws.t, k.nthreads);
