@@ -5,6 +5,10 @@ dequantized weight (the kernel's error only), and separately against the origina
 storage's rounding, with a tolerance per storage).
 """
 import copy
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -16,6 +20,7 @@ from conftest import (DTYPES, LOW_PRECISION, assert_close, assert_rounded_once, 
                       make2d, names_arg, randn, rel_err)
 from tltorch import _C
 from tltorch.nn import FrozenLinear
+from tltorch.ops.frozen import bf16_native
 
 KC = _C.GEMM_KC
 NAN = float("nan")
@@ -65,6 +70,13 @@ def ref_linear(x, w64, bias):
     return r if bias is None else r + bias.double()
 
 
+def layer_bias(m, xdtype):
+    """The bias m adds for x of `xdtype`: rounded to bfloat16 where bfloat16 x on a bfloat16 weight runs
+    as nn.Linear in bfloat16 (torch's GEMM, on CPUs with AVX512-BF16), m.bias otherwise."""
+    routed = m.storage == "bfloat16" and xdtype is torch.bfloat16 and bf16_native()
+    return m.bias.to(torch.bfloat16) if routed and m.bias is not None else m.bias
+
+
 # (leading dims of x, in_features, out_features, layout of x, bias): 1-D/2-D/3-D x in every layout, odd
 # sizes, K over one and two GEMM blocks, no rows, no output features.
 CASES = [((), 7, 5, "contig", True), ((), 12, 3, "stride2", False), ((9,), 33, 17, "t", True),
@@ -89,7 +101,7 @@ def test_frozen_linear_matches_reference(storage, xdtype, case, gen):
     x = make_x(lead, k, layout, xdtype, gen).requires_grad_()
     y = m(x)
     assert y.dtype == xdtype and y.shape == (*lead, n)
-    ref = ref_linear(x, w64, m.bias)
+    ref = ref_linear(x, w64, layer_bias(m, xdtype))
     what = f"{storage} x {dtype_id(xdtype)} {case_id(case)}"
     assert_close(y, ref, xdtype, what=what)
     if xdtype in LOW_PRECISION and y.numel():
@@ -608,3 +620,73 @@ def test_int8_rejects_non_finite_weights(bad, gen):
         FrozenLinear.from_linear(lin, "int8")
     out = FrozenLinear.from_linear(lin, "bfloat16")(torch.ones(1, 4))  # representable there
     assert not bool(torch.isfinite(out[0, 1]))
+
+
+# ---- bfloat16 x on a bfloat16 weight -------------------------------------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not bf16_native(), reason="this CPU has no AVX512-BF16")
+
+
+@needs_bf16
+def test_bf16_route_is_torch_bf16_linear(gen):
+    """On a CPU with AVX512-BF16 the layer is nn.Linear in bfloat16: bitwise torch's result, which is the
+    float32 sum of the bf16 x, W and bf16-rounded bias rounded once."""
+    m = FrozenLinear.from_linear(make_linear(96, 40, True, gen), "bfloat16")
+    x = randn((3, 21, 96), torch.bfloat16, gen)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.nn.functional.linear(x, m.weight, m.bias.to(torch.bfloat16)))
+    ref = ref_linear(x, m.dequantized_weight(torch.float64), m.bias.to(torch.bfloat16))
+    assert_rounded_once(y, ref, torch.bfloat16, what="bf16 route")
+
+
+ISA_SCRIPT = r"""
+import json, torch
+from tltorch.nn import FrozenLinear
+from tltorch.ops.frozen import bf16_native
+g = torch.Generator().manual_seed(5)
+lin = torch.nn.Linear(96, 40)
+with torch.no_grad():
+    lin.weight.copy_(torch.randn(40, 96, generator=g) / 96 ** 0.5)
+    lin.bias.copy_(torch.randn(40, generator=g))
+m = FrozenLinear.from_linear(lin, "bfloat16")
+w64 = m.dequantized_weight(torch.float64)
+out = {"native": bf16_native()}
+for dt in (torch.float32, torch.bfloat16):
+    x = torch.randn(63, 96, generator=g).to(dt)
+    y = m(x)
+    ref = x.double() @ w64.t() + m.bias.double()
+    out[str(dt)] = {"err": ((y.double() - ref).abs().max() / ref.abs().max()).item(),
+                    "once": bool(((y.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-5 * ref.abs().max()).all()),
+                    "torch_equal": bool(torch.equal(y, torch.nn.functional.linear(x.bfloat16(), m.weight,
+                                                                                  m.bias.bfloat16()).to(dt)))}
+print(json.dumps(out))
+"""
+
+
+def test_bf16_route_only_with_avx512():
+    """TLTORCH_CPU_ISA=avx2 keeps tltorch's own kernel: float32 x stays float32 (float32 accuracy), bf16 x
+    gets the float32 sum with the float32 bias rounded once."""
+    env = dict(os.environ, TLTORCH_CPU_ISA="avx2")
+    proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["native"] is False
+    assert report["torch.float32"]["err"] <= 1e-5, report
+    assert report["torch.bfloat16"]["once"] and not report["torch.bfloat16"]["torch_equal"], report
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "int8"])
+def test_frozen_linear_under_autocast(storage, gen):
+    """Under autocast to the weight's own dtype a float32 x is cast to it first, as nn.Linear's would
+    be; other storages (and autocast to another dtype) leave x as it is."""
+    m = FrozenLinear.from_linear(make_linear(33, 17, True, gen), storage)
+    x = randn((4, 33), torch.float32, gen).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    cast = storage == "bfloat16"
+    assert y.dtype == (torch.bfloat16 if cast else torch.float32)
+    assert torch.equal(y, m(x.detach().to(torch.bfloat16)) if cast else m(x.detach()))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape

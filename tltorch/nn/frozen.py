@@ -168,6 +168,9 @@ class FrozenLinear(nn.Module):
             return ops.int8_linear(x, self.weight, self.weight_scale, packed, g, self.bias)
         # qgemm scales per channel only: group scales go through the dequantised weight
         w, s = (self.weight, self.weight_scale) if self.group is None else (self.dequantized_weight(), None)
+        if x.dtype is torch.float32 and self.weight.dtype in (torch.bfloat16, torch.float16) and \
+                torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) is self.weight.dtype:
+            x = x.to(self.weight.dtype)  # as nn.Linear under autocast to the weight's own dtype
         if x.dim() == 1:
             return ops.frozen_linear(x.unsqueeze(0), w, s, self.bias).squeeze(0)
         return ops.frozen_linear(x, w, s, self.bias)
