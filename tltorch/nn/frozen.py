@@ -55,6 +55,9 @@ class FrozenLinear(nn.Module):
     row and group of ``group`` (else INT8_GROUP) inputs, and the product runs in integers (AVX512-VNNI or
     AMX where the CPU has it): 2-3x float32's speed, at a relative error of about 1% of the layer's output (the weight's
     rounding alone: about 0.7%). ``activations="float"`` (also settable later) keeps x in float.
+    Under torch.autocast to the weight's own dtype a float32 x is cast to it first, as nn.Linear's would
+    be (y then has that dtype); bfloat16 x on a bfloat16 weight runs as nn.Linear in bfloat16 (oneDNN;
+    AMX where present) on CPUs with AVX512-BF16.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, storage: str = "bfloat16",
