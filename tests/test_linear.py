@@ -319,7 +319,9 @@ def test_linear_device_mismatch_names_argument():
 def test_backend_info():
     info = tltorch.backend_info()
     assert set(info) == {"version", "cuda_built", "cuda_available", "device_name", "cpu_isa",
-                         "num_threads"}
+                         "int8_isa", "bf16_linear", "num_threads"}
+    assert info["int8_isa"] in ("amx", "avx512vnni", "portable")
+    assert info["bf16_linear"] in ("onednn", "tltorch")
     assert info["version"] == tltorch.__version__ and isinstance(info["version"], str)
     assert isinstance(info["cuda_built"], bool)
     assert isinstance(info["cuda_available"], bool)
