@@ -17,6 +17,8 @@ the masked mean of last_hidden_state over the real tokens, in float32. Candidate
   tltorch bf16 extract  tltorch.extract_features(the bf16-frozen body, pooling="mean",
                         compute_dtype=torch.bfloat16): the body under bf16 autocast, where FrozenLinear
                         casts x as nn.Linear does and reads its bf16 weight as it is
+  tltorch int8 extract  the same with the int8-frozen body: its weights expanded to bf16 per call
+                        (one pass over the int8 bytes) for the bf16 GEMM where the CPU has AVX512-BF16
 Each prints rows/s, its speed against torch fp32 and torch bf16, and the smallest cosine similarity of
 its features to torch fp32's. --profile NAME...: torch.profiler tables of those candidates on 4 batches
 (no NAME: tltorch bf16).
@@ -87,8 +89,9 @@ def candidates(body):
         "tltorch int8": (tltorch.freeze(copy.deepcopy(body), storage="int8"), none),
     }
     out = {k: (partial(extract, m, ctx=ctx), m, ctx) for k, (m, ctx) in bodies.items()}
-    out["tltorch bf16 extract"] = (partial(tltorch.extract_features, bf16, pooling="mean",
-                                           compute_dtype=torch.bfloat16, progress=False), bf16, none)
+    for name, m in (("tltorch bf16 extract", bf16), ("tltorch int8 extract", bodies["tltorch int8"][0])):
+        out[name] = (partial(tltorch.extract_features, m, pooling="mean", compute_dtype=torch.bfloat16,
+                             progress=False), m, none)
     return out
 
 

@@ -444,13 +444,10 @@ tl_check_int8_linear(const tl_tensor *x, const tl_tensor *bias, const tl_tensor 
     return TL_OK;
 }
 
-tl_status
-tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why)
+/* w (N, K) int8 and its float32 scales, (N,) or (N, ceil(K / group)). */
+static tl_status
+need_int8_weight(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why)
 {
-    tl_check none = {0};
-    if (!why) why = &none;
-    if (!tl_int8_group_ok(group))
-        return need_text(NULL, TL_ERR_VALUE, "argument 'group' must be a multiple of 4 in [4, 512]", why);
     if (need_ndim(w, 2, why) || need_dtype_is(w, TL_INT8, why) || need_dtype_is(w_scale, TL_FLOAT32, why))
         return why->status;
     if (w_scale->ndim == 1 ? need_size(w_scale, 0, w->shape[0], "w.shape[0]", why)
@@ -459,6 +456,29 @@ tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, 
                                              why)
                              : need_text(w_scale, TL_ERR_SHAPE, "must have 1 dim (a scale a channel) or 2 (a scale a "
                                                                 "channel and group)", why))
+        return why->status;
+    return TL_OK;
+}
+
+tl_status
+tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (!tl_int8_group_ok(group))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'group' must be a multiple of 4 in [4, 512]", why);
+    return need_int8_weight(w, w_scale, group, why);
+}
+
+tl_status
+tl_check_int8_dequant(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, const tl_tensor *out, tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (group < 1) return need_text(NULL, TL_ERR_VALUE, "argument 'group' must be positive", why);
+    if (need_int8_weight(w, w_scale, group, why) || need_ndim(out, 2, why) || need_float(out, why) ||
+        need_size(out, 0, w->shape[0], "w.shape[0]", why) || need_size(out, 1, w->shape[1], "w.shape[1]", why) ||
+        need_writable(out, why) || need_apart(out, w, why) || need_apart(out, w_scale, why))
         return why->status;
     return TL_OK;
 }

@@ -435,6 +435,17 @@ tl_status tl_check_int8_linear(const tl_tensor *x, const tl_tensor *bias, const 
                                tl_check *why);
 tl_status tl_check_int8_pack(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_check *why);
 
+/* The int8 weight as a dense float tensor: out[n, k] = w[n, k] * w_scale[n] (w_scale (N,)) or
+ * w_scale[n, k / group] (w_scale (N, ceil(K / group)); group >= 1), the product rounded to float32, then to
+ * out's dtype (float32, bfloat16 or float16; (N, K), any strides, sharing no memory with w or w_scale).
+ * w: int8, any strides. The CUDA twin runs on `stream`. */
+tl_status tl_int8_dequant_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_tensor *out,
+                              int nthreads);
+tl_status tl_int8_dequant_cuda(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_tensor *out,
+                               void *stream);
+tl_status tl_check_int8_dequant(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, const tl_tensor *out,
+                                tl_check *why);
+
 #ifdef __cplusplus
 }
 #endif

@@ -679,17 +679,21 @@ def test_bf16_route_only_with_avx512():
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16", "int8"])
 def test_frozen_linear_under_autocast(storage, gen):
-    """Under autocast to the weight's own dtype a float32 x is cast to it first, as nn.Linear's would
-    be; other storages (and autocast to another dtype) leave x as it is."""
+    """Under autocast to bfloat16 (or to the weight's own dtype) a float32 x is cast to it first, as
+    nn.Linear's would be; autocast to float16 leaves x as it is on other storages."""
     m = FrozenLinear.from_linear(make_linear(33, 17, True, gen), storage)
     x = randn((4, 33), torch.float32, gen).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
-    cast = storage == "bfloat16"
-    assert y.dtype == (torch.bfloat16 if cast else torch.float32)
-    assert torch.equal(y, m(x.detach().to(torch.bfloat16)) if cast else m(x.detach()))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, m(x.detach().to(torch.bfloat16)))
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        y = m(x)
+    cast = storage == "float16"
+    assert y.dtype == (torch.float16 if cast else torch.float32)
+    assert torch.equal(y, m(x.detach().half()) if cast else m(x.detach()))
 
 
 # ---- extract_features(compute_dtype=...) -----------------------------------------------------------------

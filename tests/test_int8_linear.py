@@ -262,6 +262,53 @@ def test_int8_linear_bad_input_names_the_argument(gen):
         _C.int8_bytes(4, K, 1024, False)
 
 
+# ---- int8_dequant: the weight as a dense float tensor ---------------------------------------------------
+
+def ref_dequant(w, s, group, dtype):
+    """w * s in float32 (torch's product, rounded once), then rounded to dtype."""
+    s = s[:, None] if s.dim() == 1 else s.repeat_interleave(group, dim=1)[:, :w.shape[1]]
+    return (w.float() * s).to(dtype)
+
+
+@pytest.mark.parametrize("N,K,group", [(7, 13, None), (5, 77, 32), (33, 100, 8), (3, 16, 1), (4, 5, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("layout", ["contig", "t", "stride2"])
+def test_int8_dequant_matches_the_product(N, K, group, dtype, layout, gen):
+    """Bitwise equal to torch's w.float() * s rounded to dtype, on every ISA path (the ISA reruns) and for
+    any layout of w and out."""
+    w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+    if layout == "t":
+        w = w.t().contiguous().t()
+    elif layout == "stride2":
+        w = torch.repeat_interleave(w, 2, dim=1)[:, ::2]
+    s = torch.rand((N,) if group is None else (N, -(-K // group)), generator=gen) * 0.03 + 1e-4
+    out = torch.full((K, N), float("nan"), dtype=dtype).t() if layout == "t" else torch.empty(N, K, dtype=dtype)
+    for threads in (1, 2):
+        _C.int8_dequant(w, s, group or 1, out, threads)
+        assert torch.equal(out, ref_dequant(w, s, group, dtype))
+
+
+def test_int8_dequant_bad_input_names_the_argument(gen):
+    w = torch.randint(-127, 128, (6, 10), generator=gen, dtype=torch.int8)
+    s = torch.rand(6, 3, generator=gen)
+    out = torch.empty(6, 10)
+    _C.int8_dequant(w, s, 4, out, 1)
+    with pytest.raises(TypeError, match="'w'"):
+        _C.int8_dequant(w.float(), s, 4, out, 1)
+    with pytest.raises(TypeError, match="'w_scale'"):
+        _C.int8_dequant(w, s.double(), 4, out, 1)
+    with pytest.raises(ValueError, match="'w_scale'"):
+        _C.int8_dequant(w, s, 3, out, 1)  # 4 groups of 3, not 3
+    with pytest.raises(ValueError, match="'group'"):
+        _C.int8_dequant(w, s, 0, out, 1)
+    with pytest.raises(ValueError, match="'out'"):
+        _C.int8_dequant(w, s, 4, torch.empty(6, 11), 1)
+    with pytest.raises(TypeError, match="'out'"):
+        _C.int8_dequant(w, s, 4, torch.empty(6, 10, dtype=torch.int32), 1)
+    with pytest.raises(TypeError):
+        _C.int8_dequant(w, "scale", 4, out, 1)
+
+
 # ---- the layer: FrozenLinear(storage="int8") ----------------------------------------------------------
 
 from tltorch import freeze, ops  # noqa: E402
@@ -283,6 +330,8 @@ def fro(out, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_layer_runs_the_int8_kernel(dtype, gen):
+    if dtype == torch.bfloat16 and ops.frozen.bf16_native():
+        pytest.skip("bfloat16 x runs the bfloat16 GEMM on this CPU (test_layer_bfloat16_x)")
     lin, m = make_layer(150, 70, gen)
     assert m.activations == "int8" and "activations=int8" in repr(m)
     x = torch.randn(3, 11, 150, generator=gen).to(dtype)
@@ -388,7 +437,7 @@ def test_layer_group_scales(group, gen):
     assert ((wq - w).abs() <= 0.5 * step * (1 + 1e-5)).all()
     assert fro(wq, w) < fro(per_channel.dequantized_weight(), w)
     assert m.weight_bytes() == 70 * 150 + 70 * groups * 4
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32,) if ops.frozen.bf16_native() else (torch.float32, torch.bfloat16):
         x = torch.randn(3, 11, 150, generator=gen).to(dtype)
         y = m(x)
         direct = run(x.reshape(33, 150), pack(m.weight, m.weight_scale, group), m.bias,
@@ -473,12 +522,41 @@ def test_group_option_checks_and_freeze(gen):
 
 @pytest.mark.parametrize("group", [None, 32])
 def test_layer_under_bf16_autocast(group, gen):
-    """Under torch.autocast("cpu", bfloat16) x may come float32 or bfloat16 from the ops before: the layer
-    runs the same kernel as outside it, and y keeps x's dtype."""
+    """Under torch.autocast("cpu", bfloat16) x may come float32 or bfloat16 from the ops before: as
+    nn.Linear there, the layer computes in bfloat16 and y is bfloat16 (the ops after it run in
+    bfloat16 too); under autocast to float16 (not a dtype of the layer) a float32 x stays float32."""
     lin, _ = make_layer(150, 40, gen)
     m = FrozenLinear.from_linear(lin, "int8", group=group)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(7, 150, generator=gen).to(dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, m(x.bfloat16()))
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = m(x)
         assert y.dtype == dtype and torch.equal(y, m(x))
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_layer_bfloat16_x(group, gen):
+    """bfloat16 x: where the CPU multiplies bfloat16 natively, the weight expanded to bfloat16 and
+    nn.Linear's bfloat16 product (x not quantised); else the int8 kernel. Close to the float64 product
+    either way; its input gradient too. Under autocast to bfloat16 a float32 x is cast first."""
+    lin, _ = make_layer(150, 70, gen)
+    m = FrozenLinear.from_linear(lin, "int8", group=group)
+    x = torch.randn(3, 11, 150, generator=gen).bfloat16().requires_grad_()
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 11, 70)
+    wq = m.dequantized_weight(torch.float64)
+    ref = x.detach().double() @ wq.t() + m.bias.double()
+    native = ops.frozen.bf16_native()
+    assert fro(y, ref) <= (6e-3 if native else 2e-2)  # bf16 output rounding; with 8-bit x, its rounding too
+    if native:
+        w16 = ops.int8_dequant(m.weight, m.weight_scale, m.group or 150, torch.bfloat16)
+        assert torch.equal(y.detach(), ops.frozen_linear(x.detach(), w16, None, m.bias))
+    dy = torch.randn(3, 11, 70, generator=gen).bfloat16()
+    y.backward(dy)
+    assert x.grad.dtype == torch.bfloat16 and fro(x.grad, dy.double() @ wq) <= 1e-2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = m(x.detach().float())
+    assert ya.dtype == torch.bfloat16 and torch.equal(ya, m(x.detach()).detach())

@@ -132,6 +132,8 @@ def _plain_cases(device, gen):
         ("gemm", ops.gemm, (rn(5, 6), rn(5, 4), rn(6, 4), None, 1.0, 0.0, 1), (2,)),
         ("colsum", ops.colsum, (rn(9, 4), rn(4), 0.5), (1,)),
         ("dropout", ops.dropout, (rn(8, 6), 0.3, 1234), ()),
+        ("int8_dequant", ops.int8_dequant, (torch.randint(-127, 128, (4, 6), generator=gen, dtype=torch.int8)
+                                            .to(device), rn(4, 2).abs() + 0.01, 4, torch.bfloat16), ()),
         ("qgemm", ops.qgemm, (rn(3, 6), torch.randint(-127, 128, (4, 6), generator=gen, dtype=torch.int8).to(device),
                               rn(4).abs(), rn(4), True), ()),
         ("qgemm", ops.qgemm, (rn(3, 4, dtype=torch.bfloat16), rn(4, 6, dtype=torch.bfloat16), None, None, False), ()),
@@ -178,7 +180,7 @@ def test_eager_and_torch_ops_agree_without_gradients(device, gen):
 
 OP_NAMES = ["gemm", "colsum", "linear", "linear_backward", "dropout", "lora_linear", "lora_linear_backward",
             "linear_cross_entropy", "linear_cross_entropy_backward", "qgemm", "frozen_linear",
-            "frozen_linear_backward", "int8_linear", "pool", "adamw_", "linear_head", "linear_head_backward", "lora_update"]
+            "frozen_linear_backward", "int8_linear", "int8_dequant", "pool", "adamw_", "linear_head", "linear_head_backward", "lora_update"]
 DIFFERENTIABLE = {"linear", "lora_linear", "lora_update", "linear_cross_entropy", "frozen_linear", "int8_linear", "linear_head"}
 
 

@@ -270,6 +270,20 @@ def _int8_ref(args):
     return dense + (q - dense).detach()
 
 
+def _dequant_make(gen, dtype, N, K, group, layout="contig"):
+    w = torch.randint(-127, 128, (N, K) if layout == "contig" else (K + 1, 2 * N), generator=gen, dtype=torch.int8)
+    if layout != "contig":  # a strided, transposed view
+        w = w[1:, ::2].t()
+    shape = (N,) if group is None else (N, -(-K // group))
+    return [w, torch.rand(shape, generator=gen) / 64 + 1e-3, group or 1, dtype]
+
+
+def _dequant_ref(args):
+    w, scale, group, dtype = args
+    s = scale[:, None] if scale.dim() == 1 else scale.repeat_interleave(group, dim=1)[:, :w.shape[1]]
+    return w.double() * s
+
+
 # ---- head.py: linear_cross_entropy, linear_cross_entropy_backward -------------------------------------
 
 RED = {0: "mean", 1: "sum", 2: "none"}
@@ -480,6 +494,12 @@ TWINS: Dict[str, Twin] = {
         "empty": dict(lead=(0,), K=7, N=5),
     }, _int8_make, _int8_ref, grads=(0,),
         skip_on={"cuda": "CUDA has no int8 kernel: x stays in float there (frozen_linear's path)"}),
+    "int8_dequant": Twin({
+        "per_channel": dict(N=7, K=13, group=None),
+        "groups_ragged": dict(N=5, K=77, group=32),
+        "transposed": dict(N=6, K=40, group=8, layout="transposed"),
+        "empty": dict(N=0, K=7, group=4),
+    }, _dequant_make, _dequant_ref),
     "linear_cross_entropy": Twin({
         "mean_2d": dict(lead=(7,), K=13, C=5, reduction=0),
         "mean_upstream_one": dict(lead=(6,), K=5, C=4, reduction=0, upstream_one=True),

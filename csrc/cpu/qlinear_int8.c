@@ -780,3 +780,70 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
     if (nt > 1) tl_barrier_destroy(&bar);
     return TL_OK;
 }
+
+/* ---- the weight as a dense float tensor ------------------------------------------------------------ */
+
+/* out[n, k] = w[n, k] * s, s = w_scale[n] or w_scale[n, k / group]: the product rounded to float32 (as
+ * torch's w.float() * s), then to out's dtype. The
+ * weight a bfloat16 GEMM (oneDNN's, AMX) multiplies when x is in bfloat16: there it runs 2-3x the int8
+ * kernel's rate, so that reading the weight in 8 bits and expanding it per call wins from a few dozen rows. */
+
+#ifdef TL_X86
+/* n (<= 16) weights of one run of a group, times s, into out (float32 or bfloat16, unit stride). */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline void
+dequant16(const int8_t *w, float s, char *out, int bf16, int n)
+{
+    const __mmask16 m = (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w))),
+                                   _mm512_set1_ps(s));
+    if (bf16)
+        _mm256_mask_storeu_epi16(out, m, to_bf16(v));
+    else
+        _mm512_mask_storeu_ps(out, m, v);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void
+dequant_row_avx512(const int8_t *w, const float *s, int64_t ss, int64_t K, int64_t group, char *out, int bf16)
+{
+    const int64_t es = bf16 ? 2 : 4;
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += group, g++) {
+        const float sv = s[g * ss];
+        const int64_t k1 = k0 + group < K ? k0 + group : K;
+        for (int64_t k = k0; k < k1; k += 16)
+            dequant16(w + k, sv, out + k * es, bf16, (int)(k1 - k < 16 ? k1 - k : 16));
+    }
+}
+#endif
+
+tl_status
+tl_int8_dequant_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl_tensor *out, int nthreads)
+{
+    const tl_status st = tl_check_int8_dequant(w, w_scale, group, out, NULL);
+    if (st) return st;
+    const int64_t N = w->shape[0], K = w->shape[1];
+    if (N == 0 || K == 0) return TL_OK;
+    const int per_group = w_scale->ndim == 2;
+    if (!per_group) group = K; /* one scale for the whole row */
+    const int64_t ss = per_group ? w_scale->strides[1] : 0, es = (int64_t)tl_dtype_size(out->dtype);
+#ifdef TL_X86
+    const int fast = tl_cpu_level() >= 2 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                     (w->strides[1] == 1 || K == 1) && (out->strides[1] == 1 || K == 1) &&
+                     (out->dtype == TL_FLOAT32 || out->dtype == TL_BFLOAT16);
+#endif
+    const int nt = tl_threads_for(nthreads, 2.0 * (double)N * (double)K);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wr = (const int8_t *)w->data + n * w->strides[0];
+        const float *sr = (const float *)w_scale->data + n * w_scale->strides[0];
+        char *orow = (char *)out->data + n * out->strides[0] * es;
+#ifdef TL_X86
+        if (fast) {
+            dequant_row_avx512(wr, sr, ss, K, group, orow, out->dtype == TL_BFLOAT16);
+            continue;
+        }
+#endif
+        for (int64_t k = 0; k < K; k++)
+            tl_store_f(orow, k * out->strides[1], out->dtype, (float)wr[k * w->strides[1]] * sr[(k / group) * ss]);
+    }
+    return TL_OK;
+}

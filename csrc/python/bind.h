@@ -74,6 +74,7 @@ struct tl_backend {
         __typeof__(tl_int8_packed_info) *int8_packed_info;
         __typeof__(tl_int8_packed_bytes) *int8_packed_bytes;
         __typeof__(tl_int8_linear_ws_bytes) *int8_ws_bytes;
+        __typeof__(tl_int8_dequant_cpu) *int8_dequant;
     } cpu;
     struct { /* tltorch._cuda's */
         __typeof__(tl_gemm_cuda) *gemm;
@@ -86,6 +87,7 @@ struct tl_backend {
         __typeof__(tl_lora_backward_cuda) *lora_backward;
         __typeof__(tl_pool_cuda) *pool;
         __typeof__(tl_adamw_cuda) *adamw;
+        __typeof__(tl_int8_dequant_cuda) *int8_dequant;
     } cuda;
 };
 

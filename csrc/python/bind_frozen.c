@@ -1,6 +1,7 @@
 /* bind_frozen.c: the compact (frozen) weights' GEMM, qgemm (csrc/cpu/gemm.c), and the int8 linear layer,
- * int8_pack and int8_linear (csrc/cpu/qlinear_int8.c), for tltorch._C; CUDA has no such kernels (a frozen
- * layer's weight is converted to x's dtype there, for gemm). */
+ * int8_pack and int8_linear (csrc/cpu/qlinear_int8.c), for tltorch._C; int8_dequant (the int8 weight as a
+ * dense float tensor) for tltorch._C and tltorch._cuda (csrc/cuda/dequant.cu), whose frozen layers multiply
+ * that with cuBLAS. */
 #include "bind.h"
 
 PyDoc_STRVAR(qgemm_doc, "qgemm(a, b, scale, axis, c, bias, ws, nthreads, trans): c = op(a) @ (op(b) * scale along "
@@ -132,7 +133,36 @@ end:
     return tl_call_end(&k, t, TL_COUNT(t), st, "int8_linear", NULL);
 }
 
-const tl_family tl_frozen_family = {.cpu = (PyMethodDef[]){TL_METHOD("qgemm", py_qgemm, qgemm_doc),
-                                                           TL_METHOD("int8_pack", py_int8_pack, int8_pack_doc),
-                                                           TL_METHOD("int8_linear", py_int8_linear, int8_linear_doc),
-                                                           {NULL}}};
+PyDoc_STRVAR(int8_dequant_cpu_doc, "int8_dequant(w, w_scale, group, out, nthreads): out = w * w_scale (one scale a "
+             "row, or a row and group of `group` columns), rounded once to out's dtype, in place.");
+PyDoc_STRVAR(int8_dequant_cuda_doc, "int8_dequant(w, w_scale, group, out): out = w * w_scale (one scale a row, or a "
+             "row and group of `group` columns), rounded once to out's dtype, in place, on the current stream.");
+
+static PyObject *
+py_int8_dequant(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_arg w = TL_ARG_INIT("w"), sc = TL_ARG_INIT("w_scale"), out = TL_ARG_INIT("out");
+    tl_arg *t[] = {&w, &sc, &out};
+    static const int pos[] = {0, 1, 3};
+    tl_call k;
+    int group;
+    tl_status st = TL_RAISED;
+
+    if (tl_call_begin(&k, mod, args, nargs, 4, TL_TAIL_NONE, "int8_dequant(w, w_scale, group, out") < 0) return NULL;
+    if (tl_get_int(args[2], "group", &group) < 0 || tl_call_tail(&k) < 0) return NULL;
+    if (tl_call_import(&k, t, pos, TL_COUNT(t), 3) < 0 ||
+        tl_call_check(&k, tl_check_int8_dequant(&w.t, &sc.t, group, &out.t, &k.why)) < 0)
+        goto end;
+    Py_BEGIN_ALLOW_THREADS
+    st = k.dev->device == TL_CPU ? k.dev->cpu.int8_dequant(&w.t, &sc.t, group, &out.t, k.nthreads)
+                                 : k.dev->cuda.int8_dequant(&w.t, &sc.t, group, &out.t, k.s.stream);
+    Py_END_ALLOW_THREADS
+end:
+    return tl_call_end(&k, t, TL_COUNT(t), st, "int8_dequant", NULL);
+}
+
+const tl_family tl_frozen_family = {
+    .cpu = (PyMethodDef[]){TL_METHOD("qgemm", py_qgemm, qgemm_doc), TL_METHOD("int8_pack", py_int8_pack, int8_pack_doc),
+                           TL_METHOD("int8_linear", py_int8_linear, int8_linear_doc),
+                           TL_METHOD("int8_dequant", py_int8_dequant, int8_dequant_cpu_doc), {NULL}},
+    .cuda = (PyMethodDef[]){TL_METHOD("int8_dequant", py_int8_dequant, int8_dequant_cuda_doc), {NULL}}};

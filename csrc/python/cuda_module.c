@@ -151,7 +151,7 @@ static const tl_backend cuda = {
     .cuda = {.gemm = tl_gemm_cuda, .colsum = tl_colsum_cuda, .linear_xent = tl_linear_xent_cuda,
              .xent_workspace = tl_xent_cuda_workspace, .dropout = tl_dropout_cuda,
              .lora_forward = tl_lora_forward_cuda, .lora_backward = tl_lora_backward_cuda, .pool = tl_pool_cuda,
-             .adamw = tl_adamw_cuda,
+             .adamw = tl_adamw_cuda, .int8_dequant = tl_int8_dequant_cuda,
              .linear_head = tl_linear_head_cuda},
 };
 

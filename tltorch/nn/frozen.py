@@ -48,16 +48,20 @@ class FrozenLinear(nn.Module):
     "int8" with one float32 scale (absmax / 127) per output channel (a quarter of the bytes, plus 4 bytes
     a row) or, with ``group``, per output channel and group of that many inputs (plus 4 bytes a group).
     tltorch's kernels read it in that form and scale it as they go; no float32 copy is made on the CPU
-    (with group scales, the input gradient and ``activations="float"`` go through the dequantised weight). x may be float32, bfloat16 or float16; y has x's dtype. The bias (if any) is kept in
-    float32. Build one from a trained layer with ``FrozenLinear.from_linear(linear, storage)``.
+    (with group scales, the input gradient and ``activations="float"`` go through the dequantised weight).
+    x may be float32, bfloat16 or float16; y has x's dtype. The bias (if any) is kept in float32. Build one
+    from a trained layer with ``FrozenLinear.from_linear(linear, storage)``.
 
-    With int8 storage on the CPU, x is quantised to 8 bits too (``activations="int8"``, the default), per
-    row and group of ``group`` (else INT8_GROUP) inputs, and the product runs in integers (AVX512-VNNI or
-    AMX where the CPU has it): 2-3x float32's speed, at a relative error of about 1% of the layer's output (the weight's
-    rounding alone: about 0.7%). ``activations="float"`` (also settable later) keeps x in float.
-    Under torch.autocast to the weight's own dtype a float32 x is cast to it first, as nn.Linear's would
-    be (y then has that dtype); bfloat16 x on a bfloat16 weight runs as nn.Linear in bfloat16 (oneDNN;
-    AMX where present) on CPUs with AVX512-BF16.
+    With int8 storage on the CPU, a float32 x is quantised to 8 bits too (``activations="int8"``, the
+    default), per row and group of ``group`` (else INT8_GROUP) inputs, and the product runs in integers
+    (AVX512-VNNI or AMX where the CPU has it): 1-2.5x float32's speed, at a relative error of about 1% of
+    the layer's output (the weight's rounding alone: about 0.7%). ``activations="float"`` (also settable
+    later) keeps x in float.
+    Under torch.autocast to bfloat16 (or the weight's own dtype) a float32 x is cast to it first, as
+    nn.Linear's would be (y then has that dtype). bfloat16 x runs as nn.Linear in bfloat16 (oneDNN; AMX
+    where present) on CPUs with AVX512-BF16: a bfloat16 weight as it is stored, and an int8 one with
+    ``activations="int8"`` expanded to bfloat16 for the call (one pass over its bytes,
+    ``ops.int8_dequant``), which there runs 2-3x the int8 kernel's rate and keeps x in 16 bits.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, storage: str = "bfloat16",
@@ -163,6 +167,12 @@ class FrozenLinear(nn.Module):
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.weight.device}")
         x = x.resolve_neg()
+        if x.dtype is torch.float32 and torch.is_autocast_enabled(x.device.type) and \
+                torch.get_autocast_dtype(x.device.type) in (torch.bfloat16, self.weight.dtype):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # as nn.Linear under autocast
+        if self._uses_int8_kernel(x) and x.dtype is torch.bfloat16 and ops.frozen.bf16_native():
+            w = ops.dequant(self.weight, self.weight_scale, torch.bfloat16, self.group)
+            return ops.frozen_linear(x, w, None, self.bias)
         if self._uses_int8_kernel(x):
             packed, g = self._packed(), self._x_group()
             if x.dim() == 1:
@@ -171,9 +181,6 @@ class FrozenLinear(nn.Module):
             return ops.int8_linear(x, self.weight, self.weight_scale, packed, g, self.bias)
         # qgemm scales per channel only: group scales go through the dequantised weight
         w, s = (self.weight, self.weight_scale) if self.group is None else (self.dequantized_weight(), None)
-        if x.dtype is torch.float32 and self.weight.dtype in (torch.bfloat16, torch.float16) and \
-                torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) is self.weight.dtype:
-            x = x.to(self.weight.dtype)  # as nn.Linear under autocast to the weight's own dtype
         if x.dim() == 1:
             return ops.frozen_linear(x.unsqueeze(0), w, s, self.bias).squeeze(0)
         return ops.frozen_linear(x, w, s, self.bias)

@@ -14,12 +14,12 @@ without the dispatcher's cost.
 """
 from ._device import cuda_built, cuda_module
 from .adamw import adamw_
-from .frozen import dequant, frozen_linear, int8_linear, int8_pack, qgemm
+from .frozen import dequant, frozen_linear, int8_dequant, int8_linear, int8_pack, qgemm
 from .head import REDUCTIONS, linear_cross_entropy, xent
 from .linear import colsum, gemm, linear
 from .lora import dropout, lora_linear, lora_update, next_dropout_seed
 from .pool import POOL_MODES, pool
 
-__all__ = ["cuda_built", "cuda_module", "adamw_", "dequant", "frozen_linear", "int8_linear", "int8_pack", "qgemm", "REDUCTIONS",
+__all__ = ["cuda_built", "cuda_module", "adamw_", "dequant", "frozen_linear", "int8_dequant", "int8_linear", "int8_pack", "qgemm", "REDUCTIONS",
            "linear_cross_entropy", "xent", "colsum", "gemm", "linear", "dropout", "lora_linear", "lora_update",
            "next_dropout_seed", "POOL_MODES", "pool"]

@@ -15,19 +15,42 @@ from torch import Tensor
 
 from .. import _C
 from ._define import define_op
-from ._device import rows
+from ._device import cuda_module, rows
 from .linear import GEMM_KC, gemm_cuda
 
 
 def dequant(weight: Tensor, scale: Optional[Tensor], dtype, group: Optional[int] = None) -> Tensor:
     """W * s as a dense tensor of `dtype`; s (out,) one scale a channel, or (out, ceil(in / group)) one a
-    channel and group of `group` consecutive inputs."""
-    w = weight.to(dtype)
+    channel and group of `group` consecutive inputs (None: W in `dtype`)."""
     if scale is None:
-        return w
-    if scale.dim() == 1:
-        return w * scale.to(dtype)[:, None]
-    return w * scale.to(dtype).repeat_interleave(group, dim=1)[:, :w.shape[1]]
+        return weight.to(dtype)
+    if dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return int8_dequant(weight, scale, group or max(1, weight.shape[1]), dtype)
+    s = scale.to(dtype)  # float64, for references
+    return weight.to(dtype) * (s[:, None] if s.dim() == 1 else s.repeat_interleave(group, dim=1)[:, :weight.shape[1]])
+
+
+# ---- int8_dequant: the int8 weight times its scales, in one pass (csrc/cpu/qlinear_int8.c, csrc/cuda/dequant.cu)
+
+def _int8_dequant_out(weight, dtype):
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+def _int8_dequant_cpu(weight, scale, group, dtype):
+    out = _int8_dequant_out(weight, dtype)
+    _C.int8_dequant(weight, scale, group, out, torch.get_num_threads())
+    return out
+
+
+def _int8_dequant_cuda(weight, scale, group, dtype):
+    out = _int8_dequant_out(weight, dtype)
+    cuda_module().int8_dequant(weight, scale, group, out)
+    return out
+
+
+int8_dequant = define_op("int8_dequant", "(Tensor weight, Tensor scale, int group, ScalarType dtype) -> Tensor",
+                         {"cpu": _int8_dequant_cpu, "cuda": _int8_dequant_cuda},
+                         lambda weight, scale, group, dtype: _int8_dequant_out(weight, dtype))
 
 
 # ---- qgemm: forward: a (n, in) -> a (W*s)^T + bias; else a (n, out) -> a (W*s) ---------------------------
