@@ -6,6 +6,7 @@ fine_tune builds, unfreezing by the parameters' bits and flags epoch by epoch.
 """
 import inspect
 import math
+import pathlib
 
 import pytest
 import torch
@@ -577,3 +578,14 @@ def test_groups_as_a_number_chunks_the_blocks():
     model = bert(layers=4)
     h = tltorch.fine_tune(model, token_task(32, 1), epochs=1, lr=slice(1e-4, 1e-2), groups=3, progress=False)
     assert h.groups == ["embeddings", "layers 0-3", "head"] and h.base_lr == pytest.approx([1e-4, 1e-3, 1e-2])
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("<!-- readme-example: fine_tune -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    env = dict(model=bert(layers=2), train_loader=token_task(64, 1), val_loader=token_task(32, 2))
+    exec(compile(code, "README.md:fine_tune", "exec"), env)
+    assert env["history"].trainable_groups == [1, 2, 3, 4]
+    assert (tmp_path / "lr_find.png").exists() and (tmp_path / "fine_tune.png").exists()
