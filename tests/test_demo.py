@@ -75,7 +75,15 @@ def test_demo_quick(tmp_path):
     assert not summary["features_cached"]
 
     assert (out / "demo.png").stat().st_size > 10_000
-    assert (out / "features" / "quick-seed0" / "manifest.json").exists()
+    # (b) ran on a compact copy of the body, beside the float32 body: both caches, and the comparison
+    compact = summary["compact_body"]
+    assert compact["test_accuracy"] == acc_b
+    assert abs(compact["test_accuracy"] - compact["test_accuracy_float32_body"]) <= 0.05, compact
+    assert re.search(rf"\(b\)'s body: {re.escape(compact['what'])}, extracting at \d+ rows/s, [\d.]+x the float32 "
+                     rf"body's \d+; test accuracy {acc_b:.3f} on its features, "
+                     rf"{compact['test_accuracy_float32_body']:.3f} on the float32 body's", stdout), stdout[-2000:]
+    caches = sorted(p.parent.name for p in (out / "features" / "quick-seed0").glob("*/manifest.json"))
+    assert len(caches) == 2 and "float32-body" in caches, caches
     adapter = out / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8

@@ -6,7 +6,9 @@ demo generates itself:
 
   (a) the seed recipe: the body frozen, but run again on every batch of every epoch under a new
       nn.Linear head trained by torch.optim.AdamW;
-  (b) tltorch.extract_features once (cached on disk), then tltorch.fit_head on the stored features;
+  (b) tltorch.extract_features once (cached on disk) with a compact copy of the body (int8 weights in
+      bfloat16 compute on CPUs with AVX512-BF16), then tltorch.fit_head on the stored features; the
+      same on the float32 body is run beside it, to print the compact copy's speed and accuracy against it;
   (c) LoRA: tltorch.add_lora on every linear layer of the body (rank 8), adapters and head (a fused
       tltorch.nn.LinearCrossEntropy, started from (b)'s) trained together end to end, the adapter
       saved in PEFT's format.
@@ -223,16 +225,38 @@ def recipe_seed(body, train, test, *, epochs, lr, device, seed):
     return correct / total, time.perf_counter() - t0, per_epoch
 
 
-def recipe_extract(body, train, val, test, *, epochs, lr, device, seed, cache, progress):
+def compact_body(body, device):
+    """The fastest compact copy of the frozen body whose features hold (benchmarks/RESULTS.md, "the frozen
+    engine"): (model, compute_dtype, words). On a CPU with AVX512-BF16, int8 weights run in bfloat16
+    (expanded per call for oneDNN's bfloat16 GEMM; the rest of the body under bfloat16 autocast); on
+    another x86 CPU with VNNI, int8 weights and activations; on CUDA, bfloat16 weights and compute."""
+    import copy
+
+    from . import _C
+    from .freeze import freeze
+    from .ops.frozen import bf16_native
+    if str(device).startswith("cuda"):
+        return freeze(copy.deepcopy(body), storage="bfloat16"), torch.bfloat16, "bfloat16 weights and compute"
+    if bf16_native():
+        return freeze(copy.deepcopy(body), storage="int8"), torch.bfloat16, "int8 weights, bfloat16 compute"
+    if _C.int8_isa() != "portable":
+        return freeze(copy.deepcopy(body), storage="int8"), None, "int8 weights and activations"
+    return body, None, "float32 (no compact path on this CPU)"
+
+
+def recipe_extract(body, train, val, test, *, epochs, lr, device, seed, cache, progress, compute_dtype=None):
     """(b) tltorch.extract_features once over every split (one cache directory), then tltorch.fit_head on
     the stored features: the body runs once per example whatever the number of epochs.
-    Returns (head, history, test accuracy, seconds)."""
+    Returns (head, history, test accuracy, seconds, seconds of the extraction)."""
     from .extract import extract_features
     from .fit import fit_head
 
     _sync(device)
     t0 = time.perf_counter()
-    feats, labels = extract_features(body, train + val + test, pooling="mean", cache=cache, progress=progress)
+    feats, labels = extract_features(body, train + val + test, pooling="mean", cache=cache, progress=progress,
+                                     compute_dtype=compute_dtype)
+    _sync(device)
+    t_extract = time.perf_counter() - t0
     n_tr = sum(b["labels"].numel() for b in train)
     n_va = sum(b["labels"].numel() for b in val)
     xtr, ytr = feats[:n_tr], labels[:n_tr]
@@ -244,7 +268,7 @@ def recipe_extract(body, train, val, test, *, epochs, lr, device, seed, cache, p
                              progress=progress, seed=seed)
     acc = float((head.predict(xte.to(device)).cpu() == yte).float().mean())
     _sync(device)
-    return head, history, acc, time.perf_counter() - t0
+    return head, history, acc, time.perf_counter() - t0, t_extract
 
 
 def recipe_lora(body, head, train, test, *, epochs, lr, device, seed, adapter_dir):
@@ -407,14 +431,24 @@ def main(argv=None) -> int:
           f"train {sizes[0]}, val {sizes[1]}, test {sizes[2]}; e.g. {data['train'][0][0]!r} -> "
           f"{LABELS[data['train'][1][0]]}")
     lr = 3e-2  # the head alone: a few epochs at a high rate suffice
-    cached = _cache_complete(cache, sum(sizes))
 
     print(f"(a) seed recipe: {epochs} epochs, the body run on every batch ...", flush=True)
     acc_a, t_a, epoch_a = recipe_seed(body, train, test, epochs=epochs, lr=lr, device=device, seed=args.seed)
-    print(f"(b) extract_features once{' (from the cache)' if cached else ''} + fit_head, {epochs} epochs ...",
-          flush=True)
-    head, history, acc_b, t_b = recipe_extract(body, train, val, test, epochs=epochs, lr=lr, device=device,
-                                               seed=args.seed, cache=cache, progress=progress)
+    compact, compute_dtype, words = compact_body(body, device)
+    # a cache per body: the compact copy's under the words' tag, the float32 body's beside it
+    cache_b = os.path.join(cache, words.split(" (")[0].replace(",", "").replace(" ", "-"))
+    cache_f = os.path.join(cache, "float32-body")
+    cached = _cache_complete(cache_b, sum(sizes)) and _cache_complete(cache_f, sum(sizes))
+    print(f"(b) extract_features once{' (from the cache)' if cached else ''} with a compact copy of the body "
+          f"({words}) + fit_head, {epochs} epochs ...", flush=True)
+    head, history, acc_b, t_b, tx_b = recipe_extract(compact, train, val, test, epochs=epochs, lr=lr,
+                                                     device=device, seed=args.seed, cache=cache_b,
+                                                     progress=progress, compute_dtype=compute_dtype)
+    del compact
+    # the same on the float32 body, for the accuracy and speed the compact copy is weighed against
+    print("    and the same on the float32 body, to compare ...", flush=True)
+    _, _, acc_f, _, tx_f = recipe_extract(body, train, val, test, epochs=epochs, lr=lr, device=device,
+                                          seed=args.seed, cache=cache_f, progress=progress)
     print(f"(c) LoRA fine-tuning: {lora_epochs} epoch{'s' if lora_epochs > 1 else ''} ...", flush=True)
     acc_c, t_c, (trainable, total) = recipe_lora(body, head, train, test, epochs=lora_epochs, lr=2e-3,
                                                  device=device, seed=args.seed, adapter_dir=adapter_dir)
@@ -430,6 +464,14 @@ def main(argv=None) -> int:
     print()
     epoch_b = history["time"][-1] / len(history["time"])
     print(_table(results, speedup, epochs, epoch_a, epoch_b, cached, cache))
+    n_rows = sum(sizes)
+    if cached:
+        print(f"(b)'s body: {words}; test accuracy {acc_b:.3f} on its features, {acc_f:.3f} on the float32 "
+              "body's (both read from the cache)")
+    else:
+        print(f"(b)'s body: {words}, extracting at {n_rows / tx_b:.0f} rows/s, {tx_f / tx_b:.2f}x the float32 "
+              f"body's {n_rows / tx_f:.0f}; test accuracy {acc_b:.3f} on its features, {acc_f:.3f} on the "
+              "float32 body's")
     print()
     plotted = plot(results, os.path.join(out, "demo.png"))
     if plotted:
@@ -437,6 +479,8 @@ def main(argv=None) -> int:
     summary = {"device": device, "quick": args.quick, "sizes": dict(zip(("train", "val", "test"), sizes)),
                "epochs": epochs, "lora_epochs": lora_epochs, "features_cached": cached, "speedup_b_over_a": speedup,
                "seconds_per_head_epoch": {"a": epoch_a, "b": epoch_b},
+               "compact_body": {"what": words, "test_accuracy": acc_b, "test_accuracy_float32_body": acc_f,
+                                "extract_seconds": tx_b, "extract_seconds_float32_body": tx_f},
                "results": results, "total_seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)

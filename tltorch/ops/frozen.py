@@ -91,8 +91,8 @@ def _bf16_linear(a, weight, bias):
 
 
 def _qgemm_cpu(a, weight, scale, bias, forward):
-    if forward and a.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and bf16_native():
-        return _bf16_linear(a, weight, bias)
+    if a.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and bf16_native():
+        return _bf16_linear(a, weight, bias) if forward else torch.mm(a, weight)  # oneDNN's (AMX) GEMM
     c = _qgemm_output(a, weight, forward)
     ws = torch.empty(c.numel(), dtype=torch.float32) if a.dtype is not torch.float32 and a.shape[1] > GEMM_KC \
         else None
