@@ -19,10 +19,13 @@ Width 4096 uses half the tokens on the CPU (a single GEMM there is 0.3 s).
 
 LoRA over a compact body (QLoRA style): tltorch.nn.LoRALinear around the float32 base (the fused kernel)
 against LoRALinear around FrozenLinear.from_linear(base, storage) for bfloat16 and int8 (the frozen kernel,
-then the adapter), the same adapter, fwd+bwd with the same gradients; prints each against the float32 one
-(target for int8 at width 1024, 2048 tokens, r 16: <= 0.6) and the relative error of y against it.
+then the adapter), the same adapter, fwd+bwd with the same gradients; and the float32 and int8 layers under
+bfloat16 autocast (QLoRA's bfloat16 compute: the int8 weight expanded to bfloat16 per call). Prints each
+against the float32 one (target for int8 at width 1024, 2048 tokens, r 16: <= 0.6) and the relative error
+of y against it.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -105,16 +108,27 @@ def run_compact(width, r, tokens, repeat):
             m.lora_A.copy_(a)
             m.lora_B.copy_(b)
 
-    def step(m):
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    runs = {k: (m, contextlib.nullcontext) for k, m in layers.items()}
+    # in bfloat16 compute (QLoRA's compute_dtype), the float32 layer under the same autocast beside it
+    runs["fp32 ac"] = (layers["fp32"], autocast)
+    runs["int8 ac"] = (layers["int8"], autocast)
+
+    def step(m, ctx):
         def go():
             x.grad = m.lora_A.grad = m.lora_B.grad = None
-            m(x).backward(gy)
+            with ctx():
+                y = m(x)
+            y.float().backward(gy)
         return go
 
     with torch.no_grad():
         ref = layers["fp32"](x)
-        errs = {k: ((m(x) - ref).abs().max() / ref.abs().max()).item() for k, m in layers.items()}
-    return harness.compare({k: step(m) for k, m in layers.items()}, repeat=repeat, warmup=1), errs
+        errs = {}
+        for k, (m, ctx) in runs.items():
+            with ctx():
+                errs[k] = ((m(x).float() - ref).abs().max() / ref.abs().max()).item()
+    return harness.compare({k: step(*v) for k, v in runs.items()}, repeat=repeat, warmup=1), errs
 
 
 def main_compact(args):
@@ -123,14 +137,17 @@ def main_compact(args):
     tokens = args.tokens or 2048
     print(f"# {harness.machine()}")
     print(f"# LoRA over a compact body, fwd+bwd, float32 activations, cpu, median of {args.repeat}")
-    print(f"{'tokens':>6} {'width':>5} {'r':>3} {'fp32 ms':>8} {'bf16 ms':>8} {'int8 ms':>8} "
-          f"{'bf16/fp32':>9} {'int8/fp32':>9} {'bf16 err':>9} {'int8 err':>9}")
+    print("# 'ac': under torch.autocast('cpu', bfloat16) (x cast to bfloat16 by the layer, as nn.Linear's);"
+          " time / fp32's, and max error of y against fp32's relative to its largest entry")
+    names = ("fp32", "bfloat16", "int8", "fp32 ac", "int8 ac")
+    print(f"{'tokens':>6} {'width':>5} {'r':>3} {'fp32 ms':>8} " + " ".join(f"{n + '/fp32':>13}" for n in names[1:])
+          + " " + " ".join(f"{n + ' err':>12}" for n in names[1:]))
     for w in widths:
         for r in ranks:
             m, e = run_compact(w, r, tokens, args.repeat)
-            print(f"{tokens:>6} {w:>5} {r:>3} {m['fp32']*1e3:8.2f} {m['bfloat16']*1e3:8.2f} {m['int8']*1e3:8.2f} "
-                  f"{m['bfloat16']/m['fp32']:9.3f} {m['int8']/m['fp32']:9.3f} {e['bfloat16']:9.2e} "
-                  f"{e['int8']:9.2e}", flush=True)
+            print(f"{tokens:>6} {w:>5} {r:>3} {m['fp32']*1e3:8.2f} "
+                  + " ".join(f"{m[n] / m['fp32']:13.3f}" for n in names[1:]) + " "
+                  + " ".join(f"{e[n]:12.2e}" for n in names[1:]), flush=True)
 
 
 def main():

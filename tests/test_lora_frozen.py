@@ -60,6 +60,29 @@ def test_forward_and_grads_against_float64(storage, shape):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
+def test_under_bfloat16_autocast_the_adapter_computes_in_bfloat16(storage):
+    """As PEFT's adapters over 8-bit layers under autocast: base and adapter in bfloat16, y bfloat16,
+    gradients reaching the float32 adapter and x through the casts, close to float64 at bfloat16's
+    precision."""
+    layer = compact_layer(storage)
+    w, b = layer.base.dequantized_weight(torch.float64), layer.base.bias.double()
+    x = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+    ref = x64 @ w.T + b + layer.scaling * (x64 @ a64.T) @ b64.T
+    assert rel(y, ref) < 3e-2
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    y.float().backward(gy)
+    ref.backward(gy.double())
+    for got, want in ((x.grad, x64.grad), (layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):
+        assert got.dtype == torch.float32 and rel(got, want) < 3e-2
+    # in float32 outside autocast: the adapter's float32 GEMMs (test_forward_and_grads_against_float64)
+    assert rel(layer(x), ref) < LAYER_TOL[storage]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
 def test_merge_unmerge_restores_the_stored_weight(storage):
     layer = compact_layer(storage)
     x = torch.randn(6, 37, generator=torch.Generator().manual_seed(4))

@@ -210,8 +210,14 @@ class LoRALinear(nn.Module):
         p = self.lora_dropout if self.training else 0.0
         if self.compact:
             # base's frozen kernel (its input gradient through the compact weight) plus the low-rank
-            # update in the adapter's float32, as PEFT computes adapters over 8- and 4-bit layers
-            return ops.lora_update(self.base(x), x, self.lora_A, self.lora_B, self.scaling, p)
+            # update in the adapter's float32, as PEFT computes adapters over 8- and 4-bit layers; under
+            # autocast in its dtype, as PEFT's nn.Linear adapters are there (gradients reach the float32
+            # adapter through the casts)
+            a, b, dev = self.lora_A, self.lora_B, x.device.type
+            if torch.is_autocast_enabled(dev) and a.dtype is torch.float32:
+                dt = torch.get_autocast_dtype(dev)
+                a, b = a.to(dt), b.to(dt)
+            return ops.lora_update(self.base(x), x, a, b, self.scaling, p)
         return TF.lora_linear(x, self._weight_out_in(), self.base.bias, self.lora_A, self.lora_B,
                               scaling=self.scaling, dropout=p)
 
