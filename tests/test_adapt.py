@@ -402,3 +402,18 @@ def test_a_failing_first_step_takes_back_the_adapters(gpt2_tok, monkeypatch):
                    max_length=16, progress=False)
     _unchanged(model, snap)
 
+
+def test_readme_adapt_example_runs(bert_tok, gpt2_tok, capsys):
+    """README's adapt_body snippet on tiny config-built stand-ins: a bare BertModel in MiniLM's place
+    (with MiniLM's tokenizer) and a GPT-2."""
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = text.split("<!-- readme-example: adapt -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    body = transformers.BertModel(tiny("bert", len(bert_tok)).config)
+    gpt2 = tiny("gpt2", len(gpt2_tok))
+    env = {"body": body, "tokenizer": bert_tok, "texts": corpus(40), "gpt2": gpt2, "gpt2_tokenizer": gpt2_tok}
+    exec(compile(code, "README.md:adapt", "exec"), env)
+    assert "masked-token perplexity" in capsys.readouterr().out
+    assert env["mlm_head"].predictions.decoder.weight is body.embeddings.word_embeddings.weight
+    assert sum(isinstance(m, tltorch.nn.LoRALinear) for m in gpt2.modules()) == 2
