@@ -19,22 +19,27 @@ typedef struct {
     float neg_step;  /* -lr / bc1 */
     float bc2_sqrt;
     float eps;
+    float l2;        /* 2 l2sp: the L2-SP term's gradient is l2 (p - anchor) */
+    int anchored;    /* an anchor and l2sp != 0: else the term is left out (no read of the anchor) */
 } tl_adamw_coefs;
 
 /* The checks tl.h's contract asks of the tensors' dtypes and sizes and of the hyperparameters (the
  * tensors' device, rank and memory are each backend's), and c from o. */
 static inline tl_status
 tl_adamw_setup(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *exp_avg,
-               const tl_tensor *exp_avg_sq, const tl_adamw_opts *o, tl_adamw_coefs *c)
+               const tl_tensor *exp_avg_sq, const tl_tensor *anchor, const tl_adamw_opts *o, tl_adamw_coefs *c)
 {
     if (!o) return TL_ERR_VALUE;
     if (!tl_is_float_dtype(param->dtype)) return TL_ERR_DTYPE;
     if (grad->dtype != param->dtype && grad->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
     if (exp_avg->dtype != TL_FLOAT32 || exp_avg_sq->dtype != TL_FLOAT32) return TL_ERR_DTYPE;
+    if (anchor && anchor->dtype != param->dtype) return TL_ERR_DTYPE;
     const int64_t n = param->shape[0];
     if (grad->shape[0] != n || exp_avg->shape[0] != n || exp_avg_sq->shape[0] != n) return TL_ERR_SHAPE;
+    if (anchor && anchor->shape[0] != n) return TL_ERR_SHAPE;
     if (!isfinite(o->lr) || !isfinite(o->eps) || !isfinite(o->weight_decay) || !(o->beta1 >= 0.0) ||
-        !(o->beta1 < 1.0) || !(o->beta2 >= 0.0) || !(o->beta2 < 1.0) || o->step < 1)
+        !(o->beta1 < 1.0) || !(o->beta2 >= 0.0) || !(o->beta2 < 1.0) || o->step < 1 ||
+        !(o->l2sp >= 0.0) || !isfinite(o->l2sp))
         return TL_ERR_VALUE;
 
     const double lr = o->lr, b1 = o->beta1, b2 = o->beta2, step = (double)o->step;
@@ -48,6 +53,9 @@ tl_adamw_setup(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *e
     c->neg_step = (float)(-(lr / bc1));
     c->bc2_sqrt = (float)sqrt(bc2);
     c->eps = (float)o->eps;
+    /* 2 (float)l2sp, exactly: the gradient autograd forms for l2sp * sum((p - anchor)^2) */
+    c->l2 = 2.0f * (float)o->l2sp;
+    c->anchored = anchor != NULL && o->l2sp != 0.0;
     return TL_OK;
 }
 

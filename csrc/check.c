@@ -401,26 +401,30 @@ tl_check_pool(const tl_tensor *h, const tl_tensor *mask, int mode, const tl_tens
 
 tl_status
 tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *exp_avg, const tl_tensor *exp_avg_sq,
-               int apart, tl_check *why)
+               const tl_tensor *anchor, int apart, tl_check *why)
 {
     tl_check none = {0};
     if (!why) why = &none;
-    const tl_tensor *all[] = {param, grad, exp_avg, exp_avg_sq};
-    for (int k = 0; k < 4; k++)
+    const tl_tensor *all[] = {param, grad, exp_avg, exp_avg_sq, anchor};
+    const int n = anchor ? 5 : 4;
+    for (int k = 0; k < n; k++)
         if (need_ndim(all[k], 1, why)) return why->status;
     if (need_float(param, why) || need_f32_or(grad, param, why)) return why->status;
     for (int k = 2; k < 4; k++)
         if (need_dtype(all[k], all[k]->dtype == TL_FLOAT32, "float32 (optimizer state is kept in float32)", why))
             return why->status;
-    for (int k = 1; k < 4; k++)
+    if (anchor && need_dtype_of(anchor, param, why)) return why->status;
+    for (int k = 1; k < n; k++)
         if (need_size(all[k], 0, param->shape[0], "param's numel", why)) return why->status;
     if (need_writable(param, why) || need_writable(exp_avg, why) || need_writable(exp_avg_sq, why))
         return why->status;
     /* Each element is read and written by one thread: the three outputs must not share memory with
-     * each other or with the gradient. */
+     * each other or with the tensors read. */
     if (apart && (need_apart(param, exp_avg, why) || need_apart(param, exp_avg_sq, why) ||
                   need_apart(exp_avg, exp_avg_sq, why) || need_apart(param, grad, why) ||
-                  need_apart(exp_avg, grad, why) || need_apart(exp_avg_sq, grad, why)))
+                  need_apart(exp_avg, grad, why) || need_apart(exp_avg_sq, grad, why) ||
+                  need_apart(param, anchor, why) || need_apart(exp_avg, anchor, why) ||
+                  need_apart(exp_avg_sq, anchor, why)))
         return why->status;
     return TL_OK;
 }

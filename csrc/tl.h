@@ -210,18 +210,21 @@ tl_status tl_lora_backward_cpu(const tl_tensor *dy, const tl_tensor *x, const tl
 enum { TL_POOL_CLS = 0, TL_POOL_MEAN = 1, TL_POOL_MAX = 2 };
 tl_status tl_pool_cpu(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out, int nthreads);
 
-/* One AdamW step (torch.optim.AdamW's formula, maximize=False, amsgrad=False), in place, on n elements:
+/* One AdamW step (torch.optim.AdamW's formula, maximize=False, amsgrad=False), in place, on n elements,
+ * with an optional L2-SP term l2sp ||p - anchor||^2 in the loss (its gradient added to grad, coupled):
+ *     g += 2 l2sp (p - anchor)   (only with an anchor and l2sp != 0)
  *     p -= lr * wd * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
  *     p -= (lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)
  * param: 1-D float32/bfloat16/float16, any stride; grad: 1-D of n, param's dtype or float32;
- * exp_avg, exp_avg_sq: 1-D of n float32 (any stride). step >= 1. Math in float32; a bfloat16/float16
- * param is rounded once per step. */
+ * exp_avg, exp_avg_sq: 1-D of n float32 (any stride); anchor: NULL or 1-D of n in param's dtype (any
+ * stride), read only. step >= 1, l2sp finite and >= 0. Math in float32; a bfloat16/float16 param is
+ * rounded once per step. */
 typedef struct {
-    double lr, beta1, beta2, eps, weight_decay; /* as torch holds them; the kernels round once */
+    double lr, beta1, beta2, eps, weight_decay, l2sp; /* as torch holds them; the kernels round once */
     int64_t step;
 } tl_adamw_opts;
 tl_status tl_adamw_cpu(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,
-                       const tl_adamw_opts *o, int nthreads);
+                       const tl_tensor *anchor, const tl_adamw_opts *o, int nthreads);
 
 /* ---- CUDA (tltorch._cuda) ---------------------------------------------------------------------- */
 
@@ -299,7 +302,7 @@ tl_status tl_lora_backward_cuda(tl_cuda_context *ctx, const tl_tensor *dy, const
                                 size_t cublas_ws_bytes, int allow_tf32, void *stream);
 tl_status tl_pool_cuda(const tl_tensor *h, const tl_tensor *mask, int mode, tl_tensor *out, void *stream);
 tl_status tl_adamw_cuda(tl_tensor *param, const tl_tensor *grad, tl_tensor *exp_avg, tl_tensor *exp_avg_sq,
-                        const tl_adamw_opts *o, void *stream);
+                        const tl_tensor *anchor, const tl_adamw_opts *o, void *stream);
 
 /* ---- argument checks (csrc/check.c) ------------------------------------------------------------- */
 
@@ -395,9 +398,10 @@ tl_status tl_check_lora_backward(const tl_tensor *dy, const tl_tensor *x, const 
 /* mode (TL_POOL_*): CLS needs a token; apart: out must also share no memory with h and mask. */
 tl_status tl_check_pool(const tl_tensor *h, const tl_tensor *mask, int mode, const tl_tensor *out, int apart,
                         tl_check *why);
-/* apart: the three states must share no memory with each other or with grad. */
+/* anchor: NULL or param's twin. apart: the three states must share no memory with each other, with grad
+ * or with anchor. */
 tl_status tl_check_adamw(const tl_tensor *param, const tl_tensor *grad, const tl_tensor *exp_avg,
-                         const tl_tensor *exp_avg_sq, int apart, tl_check *why);
+                         const tl_tensor *exp_avg_sq, const tl_tensor *anchor, int apart, tl_check *why);
 
 /* ---- the int8 linear layer (csrc/cpu/qlinear_int8.c) -------------------------------------------- */
 

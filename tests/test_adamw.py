@@ -28,7 +28,11 @@ def make_params(dtype, gen, shapes=SHAPES):
 def run(opt_cls, params, grads, groups=None, **kw):
     """`len(grads)` steps of opt_cls on `params` (changed in place; given to the optimizer as `groups`
     when there are), grads[k][i] for step k, param i."""
-    opt = opt_cls(params if groups is None else groups, **kw)
+    return steps(opt_cls(params if groups is None else groups, **kw), params, grads)
+
+
+def steps(opt, params, grads):
+    """opt.step() once per entry of grads, grads[k][i] given to params[i] (None: no gradient)."""
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = None if g is None else g.clone()
@@ -183,11 +187,8 @@ def test_adamw_state_dict_round_trip(dtype, gen):
     twins = clone_params(params)
     opt2 = AdamW(twins, lr=0.5)  # the loaded groups bring their own lr
     opt2.load_state_dict(sd)
-    for o, ps in ((opt, params), (opt2, twins)):
-        for gs in grads[3:]:
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            o.step()
+    steps(opt, params, grads[3:])
+    steps(opt2, twins, grads[3:])
     for p, t in zip(params, twins):
         assert torch.equal(p, t)
         s, s2 = opt.state[p], opt2.state[t]
@@ -215,6 +216,172 @@ def test_adamw_loads_torch_state_dict(gen):
     torch.testing.assert_close(twins[0], params[0], rtol=1e-6, atol=1e-7)
 
 
+# ---- L2-SP ---------------------------------------------------------------------------------------------
+
+def run_l2sp_reference(params, grads, groups, dtype=None, **kw):
+    """torch.optim.AdamW (foreach=False) on float32 copies of `params`, each step on the gradient of
+    sum(p * g) + sum over groups of l2sp * ||p - p0||^2, written out and differentiated by autograd
+    (p0: the starting values). groups: [(indices into params, l2sp, the group's other options)]. With
+    `dtype` (bfloat16/float16) the parameters are rounded to it after every step, as the fused kernel
+    rounds them; the moments stay float32. Returns the parameters and the optimizer."""
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    p0 = [r.detach().clone() for r in ref]
+    opt = torch.optim.AdamW([{"params": [ref[i] for i in idx], **gkw} for idx, _, gkw in groups], foreach=False,
+                            **kw)
+    for gs in grads:
+        opt.zero_grad()
+        loss = sum((r * g.float()).sum() for r, g in zip(ref, gs))
+        for idx, lam, _ in groups:
+            loss = loss + sum(lam * ((ref[i] - p0[i]) ** 2).sum() for i in idx)
+        loss.backward()
+        opt.step()
+        if dtype is not None:
+            with torch.no_grad():
+                for r in ref:
+                    r.copy_(r.to(dtype))
+    return ref, opt
+
+
+def run_l2sp(params, grads, groups, **kw):
+    return steps(AdamW([{"params": [params[i] for i in idx], "l2sp": lam, **gkw} for idx, lam, gkw in groups], **kw),
+                 params, grads)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("l2sp", [0.05, 0.5])
+def test_l2sp_matches_torch_with_the_term_in_the_loss(l2sp, weight_decay, gen):
+    """float32, 6 steps: the fused step with l2sp agrees to float32 rounding (rtol 1e-6) with
+    torch.optim.AdamW on the loss plus l2sp * ||theta - theta0||^2, weight decay (decoupled) on top; and
+    it is not the run without the term."""
+    params = make_params(torch.float32, gen, [(37, 19), (5,), ()])
+    grads = draw_grads(params, 6, gen)
+    plain = clone_params(params)
+    kw = dict(lr=5e-2, weight_decay=weight_decay)
+    groups = [([0, 1, 2], l2sp, {})]
+    ref, _ = run_l2sp_reference(params, grads, groups, **kw)
+    opt = run_l2sp(params, grads, groups, **kw)
+    run(AdamW, plain, grads, **kw)
+    for p, r, q in zip(params, ref, plain):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+        assert opt.state[p]["l2sp_anchor"].dtype == torch.float32
+    assert (params[0] - plain[0]).abs().max() > 1e-3  # the term moved the weights (10^4 x the tolerance)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=dtype_id)
+def test_l2sp_low_precision_params(dtype, gen):
+    """bfloat16/float16 parameters, 6 steps with l2sp and weight decay: within an ulp of the float32
+    torch reference rounded to the dtype after each step (the kernel's contract: float32 math, one
+    rounding per step), and nearly all elements equal; the anchor is kept in the parameter's dtype."""
+    params = make_params(dtype, gen, [(41, 23), (7,)])
+    p0 = [p.detach().clone() for p in params]
+    grads = draw_grads(params, 6, gen)
+    kw = dict(lr=3e-2, weight_decay=0.1)
+    groups = [([0, 1], 0.4, {})]
+    ref, _ = run_l2sp_reference(params, grads, groups, dtype=dtype, **kw)
+    opt = run_l2sp(params, grads, groups, **kw)
+    for p, r, a in zip(params, ref, p0):
+        assert p.dtype == dtype
+        anchor = opt.state[p]["l2sp_anchor"]
+        assert anchor.dtype == dtype and torch.equal(anchor, a)
+        diff = (p.double() - r.double()).abs()
+        assert (diff <= 2 * UNIT[dtype] * r.double().abs() + 1e-30).all(), "more than an ulp off"
+        assert (diff == 0).float().mean() >= 0.98
+
+
+def test_l2sp_per_group(gen):
+    """Two groups with their own l2sp (and lr, weight decay) and one with none: each group's term
+    enters only its own parameters' gradients; the l2sp=0 group keeps no anchor."""
+    params = make_params(torch.float32, gen, [(9, 4), (6,), (3, 3)])
+    grads = draw_grads(params, 5, gen)
+    groups = [([0], 0.3, {"lr": 3e-2}), ([1], 0.0, {}), ([2], 1.2, {"weight_decay": 0.2})]
+    ref, _ = run_l2sp_reference(params, grads, groups, lr=1e-2)
+    opt = run_l2sp(params, grads, groups, lr=1e-2)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    assert "l2sp_anchor" in opt.state[params[0]] and "l2sp_anchor" in opt.state[params[2]]
+    assert "l2sp_anchor" not in opt.state[params[1]]
+    assert [g["l2sp"] for g in opt.param_groups] == [0.3, 0.0, 1.2]
+
+
+def test_l2sp_anchor_is_taken_when_the_group_is_added(gen):
+    """theta0 is the parameters' value when the optimizer is built (or add_param_group called), not
+    at the first step: a change made in between is pulled back. A group whose l2sp is raised later is
+    anchored at its next step."""
+    a, b = make_params(torch.float32, gen, [(5, 3), (4,)])
+    a0 = a.detach().clone()
+    opt = AdamW([a], lr=1e-2, l2sp=0.1, weight_decay=0.0)
+    assert torch.equal(opt.state[a]["l2sp_anchor"], a0) and "step" not in opt.state[a]
+    with torch.no_grad():
+        a.add_(1.0)
+    a.grad = torch.zeros_like(a)
+    opt.step()
+    assert (a < a0 + 1.0).all()  # pulled toward a0, with no data gradient
+    opt.add_param_group({"params": [b], "l2sp": 0.0})
+    assert "l2sp_anchor" not in opt.state[b]
+    opt.param_groups[1]["l2sp"] = 0.2
+    b1 = b.detach().clone()
+    b.grad = torch.zeros_like(b)
+    opt.step()
+    assert torch.equal(opt.state[b]["l2sp_anchor"], b1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_l2sp_state_dict_round_trip(dtype, gen):
+    """3 steps with l2sp, save (through torch.save), load into a fresh optimizer over copies of the
+    *current* parameters (which it anchors there), 3 more steps each: the same bits, the anchor loaded
+    (theta0 of the first run, in the parameter's dtype, a copy of the saved one)."""
+    import io
+    params = make_params(dtype, gen, [(17, 5), (4,)])
+    p0 = [p.detach().clone() for p in params]
+    grads = draw_grads(params, 6, gen)
+    opt = run_l2sp(params, grads[:3], [([0, 1], 0.3, {})], lr=3e-2, weight_decay=0.02)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    twins = clone_params(params)
+    opt2 = AdamW(twins, lr=0.5, l2sp=0.3)
+    assert torch.equal(opt2.state[twins[0]]["l2sp_anchor"], twins[0])  # before loading: anchored here
+    opt2.load_state_dict(sd)
+    steps(opt, params, grads[3:])
+    steps(opt2, twins, grads[3:])
+    for p, t, a in zip(params, twins, p0):
+        anchor = opt2.state[t]["l2sp_anchor"]
+        assert anchor.dtype == dtype and torch.equal(anchor, a)
+        assert torch.equal(p, t)
+    assert sd["state"][0]["l2sp_anchor"].data_ptr() != opt2.state[twins[0]]["l2sp_anchor"].data_ptr()
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", None, True, torch.tensor(0.1)],
+                         ids=["negative", "nan", "inf", "str", "None", "bool", "tensor"])
+def test_l2sp_bad_values(bad):
+    """A bad l2sp, given to the optimizer, to a group, to add_param_group or set in a group by hand (at
+    the next step): ValueError naming l2sp, the parameters untouched."""
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="l2sp"):
+        AdamW([p], l2sp=bad)
+    with pytest.raises(ValueError, match="l2sp"):
+        AdamW([{"params": [p], "l2sp": bad}])
+    opt = AdamW([p], l2sp=0.1)
+    with pytest.raises(ValueError, match="l2sp"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "l2sp": bad})
+    opt.param_groups[0]["l2sp"] = bad
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="l2sp"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_ops_adamw_l2sp_arguments():
+    """ops.adamw_: the anchor must be contiguous; l2sp > 0 needs one."""
+    p, g, m, v = torch.randn(4, 6), torch.randn(4, 6), torch.zeros(4, 6), torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="anchor"):
+        ops.adamw_(p, g, m, v, *HP, torch.zeros(6, 4).t(), 0.1)
+    with pytest.raises(ValueError, match="anchor"):
+        ops.adamw_(p, g, m, v, *HP, None, 0.1)
+
+
 # ---- the kernel directly ------------------------------------------------------------------------------
 
 def _kernel_inputs(n, gen, pdtype=torch.float32, gdtype=None):
@@ -228,53 +395,77 @@ def _kernel_inputs(n, gen, pdtype=torch.float32, gdtype=None):
 HP = (1e-2, 0.9, 0.999, 1e-8, 0.01, 7)  # lr, beta1, beta2, eps, weight_decay, step
 
 
+def _anchor_for(p, gen, l2sp):
+    """An anchor near p (as after some steps away from it), or None when l2sp is 0."""
+    return None if not l2sp else (p.float() + randn(p.shape, torch.float32, gen, 0.3)).to(p.dtype)
+
+
+@pytest.mark.parametrize("l2sp", [0.0, 0.3])
 @pytest.mark.parametrize("pdtype,gdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
                          ids=lambda d: dtype_id(d))
-def test_kernel_strided_matches_contiguous(pdtype, gdtype, gen):
+def test_kernel_strided_matches_contiguous(pdtype, gdtype, l2sp, gen):
     """Strided 1-D views (every tensor a different stride) give exactly the contiguous path's bits."""
     n = 1001
     p, g, m, v = _kernel_inputs(n, gen, pdtype, gdtype)
+    a = _anchor_for(p, gen, l2sp)
     sp, sg, sm, sv = (torch.zeros(n * k, dtype=t.dtype)[::k] for t, k in ((p, 2), (g, 3), (m, 2), (v, 5)))
     for s, t in ((sp, p), (sg, g), (sm, m), (sv, v)):
         s.copy_(t)
-    _C.adamw(p, g, m, v, *HP, 1)
-    _C.adamw(sp, sg, sm, sv, *HP, 1)
+    sa = None if a is None else torch.zeros(4 * n, dtype=a.dtype)[::4].copy_(a)
+    _C.adamw(p, g, m, v, *HP, a, l2sp, 1)
+    _C.adamw(sp, sg, sm, sv, *HP, sa, l2sp, 1)
     for s, t in ((sp, p), (sm, m), (sv, v)):
         assert torch.equal(s, t)
 
 
+@pytest.mark.parametrize("l2sp", [0.0, 0.3])
 @pytest.mark.parametrize("n", [65536 + 4097, 200003])
-def test_kernel_threads_do_not_change_the_result(n, gen):
+def test_kernel_threads_do_not_change_the_result(n, l2sp, gen):
     base = _kernel_inputs(n, gen)
+    a = _anchor_for(base[0], gen, l2sp)
     outs = []
     for nt in (1, 2, 3):
         p, g, m, v = (t.clone() for t in base)
-        _C.adamw(p, g, m, v, *HP, nt)
+        _C.adamw(p, g, m, v, *HP, a, l2sp, nt)
         outs.append((p, m, v))
     for o in outs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
-    # and one step of torch.optim.AdamW from the same state, with `step` steps behind it
+        assert all(torch.equal(x, y) for x, y in zip(outs[0], o))
+    # and one step of torch.optim.AdamW from the same state, with `step` steps behind it, on the
+    # gradient of the loss with the L2-SP term written out
     p, g, m, v = (t.clone() for t in base)
     ref = torch.nn.Parameter(p.clone())
     opt = torch.optim.AdamW([ref], lr=HP[0], betas=HP[1:3], eps=HP[3], weight_decay=HP[4], foreach=False)
     opt.state[ref] = {"step": torch.tensor(float(HP[5] - 1)), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
-    ref.grad = g
+    loss = (ref * g).sum() + (0.0 if a is None else l2sp * ((ref - a) ** 2).sum())
+    loss.backward()
     opt.step()
     torch.testing.assert_close(outs[0][0], ref.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_kernel_isa_paths_agree(gen):
+@pytest.mark.parametrize("l2sp", [0.0, 0.3])
+def test_kernel_isa_paths_agree(l2sp, gen):
     """Odd lengths exercise the SIMD loop and its scalar tail together: every element gets the bits a
     scalar step would give it (element 0 alone is a scalar step)."""
     n = 37
     p, g, m, v = _kernel_inputs(n, gen)
+    a = _anchor_for(p, gen, l2sp)
     full = [t.clone() for t in (p, g, m, v)]
-    _C.adamw(*full, *HP, 1)
+    _C.adamw(*full, *HP, a, l2sp, 1)
     for i in (0, 15, 16, 31, 36):
         one = [t[i:i + 1].clone() for t in (p, g, m, v)]
-        _C.adamw(*one, *HP, 1)
-        assert all(torch.equal(a, b[i:i + 1]) for a, b in zip(one, full)), i
+        _C.adamw(*one, *HP, None if a is None else a[i:i + 1].clone(), l2sp, 1)
+        assert all(torch.equal(x, y[i:i + 1]) for x, y in zip(one, full)), i
+
+
+def test_kernel_l2sp_zero_ignores_the_anchor(gen):
+    """l2sp = 0 with an anchor given: the plain step's bits (the anchor is not read, so not even a NaN
+    in it reaches the parameter)."""
+    p, g, m, v = _kernel_inputs(101, gen)
+    plain = [t.clone() for t in (p, g, m, v)]
+    _C.adamw(*plain, *HP, None, 0.0, 1)
+    _C.adamw(p, g, m, v, *HP, torch.full_like(p, float("nan")), 0.0, 1)
+    assert all(torch.equal(x, y) for x, y in zip((p, g, m, v), plain))
 
 
 # ---- bad arguments ------------------------------------------------------------------------------------
@@ -311,7 +502,8 @@ def _c_bad_cases():
     n = 6
     p, g, m, v = torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n)
     pb = p.bfloat16()
-    hp = list(HP)
+    hp = [*HP, None, 0.0]  # then anchor, l2sp
+    a = torch.randn(n)
 
     def with_hp(i, val):
         h = list(hp)
@@ -339,6 +531,15 @@ def _c_bad_cases():
         ("step 0", (p, g, m, v, *with_hp(5, 0), 1), ValueError, "step"),
         ("step float", (p, g, m, v, *with_hp(5, 1.0), 1), TypeError, "step"),
         ("step huge", (p, g, m, v, *with_hp(5, 1 << 70), 1), ValueError, "step"),
+        ("l2sp nan", (p, g, m, v, *HP, a, float("nan"), 1), ValueError, "l2sp"),
+        ("l2sp negative", (p, g, m, v, *HP, a, -0.1, 1), ValueError, "l2sp"),
+        ("l2sp str", (p, g, m, v, *HP, a, "0.1", 1), TypeError, "l2sp"),
+        ("l2sp without anchor", (p, g, m, v, *HP, None, 0.1, 1), ValueError, "anchor"),
+        ("anchor float64", (p, g, m, v, *HP, a.double(), 0.1, 1), TypeError, "anchor"),
+        ("anchor of bf16 param in float32", (pb, g, m, v, *HP, a, 0.1, 1), TypeError, "anchor"),
+        ("anchor size", (p, g, m, v, *HP, torch.randn(n + 1), 0.1, 1), ValueError, "anchor"),
+        ("anchor 2-D", (p, g, m, v, *HP, a.view(2, 3), 0.1, 1), ValueError, "anchor"),
+        ("anchor is exp_avg", (p, g, m, v, *HP, m, 0.1, 1), ValueError, "anchor"),
     ]
 
 
@@ -356,7 +557,7 @@ def test_c_adamw_bad_arguments(case):
 
 def test_c_adamw_arity():
     with pytest.raises(TypeError, match="adamw"):
-        _C.adamw(torch.randn(3), torch.randn(3), torch.zeros(3), torch.zeros(3), *HP)
+        _C.adamw(torch.randn(3), torch.randn(3), torch.zeros(3), torch.zeros(3), *HP, 1)
 
 
 # ---- CUDA twin ----------------------------------------------------------------------------------------
@@ -366,14 +567,16 @@ HAVE_GPU = torch.cuda.is_available() and ops.cuda_built()
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA GPU and tltorch._cuda")
+@pytest.mark.parametrize("l2sp", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
-def test_cuda_adamw_matches_cpu(dtype, gen):
+def test_cuda_adamw_matches_cpu(dtype, l2sp, gen):
     params = make_params(dtype, gen, [(301, 7), (5,)])
     gparams = [torch.nn.Parameter(p.detach().cuda()) for p in params]
     grads = draw_grads(params, 4, gen)
-    run(AdamW, params, grads, lr=1e-2, weight_decay=0.05)
-    opt = run(AdamW, gparams, [[g.cuda() for g in gs] for gs in grads], lr=1e-2, weight_decay=0.05)
+    run(AdamW, params, grads, lr=1e-2, weight_decay=0.05, l2sp=l2sp)
+    opt = run(AdamW, gparams, [[g.cuda() for g in gs] for gs in grads], lr=1e-2, weight_decay=0.05, l2sp=l2sp)
     for p, q in zip(params, gparams):
         assert q.is_cuda and opt.state[q]["exp_avg"].is_cuda
+        assert (l2sp > 0) == ("l2sp_anchor" in opt.state[q])
         diff = (q.detach().cpu().double() - p.detach().double()).abs()
         assert (diff <= 2 * UNIT[dtype] * p.detach().double().abs() + 1e-7).all()

@@ -43,19 +43,24 @@ def torch_adamw(p0, g, m0, v0, lr, b1, b2, eps, wd, step):
 @pytest.mark.parametrize("grad_f32", [False, True], ids=["grad_p", "grad_f32"])
 @pytest.mark.parametrize("layout", ["contig", "stride2"])
 @pytest.mark.parametrize("step,wd", [(1, 0.0), (7, 0.1), (1000, 0.01)])
+@pytest.mark.parametrize("l2sp", [0.0, 0.3])
 @pytest.mark.parametrize("n", [1, 4099])
-def test_cuda_adamw(n, step, wd, layout, grad_f32, dtype, gen):
+def test_cuda_adamw(n, l2sp, step, wd, layout, grad_f32, dtype, gen):
+    """With l2sp > 0, torch's step is taken on grad + 2 l2sp (p - anchor), the gradient of the L2-SP
+    term."""
     lr, b1, b2, eps = 0.05, 0.9, 0.999, 1e-8
     p0 = make1d(n, layout, dtype, gen)
     g = make1d(n, layout, torch.float32 if grad_f32 else dtype, gen)
     m0 = make1d(n, layout, torch.float32, gen, scale=0.1)
     v0 = make1d(n, layout, torch.float32, gen, scale=0.01, positive=True)
+    a = (p0.float() + make1d(n, layout, torch.float32, gen, scale=0.3)).to(dtype) if l2sp else None
     if step == 1:
         m0.zero_()
         v0.zero_()
     pd, md, vd = on_device(p0), on_device(m0), on_device(v0)
-    kernels().adamw(pd, on_device(g), md, vd, lr, b1, b2, eps, wd, step)
-    pr, mr, vr = torch_adamw(p0, g, m0, v0, lr, b1, b2, eps, wd, step)
+    kernels().adamw(pd, on_device(g), md, vd, lr, b1, b2, eps, wd, step, None if a is None else on_device(a), l2sp)
+    g_total = g.double() + 2 * l2sp * (p0.double() - a.double()) if l2sp else g
+    pr, mr, vr = torch_adamw(p0, g_total, m0, v0, lr, b1, b2, eps, wd, step)
     pg, mg, vg = host(pd), host(md), host(vd)
     what = f"n={n} step={step} {layout} {dtype_id(dtype)}"
     assert rel_err(mg, mr) <= TOL[torch.float32] and rel_err(vg, vr) <= TOL[torch.float32], what
@@ -66,7 +71,7 @@ def test_cuda_adamw(n, step, wd, layout, grad_f32, dtype, gen):
         assert d <= 2e-5, f"{what}: the update is off by {d:.3g}"
     # the CPU twin does the same float32 operations in the same order: the same bits
     pc, mc, vc = p0.clone(), m0.clone(), v0.clone()
-    _C.adamw(pc, g, mc, vc, lr, b1, b2, eps, wd, step, 0)
+    _C.adamw(pc, g, mc, vc, lr, b1, b2, eps, wd, step, a, l2sp, 0)
     assert torch.equal(pg, pc) and torch.equal(mg, mc) and torch.equal(vg, vc), f"{what}: cuda and cpu differ"
 
 
@@ -83,7 +88,7 @@ def test_cuda_adamw_matches_torch_float32_over_steps(gen):
         g = on_device(randn((n,), torch.float32, gen))
         ref.grad = g.clone()
         opt.step()
-        kernels().adamw(pd, g, m, v, 1e-2, 0.8, 0.99, 1e-6, 0.05, step)
+        kernels().adamw(pd, g, m, v, 1e-2, 0.8, 0.99, 1e-6, 0.05, step, None, 0.0)
     d = rel_err(host(pd).double() - p.double(), host(ref.detach()).double() - p.double())
     assert d <= 1e-4, f"ten steps drift from torch.optim.AdamW by {d:.3g}"
     assert rel_err(host(m), host(opt.state[ref]["exp_avg"])) <= 1e-5
@@ -93,14 +98,17 @@ def test_cuda_adamw_matches_torch_float32_over_steps(gen):
 def test_cuda_adamw_empty_and_refusals():
     K = kernels()
     e = torch.empty(0, device=DEVICE)
-    K.adamw(e, e, e, e, 0.1, 0.9, 0.999, 1e-8, 0.0, 1)
+    K.adamw(e, e, e, e, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, e, 0.5)
     p, m, v = (torch.zeros(4, device=DEVICE) for _ in range(3))
     with pytest.raises(ValueError) as ei:
-        K.adamw(p, torch.zeros(5, device=DEVICE), m, v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1)
+        K.adamw(p, torch.zeros(5, device=DEVICE), m, v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, None, 0.0)
     names_arg(ei, "grad")
     with pytest.raises(TypeError) as ei:
-        K.adamw(p, p, m.to(torch.bfloat16), v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1)
+        K.adamw(p, p, m.to(torch.bfloat16), v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, None, 0.0)
     names_arg(ei, "exp_avg")
+    with pytest.raises(TypeError) as ei:
+        K.adamw(p, torch.zeros(4, device=DEVICE), m, v, 0.1, 0.9, 0.999, 1e-8, 0.0, 1, p.half(), 0.1)
+    names_arg(ei, "anchor")
 
 
 # ---- the binding's argument checks (the built extension, with or without a GPU) -------------------------
@@ -110,11 +118,12 @@ def test_cuda_adamw_arguments_checked_without_a_gpu():
     """Scalars are checked first (no GPU needed to see it), then CPU tensors are refused by name."""
     K = ops.cuda_module()
     p = torch.zeros(4)
-    good = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    good = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, anchor=None, l2sp=0.0)
     for name, bad, exc in (("step", 0, ValueError), ("step", 1.5, TypeError), ("step", 2 ** 63, ValueError),
                            ("beta1", 1.0, ValueError), ("beta2", -0.1, ValueError), ("lr", NAN, ValueError),
                            ("eps", -1.0, ValueError), ("weight_decay", float("inf"), ValueError),
-                           ("lr", "0.1", TypeError)):
+                           ("lr", "0.1", TypeError), ("l2sp", -0.5, ValueError), ("l2sp", NAN, ValueError),
+                           ("l2sp", "0.1", TypeError)):
         kw = dict(good, **{name: bad})
         with pytest.raises(exc) as ei:
             K.adamw(p, p, p, p, *kw.values())

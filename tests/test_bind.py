@@ -89,7 +89,8 @@ OPS = {
               ("mode", 1), ("out", ("T", zeros(2, 4), "out"))], [1], []),
     "adamw": ([("param", ("T", zeros(5), "out")), ("grad", ("T", zeros(5), "in")),
                ("exp_avg", ("T", zeros(5), "out")), ("exp_avg_sq", ("T", zeros(5), "out")), ("lr", 1e-3),
-               ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("weight_decay", 0.0), ("step", 1)], [1], []),
+               ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("weight_decay", 0.0), ("step", 1),
+               ("anchor", ("T", zeros(5), "in?")), ("l2sp", 0.1)], [1], []),
 }
 
 

@@ -141,6 +141,8 @@ def _plain_cases(device, gen):
                                                         device=device), 1), ()),
         ("adamw_", ops.adamw_, (rn(4, 3), rn(4, 3), rn(4, 3).abs(), rn(4, 3).abs(), 1e-2, 0.9, 0.999, 1e-8, 0.01, 3),
          (0, 2, 3)),
+        ("adamw_", ops.adamw_, (rn(4, 3), rn(4, 3), rn(4, 3).abs(), rn(4, 3).abs(), 1e-2, 0.9, 0.999, 1e-8, 0.01, 3,
+                                rn(4, 3), 0.25), (0, 2, 3)),
         ("linear_backward", linear_ops.linear_backward, (g, x, w, True, False, True), ()),
         ("lora_linear_backward", lora_ops._lora_linear_backward,
          (rn(2, 3, 4), *lora[:2], *lora[3:5], su, 1.5, 0.4, seed, True, True, False), ()),

@@ -391,14 +391,15 @@ def _pool_ref(args):
     return torch.where(counted, h.masked_fill(~keep[..., None], float("-inf")).amax(1), 0.0)
 
 
-def _adamw_make(gen, dtype, shape, step, wd, grad_f32=False, grad_layout="contig"):
+def _adamw_make(gen, dtype, shape, step, wd, grad_f32=False, grad_layout="contig", l2sp=0.0):
     p = randn(shape, dtype, gen)
     g = randn(shape, torch.float32 if grad_f32 else dtype, gen)
     if grad_layout == "transposed":
         g = g.t().contiguous().t()
     m = randn(shape, torch.float32, gen, scale=0.1) * (step > 1)
     v = torch.rand(shape, generator=gen) * 0.01 * (step > 1)
-    return [p, g, m, v, 0.05, 0.9, 0.999, 1e-8, wd, step]
+    anchor = (p.float() + randn(shape, torch.float32, gen, scale=0.5)).to(dtype) if l2sp else None
+    return [p, g, m, v, 0.05, 0.9, 0.999, 1e-8, wd, step, anchor, l2sp]
 
 
 def _adamw_run(op, args):
@@ -407,9 +408,10 @@ def _adamw_run(op, args):
 
 
 def _adamw_ref(args):
-    """torch.optim.AdamW's formula (decoupled weight decay; bias corrections for `step`)."""
-    p, g, m, v, lr, b1, b2, eps, wd, step = args
-    g = g.double()
+    """torch.optim.AdamW's formula (decoupled weight decay; bias corrections for `step`) on the gradient
+    plus that of l2sp ||p - anchor||^2."""
+    p, g, m, v, lr, b1, b2, eps, wd, step, anchor, l2sp = args
+    g = g.double() + (0.0 if anchor is None else 2 * l2sp * (p - anchor))
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     p = p * (1 - lr * wd) - lr / (1 - b1 ** step) * m / (v.sqrt() / (1 - b2 ** step) ** 0.5 + eps)
@@ -540,6 +542,8 @@ TWINS: Dict[str, Twin] = {
         "step7_2d": dict(shape=(7, 13), step=7, wd=0.1),
         "grad_f32_transposed": dict(shape=(9, 5), step=3, wd=0.01, grad_f32=True, grad_layout="transposed"),
         "empty": dict(shape=(0,), step=2, wd=0.1),
+        "l2sp_step5_2d": dict(shape=(11, 9), step=5, wd=0.05, l2sp=0.4),
+        "l2sp_grad_f32_step1": dict(shape=(23,), step=1, wd=0.0, grad_f32=True, l2sp=1.5),
     }, _adamw_make, _adamw_ref, _adamw_run),
 }
 
