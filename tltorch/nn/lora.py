@@ -216,7 +216,9 @@ class LoRALinear(nn.Module):
             a, b, dev = self.lora_A, self.lora_B, x.device.type
             if torch.is_autocast_enabled(dev) and a.dtype is torch.float32:
                 dt = torch.get_autocast_dtype(dev)
-                a, b = a.to(dt), b.to(dt)
+                # x cast once for base and adapter: their input gradients then meet in dt, and one
+                # cast takes the sum back to x's dtype
+                a, b, x = a.to(dt), b.to(dt), (x.to(dt) if x.is_floating_point() and x.dtype != dt else x)
             return ops.lora_update(self.base(x), x, a, b, self.scaling, p)
         return TF.lora_linear(x, self._weight_out_in(), self.base.bias, self.lora_A, self.lora_B,
                               scaling=self.scaling, dropout=p)
