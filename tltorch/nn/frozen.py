@@ -56,7 +56,8 @@ class FrozenLinear(nn.Module):
     default), per row and group of ``group`` (else INT8_GROUP) inputs, and the product runs in integers
     (AVX512-VNNI or AMX where the CPU has it): 1-2.5x float32's speed, at a relative error of about 1% of
     the layer's output (the weight's rounding alone: about 0.7%). ``activations="float"`` (also settable
-    later) keeps x in float.
+    later) keeps x in float, as does a CPU without VNNI (the int8 kernel's portable C path there runs
+    ~30x slower than the float GEMM; ``tltorch._C.int8_isa()`` says which path this CPU has).
     Under torch.autocast to bfloat16 (or the weight's own dtype) a float32 x is cast to it first, as
     nn.Linear's would be (y then has that dtype). bfloat16 x runs as nn.Linear in bfloat16 (oneDNN; AMX
     where present) on CPUs with AVX512-BF16: a bfloat16 weight as it is stored, and an int8 one with
@@ -126,7 +127,8 @@ class FrozenLinear(nn.Module):
         return m
 
     def _uses_int8_kernel(self, x: Tensor) -> bool:
-        return self.storage == "int8" and self._activations == "int8" and x.device.type == "cpu"
+        return self.storage == "int8" and self._activations == "int8" and x.device.type == "cpu" and \
+            ops.frozen.int8_fast()
 
     def _packed(self) -> Tensor:
         """packed_weight, rebuilt if weight or weight_scale changed since it was packed."""

@@ -69,6 +69,15 @@ def bf16_native() -> bool:
     return _C.cpu_isa().startswith("avx512") and has_bf16 is not None and bool(has_bf16())
 
 
+_INT8_FAST = _C.int8_isa() != "portable"  # fixed at import, as the CPU kernels' ISA is
+
+
+def int8_fast() -> bool:
+    """Whether the int8 kernel has a SIMD path on this CPU (AMX or AVX512-VNNI): its portable C path is
+    ~30x slower than the float GEMM, so FrozenLinear keeps x in float where it is all there is."""
+    return _INT8_FAST
+
+
 @lru_cache(maxsize=None)
 def _onednn_linear():
     """oneDNN's linear with the bias fused into the GEMM (the op torch.compile's CPU backend emits), or
