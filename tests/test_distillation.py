@@ -167,6 +167,22 @@ def test_teacher_logits_route_agrees(gen):
         assert torch.allclose(a, c, rtol=1e-5) and torch.allclose(hh[0].grad, hh[1].grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_teacher_logits_left_unchanged(gen, T):
+    """float32 teacher_logits, every row counted (chunks are views of them): read, never written, and an
+    inference-mode tensor (a teacher run under torch.inference_mode) is taken as it is."""
+    h, w, _, _, _, _, _ = make(gen, (6,), 16, 30, 30, bias=False)
+    with torch.inference_mode():
+        zt = torch.randn(6, 30, generator=gen)
+    before = zt.clone()
+    for targets in (None, torch.randint(0, 30, (6,), generator=gen)):
+        TL.linear_distillation_loss(h.clone().requires_grad_(True), w, teacher_logits=zt, targets=targets,
+                                    temperature=T)
+        assert torch.equal(zt, before)
+    assert torch.allclose(TL.linear_distillation_loss(h, w, teacher_logits=zt, temperature=T).double(),
+                          ref_loss(h @ w.t(), zt, temperature=T), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_dtypes(gen, dtype, tol, divergence):

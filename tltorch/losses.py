@@ -371,7 +371,7 @@ class _LinearDistillation(torch.autograd.Function):
             s = torch.empty(n, Vs, dtype=torch.float32, device=dev)
             ops.gemm(hc, w, s, b32, 1.0, 0.0, 2)
             if tz is not None:
-                t = tz[sel].float()
+                t = tz[sel].to(torch.float32, copy=True)  # worked on in place: never the caller's
             else:
                 t = torch.empty(n, Vt, dtype=torch.float32, device=dev)
                 ops.gemm(th[sel], tw, t, tb32, 1.0, 0.0, 2)
