@@ -9,12 +9,13 @@ on the full logits of both models in float64 (test_distillation.ref_loss):
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
 
 import tltorch
-from test_distillation import ref_loss
+from test_distillation import readme_example, ref_loss
 from test_finetune import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 from tltorch.cache import CacheError, StaleCacheWarning
 from tltorch.distill import kept_layers
@@ -352,3 +353,16 @@ def test_classifier_body_and_head_module():
     h = tltorch.distill(teacher, student, pairs[:4], val=pairs[4:], epochs=5, lr=3e-2, progress=False)
     assert h.val_kl[-1] < 0.7 * h.initial["val_kl"], h
     assert 0.0 <= h.val_acc[-1] <= 1.0 and 0.0 <= h.teacher["val_acc"] <= 1.0
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """README's 'Distilling a smaller student' snippet on a tiny GPT-2."""
+    monkeypatch.chdir(tmp_path)
+    teacher = sharpen(gpt2(4, 0))
+    env = dict(teacher=teacher, train_ids=tokens(32, 12, 1), val_ids=tokens(8, 12, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleCacheWarning)
+        exec(compile(readme_example("distill_workflow"), "README.md:distill_workflow", "exec"), env)
+    history, student = env["history"], env["student"]
+    assert student.config.n_layer == 2 and len(history.train_loss) == 3
+    assert history.teacher_batches[1:] == [0, 0]
