@@ -36,6 +36,22 @@ load_index(const tl_tensor *t, int64_t i)
     return t->dtype == TL_INT64 ? ((const int64_t *)t->data)[off] : ((const int32_t *)t->data)[off];
 }
 
+tl_status
+tl_head_targets(const tl_tensor *target, int64_t C, int64_t ignore_index, int64_t *tg, int64_t *bad_target)
+{
+    for (int64_t i = 0; i < target->shape[0]; i++) {
+        const int64_t t = load_index(target, i);
+        tg[i] = -1;
+        if (t == ignore_index) continue;
+        if (t < 0 || t >= C) {
+            if (bad_target) *bad_target = t;
+            return TL_ERR_INDEX;
+        }
+        tg[i] = t;
+    }
+    return TL_OK;
+}
+
 /* The floats of ws a row takes: its logits, dX's float32 partials, its loss, and with a softcap the
  * tanh of its logits. */
 static int64_t
@@ -260,18 +276,12 @@ tl_linear_head_cpu(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias
     double wsum = 0.0, wall = 0.0;
     int64_t *tg = malloc(((size_t)N + 1) * sizeof(int64_t));
     if (!tg) return TL_ERR_NOMEM;
-    for (int64_t i = 0; i < N; i++) {
-        const int64_t t = load_index(target, i);
-        tg[i] = -1;
-        if (t == o->ignore_index) continue;
-        if (t < 0 || t >= C) {
-            if (bad_target) *bad_target = t;
-            free(tg);
-            return TL_ERR_INDEX;
-        }
-        tg[i] = t;
-        wsum += cw ? tl_load_f(cw->data, t * cw->strides[0], cw->dtype) : 1.0;
+    if ((st = tl_head_targets(target, C, o->ignore_index, tg, bad_target))) {
+        free(tg);
+        return st;
     }
+    for (int64_t i = 0; i < N; i++)
+        if (tg[i] >= 0) wsum += cw ? tl_load_f(cw->data, tg[i] * cw->strides[0], cw->dtype) : 1.0;
     for (int64_t c = 0; c < C; c++) wall += cw ? tl_load_f(cw->data, c * cw->strides[0], cw->dtype) : 1.0;
     /* The gradient of the mean is scaled by 1/wsum; with every target ignored the loss is 0/0 = NaN
      * (as in torch) and every row's gradient is zero, not NaN. */
