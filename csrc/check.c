@@ -299,6 +299,60 @@ tl_check_head(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, con
     return TL_OK;
 }
 
+/* ---- knowledge distillation's rows --------------------------------------------------------------- */
+
+/* Logits of n rows: float32, 2-D, at least one class, each row contiguous. */
+static tl_status
+need_logits(const tl_tensor *z, int64_t n, tl_check *why)
+{
+    if (need_ndim(z, 2, why) || need_dtype_is(z, TL_FLOAT32, why) || need_size(z, 0, n, "s.shape[0]", why))
+        return why->status;
+    if (z->shape[1] < 1) return need_text(z, TL_ERR_SHAPE, "must have at least one class (column)", why);
+    if (z->strides[1] != 1 && z->shape[1] > 1 && n > 0)
+        return need_text(z, TL_ERR_LAYOUT, "must have unit stride in dim 1 (each row's logits contiguous)", why);
+    return TL_OK;
+}
+
+tl_status
+tl_check_distill_rows(const tl_tensor *s, const tl_tensor *t, const tl_tensor *target, const tl_distill_opts *o,
+                      const tl_tensor *loss, tl_check *why)
+{
+    tl_check none = {0};
+    if (!why) why = &none;
+    if (!(o->temperature > 0.0f && o->temperature <= 3.0e38f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'temperature' must be a finite number > 0", why);
+    if (!(o->alpha >= 0.0f && o->alpha <= 1.0f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'alpha' must be in [0, 1]", why);
+    if (o->divergence < TL_DIV_KL || o->divergence > TL_DIV_JSD)
+        return need_text(NULL, TL_ERR_VALUE, "argument 'divergence' must be 0 (kl), 1 (reverse_kl) or 2 (jsd)", why);
+    if (!(o->beta >= 0.0f && o->beta <= 1.0f))
+        return need_text(NULL, TL_ERR_VALUE, "argument 'beta' must be in [0, 1]", why);
+    if (need_ndim(s, 2, why)) return why->status;
+    const int64_t n = s->shape[0];
+    if (need_logits(s, n, why) || need_logits(t, n, why)) return why->status;
+    /* A class one side lacks has probability 0 there: KL against it is infinite where the other has mass. */
+    const int div = o->divergence != TL_DIV_JSD ? o->divergence
+                    : o->beta == 0.0f           ? TL_DIV_KL
+                    : o->beta == 1.0f           ? TL_DIV_REVERSE_KL
+                                                : TL_DIV_JSD;
+    if (div == TL_DIV_KL && t->shape[1] > s->shape[1])
+        return need_text(t, TL_ERR_SHAPE, "has more classes than s: KL(p_t || p_s) is infinite where s has no "
+                         "class (the forward KL needs s.shape[1] >= t.shape[1])", why);
+    if (div == TL_DIV_REVERSE_KL && s->shape[1] > t->shape[1])
+        return need_text(s, TL_ERR_SHAPE, "has more classes than t: KL(p_s || p_t) is infinite where t has no "
+                         "class (the reverse KL needs t.shape[1] >= s.shape[1])", why);
+    if (target && (need_ndim(target, 1, why) || need_index(target, why) ||
+                   need_size(target, 0, n, "s.shape[0]", why)))
+        return why->status;
+    if (need_ndim(loss, 1, why) || need_dtype_is(loss, TL_FLOAT32, why) || need_size(loss, 0, n, "s.shape[0]", why))
+        return why->status;
+    /* s and loss are written while other threads read t (and target) */
+    if (need_writable(s, why) || need_writable(loss, why) || need_apart(s, t, why) || need_apart(loss, s, why) ||
+        need_apart(loss, t, why) || need_apart(s, target, why) || need_apart(loss, target, why))
+        return why->status;
+    return TL_OK;
+}
+
 /* ---- dropout and LoRA ---------------------------------------------------------------------------- */
 
 tl_status

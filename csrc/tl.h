@@ -389,6 +389,37 @@ tl_status tl_check_head(const tl_tensor *x, const tl_tensor *w, const tl_tensor 
                         const tl_tensor *loss, const tl_tensor *lse, const tl_tensor *entropy, const tl_tensor *dx,
                         const tl_tensor *dw, const tl_tensor *db, int dw_of_x, tl_check *why);
 /* ---- end of the fused head's options ------------------------------------------------------------------ */
+
+/* ---- knowledge distillation's rows (csrc/cpu/head_distill.c) ------------------------------------------
+ * One chunk of a student's and a teacher's logits, s (n, Vs) and t (n, Vt), row by row: each row's loss,
+ * and s overwritten with its gradient. With T = temperature, p_s = softmax(s / T) over Vs classes,
+ * p_t = softmax(t / T) over Vt (aligned on the first min(Vs, Vt) classes; each side's extra classes have
+ * probability 0 on the other side), y_i = target[i]:
+ *     loss_i = (1 - alpha) T^2 D(p_t || p_s) + alpha (-log softmax(s_i)[y_i])   with targets (the hard
+ *                                                                              term at temperature 1)
+ *     loss_i = T^2 D(p_t || p_s)                                               without (target NULL)
+ *     s_i <- dloss_i / ds_i
+ * and, for a row whose target is ignore_index, loss_i = 0 and s_i <- 0. D by divergence:
+ *     TL_DIV_KL          KL(p_t || p_s)                                 (needs Vs >= Vt)
+ *     TL_DIV_REVERSE_KL  KL(p_s || p_t)                                 (needs Vt >= Vs)
+ *     TL_DIV_JSD         beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = beta p_t + (1 - beta) p_s
+ *                        (beta 0: KL, beta 1: REVERSE_KL, with their needs)
+ * s, t: float32, each row's logits contiguous (unit stride in dim 1), sharing no memory; target: NULL or
+ * (n,) int64/int32; loss: (n,) float32, any stride. Row sums in float64; rows run in parallel, each
+ * row's arithmetic fixed, so results do not depend on the thread count. A target outside [0, Vs) that
+ * is not ignore_index: TL_ERR_INDEX, *bad_target set to it, nothing written. */
+enum { TL_DIV_KL = 0, TL_DIV_REVERSE_KL = 1, TL_DIV_JSD = 2 };
+typedef struct {
+    int64_t ignore_index;
+    float temperature; /* finite, > 0 */
+    float alpha;       /* in [0, 1]; unused without targets */
+    int divergence;    /* TL_DIV_* */
+    float beta;        /* in [0, 1]; TL_DIV_JSD's */
+} tl_distill_opts;
+tl_status tl_distill_rows_cpu(tl_tensor *s, const tl_tensor *t, const tl_tensor *target, const tl_distill_opts *opts,
+                              tl_tensor *loss, int64_t *bad_target, int nthreads);
+tl_status tl_check_distill_rows(const tl_tensor *s, const tl_tensor *t, const tl_tensor *target,
+                                const tl_distill_opts *opts, const tl_tensor *loss, tl_check *why);
 tl_status tl_check_dropout(const tl_tensor *x, const tl_tensor *out, tl_check *why);
 tl_status tl_check_lora_forward(const tl_tensor *x, const tl_tensor *w, const tl_tensor *bias, const tl_tensor *a,
                                 const tl_tensor *b, const tl_tensor *y, const tl_tensor *su, tl_check *why);

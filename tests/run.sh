@@ -35,7 +35,7 @@ $PY -m pytest tests -q -ra
 
 KERNEL_TESTS="tests/test_bridge.py tests/test_gemm.py tests/test_linear.py tests/test_head.py tests/test_lora.py
   tests/test_pool.py tests/test_adamw.py tests/test_frozen.py tests/test_int8_linear.py tests/test_token_logprobs.py
-  tests/test_twins.py"
+  tests/test_twins.py tests/test_distill_rows.py"
 for isa in avx2 portable; do
   echo "== the kernels' tests with TLTORCH_CPU_ISA=$isa =="
   TLTORCH_CPU_ISA=$isa $PY -m pytest -q -p no:cacheprovider $KERNEL_TESTS -m "not cuda"

@@ -139,6 +139,19 @@ def test_chunking_and_2d(gen, monkeypatch):
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence,beta,Vs,Vt", [("kl", 0.5, 45, 37), ("reverse_kl", 0.5, 37, 45),
+                                                   ("jsd", 0.3, 40, 40)])
+def test_torch_ops_row_kernel(gen, monkeypatch, divergence, beta, Vs, Vt):
+    """The chunks through distill_rows's CUDA kernel (its formulas in torch's ops), run here on the CPU:
+    the loss and gradients of the float64 formula, as with the C kernel."""
+    from tltorch.ops import head as head_ops
+    h, w, b, th, tw, tb, t = make(gen, (3, 7), 16, Vs, Vt)
+    monkeypatch.setattr(TL.ops, "distill_rows", head_ops._distill_rows_torch)
+    for T in (1.0, 2.0):
+        mine, theirs = ours_and_ref(h, w, b, th, tw, tb, t, temperature=T, divergence=divergence, beta=beta)
+        close(mine, theirs, 1e-5)
+
+
 def test_ignored_and_all_ignored(gen):
     h, w, b, th, tw, tb, t = make(gen, (2, 6), 8, 20, 20)
     t[1] = -100

@@ -153,6 +153,7 @@ def _plain_cases(device, gen):
          (rn(7), x, w, t, rn(5), None, -100, 0.0, 2, 2.0, 0.7, 0.0, True, True, False), ()),
         ("linear_cross_entropy", ops.linear_cross_entropy, (x, w, t, None, None, -100, 0.0, 1), ()),
         ("lora_linear", lora_ops._lora_linear, lora, ()),
+        ("distill_rows", ops.distill_rows, (rn(7, 5), rn(7, 4), target(7), -100, 2.0, 0.5, 2, 0.3), (0,)),
     ]
 
 
@@ -182,7 +183,8 @@ def test_eager_and_torch_ops_agree_without_gradients(device, gen):
 
 OP_NAMES = ["gemm", "colsum", "linear", "linear_backward", "dropout", "lora_linear", "lora_linear_backward",
             "linear_cross_entropy", "linear_cross_entropy_backward", "qgemm", "frozen_linear",
-            "frozen_linear_backward", "int8_linear", "int8_dequant", "pool", "adamw_", "linear_head", "linear_head_backward", "lora_update"]
+            "frozen_linear_backward", "int8_linear", "int8_dequant", "pool", "adamw_", "linear_head", "linear_head_backward", "lora_update",
+            "distill_rows"]
 DIFFERENTIABLE = {"linear", "lora_linear", "lora_update", "linear_cross_entropy", "frozen_linear", "int8_linear", "linear_head"}
 
 

@@ -23,6 +23,7 @@ from torch._library.custom_ops import OPDEFS
 
 from conftest import (DTYPES, HAVE_GPU, TOL, assert_twin, dropout_keep_mask, dtype_id, make2d, make_x, randn,
                       rel_err, to_cuda)
+from test_distill_rows import reference as distill_reference
 from test_int8_linear import ref_int8_linear
 from tltorch import _C, ops
 from tltorch.ops import frozen as frozen_ops
@@ -365,6 +366,30 @@ def _head_backward_ref(args):
     return _grads_of(forward, [x, w, bias], [nx, nw, nb], grad)
 
 
+def _distill_make(gen, dtype, n, Vs, Vt, divergence, beta=0.5, temperature=2.0, alpha=0.5, targets=True,
+                  layout="contig"):
+    """distill_rows takes float32 logits: values of `dtype`, held in float32; "offset": rows further apart
+    than they are long."""
+    def logits(V):
+        z = randn((n, V + 3) if layout == "offset" else (n, V), dtype, gen, scale=3.0).float()
+        return z[:, 3:] if layout == "offset" else z
+    s, t = logits(Vs), logits(Vt)
+    y = None
+    if targets:
+        y = torch.randint(0, Vs, (n,), generator=gen)
+        y[1::3] = -100
+    return [s, t, y, -100, temperature, alpha, ops.DIVERGENCES[divergence], beta]
+
+
+def _distill_run(op, args):
+    return op(*args), args[0]
+
+
+def _distill_ref(args):
+    """Each row's loss and its gradient wrt s (what s is overwritten with): test_distill_rows's reference."""
+    return distill_reference(*args)
+
+
 # ---- pool.py, adamw.py ---------------------------------------------------------------------------------
 
 def _pool_make(gen, dtype, B, T, D, mode, mask, layout="contig"):
@@ -530,6 +555,13 @@ TWINS: Dict[str, Twin] = {
         "mean_zloss_weight_only": dict(lead=(9,), K=7, C=6, reduction=0, zs=0.05, need=(False, True, False)),
         "empty": dict(lead=(0,), K=7, C=5, reduction=2),
     }, _head_backward_make, _head_backward_ref),
+    "distill_rows": Twin({
+        "kl_T2": dict(n=7, Vs=37, Vt=37, divergence="kl"),
+        "kl_T1_bigger_student": dict(n=5, Vs=45, Vt=33, divergence="kl", temperature=1.0, alpha=1.0),
+        "reverse_kl_no_targets": dict(n=6, Vs=19, Vt=40, divergence="reverse_kl", targets=False, temperature=0.7),
+        "jsd_offset_rows": dict(n=9, Vs=50, Vt=41, divergence="jsd", beta=0.3, alpha=0.0, layout="offset"),
+        "empty": dict(n=0, Vs=9, Vt=9, divergence="jsd"),
+    }, _distill_make, _distill_ref, _distill_run),
     "pool": Twin({
         "cls": dict(B=3, T=5, D=7, mode="cls", mask=None),
         "mean_int64_mask": dict(B=4, T=9, D=5, mode="mean", mask=torch.int64),

@@ -295,8 +295,9 @@ class LinearDPOLoss(torch.nn.Module):
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
-# A chunk's float32 logits (of the larger vocabulary) stay under this; about five such buffers are alive
-# at once (student and teacher log-probs, probabilities, the gradient).
+# A chunk's float32 logits (of the larger vocabulary) stay under this: the student's and the teacher's
+# logits of a chunk are the only buffers of its size (ops.distill_rows turns the student's into the
+# gradient in place).
 _DISTILL_CHUNK_BYTES = 32 << 20
 _DISTILL_MAX_ROWS = 1024
 
@@ -305,52 +306,12 @@ def _chunk_rows(V: int) -> int:
     return max(1, min(_DISTILL_MAX_ROWS, _DISTILL_CHUNK_BYTES // (4 * max(V, 1))))
 
 
-def _log_softmax_(z: Tensor) -> Tensor:
-    """z - logsumexp(z) in place, per row."""
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
-
-
-def _divergence_chunk(ls: Tensor, lt: Tensor, kind: str, beta: float) -> Tuple[Tensor, Tensor]:
-    """Per row, D(p_t || p_s) and dD/du (u = student logits / T, over the student's Vs classes), from
-    the float32 log-probs ls (n, Vs) and lt (n, Vt) at temperature T. Classes beyond a model's own
-    vocabulary have probability 0 on its side (log-prob -inf), written out below rather than padded:
-      kl          D = sum_c p_t (lt - ls)                  dD/du = p_s - p_t
-      reverse_kl  D = sum_c p_s (ls - lt)                  dD/du = p_s (ls - lt - D)
-      jsd         m = b p_t + (1-b) p_s,  D = b KL(p_t||m) + (1-b) KL(p_s||m),
-                  dD/du = (1-b) p_s (ls - lm - KL(p_s||m))   (d/dp_s of the b KL(p_t||m) part cancels
-                  against the p_s/m part of the other: dD/dp_s = (1-b)(ls - lm))
-    (kl needs Vs >= Vt, reverse_kl Vt >= Vs: the caller checks.)"""
-    Vs, Vt = ls.shape[1], lt.shape[1]
-    V0 = min(Vs, Vt)
-    ps = ls.exp()
-    if kind == "kl":
-        pt = lt.exp()
-        d = torch.mul(pt, lt.sub_(ls[:, :Vt])).sum(-1)
-        ps[:, :Vt].sub_(pt)
-        return d, ps
-    if kind == "reverse_kl":
-        r = ls - lt[:, :Vs]
-        d = torch.mul(ps, r).sum(-1)
-        return d, r.sub_(d[:, None]).mul_(ps)
-    lb, l1b = math.log(beta), math.log1p(-beta)
-    lm = ls + l1b  # log m on the student's classes; beyond the teacher's vocabulary m = (1-b) p_s
-    torch.logaddexp(lm[:, :V0], lt[:, :V0] + lb, out=lm[:, :V0])
-    r = ls - lm
-    kls = torch.mul(ps, r).sum(-1)
-    pt = lt[:, :V0].exp()
-    klt = torch.mul(pt, lt[:, :V0].sub_(lm[:, :V0])).sum(-1)
-    if Vt > Vs:  # beyond the student's vocabulary m = b p_t: each term p_t log(1/b)
-        klt.sub_(lt[:, Vs:].exp().sum(-1) * lb)
-    d = beta * klt + (1 - beta) * kls
-    return d, r.sub_(kls[:, None]).mul_(ps).mul_(1 - beta)
-
-
 class _LinearDistillation(torch.autograd.Function):
     """loss and its gradients in one pass over chunks of rows; backward scales them by the upstream
     gradient. Rows: the student's (N, D) hidden states (only the counted ones, when `index` is given)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, th, tw, tb, tz, targets, index, count, T, alpha, kind, beta):
+    def forward(ctx, h, w, b, th, tw, tb, tz, targets, ignore_index, index, count, T, alpha, kind, beta):
         N, Vs = h.shape[0] if index is None else index.numel(), w.shape[0]
         Vt = tz.shape[1] if tz is not None else tw.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -362,44 +323,29 @@ class _LinearDistillation(torch.autograd.Function):
         b32 = None if b is None else b.float()
         tb32 = None if tb is None else tb.float()
         scale = 1.0 / max(count, 1)
-        soft = T if targets is None else (1.0 - alpha) * T  # T^2 (1 - alpha) dD/du / T
+        code = ops.DIVERGENCES[kind]
         rows = _chunk_rows(max(Vs, Vt))
+        # one buffer each for the chunks' logits, reused
+        s_buf = torch.empty(min(rows, N), Vs, dtype=torch.float32, device=dev)
+        t_buf = torch.empty(min(rows, N), Vt, dtype=torch.float32, device=dev) if tz is None else None
         for i in range(0, N, rows):
             sel = slice(i, min(i + rows, N)) if index is None else index[i:i + rows]
             hc = h[sel]
             n = hc.shape[0]
-            s = torch.empty(n, Vs, dtype=torch.float32, device=dev)
+            s = s_buf[:n]
             ops.gemm(hc, w, s, b32, 1.0, 0.0, 2)
             if tz is not None:
-                t = tz[sel].to(torch.float32, copy=True)  # worked on in place: never the caller's
+                t = tz[sel].float()  # read, never written (distill_rows takes t as it is)
+                if t.stride(1) != 1:  # the rows' logits contiguous, as distill_rows reads them
+                    t = t.contiguous()
             else:
-                t = torch.empty(n, Vt, dtype=torch.float32, device=dev)
+                t = t_buf[:n]
                 ops.gemm(th[sel], tw, t, tb32, 1.0, 0.0, 2)
-            hard = None
-            if targets is not None and alpha != 0.0:
-                tc = targets[sel]
-                if T != 1.0:  # the hard term's softmax is at temperature 1
-                    hard = torch.log_softmax(s, -1)
-                    loss += alpha * (-hard.gather(1, tc[:, None])).sum(dtype=torch.float64)
-                    hard = hard.exp_()
-                    hard[torch.arange(n, device=dev), tc] -= 1.0
-                    hard.mul_(alpha)
-            if T != 1.0:
-                s.div_(T)
-                t.div_(T)
-            ls, lt = _log_softmax_(s), _log_softmax_(t)
-            if targets is not None and alpha != 0.0 and T == 1.0:
-                loss += alpha * (-ls.gather(1, tc[:, None])).sum(dtype=torch.float64)
-            d, g = _divergence_chunk(ls, lt, kind, beta)
-            loss += (soft * T) * d.sum(dtype=torch.float64)
-            g.mul_(soft)
-            if targets is not None and alpha != 0.0:
-                if hard is not None:
-                    g.add_(hard)
-                else:  # alpha (softmax(s) - onehot), softmax(s) = exp(ls)
-                    g.add_(ls.exp_(), alpha=alpha)
-                    g[torch.arange(n, device=dev), tc] -= alpha
-            del s, t, ls, lt, hard
+            # each row's loss, and s becomes g = dloss/ds (the soft and hard terms)
+            rows_loss = ops.distill_rows(s, t, None if targets is None else targets[sel], ignore_index, T, alpha,
+                                         code, beta)
+            loss += rows_loss.sum(dtype=torch.float64)
+            g = s
             if need_b:
                 ops.colsum(g, db, 1.0)
             gw = g if w.dtype == torch.float32 else g.to(w.dtype)  # the GEMMs multiply like dtypes
@@ -427,7 +373,7 @@ class _LinearDistillation(torch.autograd.Function):
                                "recompute the loss to differentiate it again")
         out = tuple(None if g is None else g.mul_(grad).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes))
         ctx.grads = None
-        return out + (None,) * 11
+        return out + (None,) * 12
 
 
 def _check_number(name: str, v, lo: float, hi: float) -> float:
@@ -490,8 +436,10 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
     Rows are processed in chunks whose float32 logits stay under 32 MB (at most 1024 rows): each
     chunk's student and teacher logits come from tltorch's GEMM op (tltorch.ops.gemm, which writes
     float32 logits from bfloat16/float16 inputs directly and accumulates dW in place), and its loss and
-    gradient wrt the student logits are computed there and then, and taken back to student_hidden,
-    student_weight and student_bias. All the math is float32 (the gradient of the logits is rounded to
+    gradient wrt the student logits are computed there and then, row by row, by tltorch.ops.distill_rows
+    (on the CPU a C kernel making a few vectorised passes over each row, the gradient written over the
+    student's logits), and taken back to student_hidden, student_weight and student_bias. The logits
+    and the gradient are float32, the rows' sums float64 (the gradient of the logits is rounded to
     the weight's dtype for the two backward GEMMs, as torch's own backward feeds them). Returns a
     float32 scalar; its backward only scales the stored gradients, so it can be run once per call.
     """
@@ -586,4 +534,6 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
     else:
         th = tw = tb = None
         tz = teacher_logits.detach().reshape(-1, Vt)
-    return _LinearDistillation.apply(h2.resolve_neg(), w, b, th, tw, tb, tz, t1, index, count, T, alpha, kind, beta)
+    ignore = ignore_index if t1 is not None else -100  # checked only with targets, unused without
+    return _LinearDistillation.apply(h2.resolve_neg(), w, b, th, tw, tb, tz, t1, ignore, index, count, T, alpha, kind,
+                                     beta)

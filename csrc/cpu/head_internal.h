@@ -1,6 +1,6 @@
 /* head_internal.h: what the fused head's files share, internal to the CPU core (not part of tl.h): the
- * row primitives' table and the per-row math (head_rows.c) that the driver (head.c) calls, the vector
- * exps, and the targets' validation. */
+ * row primitives' table and the per-row math (head_rows.c) that the driver (head.c) calls, and the vector
+ * exps and the targets' validation, which distillation's rows (head_distill.c) use too. */
 #ifndef TL_HEAD_INTERNAL_H
 #define TL_HEAD_INTERNAL_H
 

@@ -64,6 +64,7 @@ struct tl_backend {
         __typeof__(tl_colsum_cpu) *colsum;
         __typeof__(tl_linear_xent_cpu) *linear_xent;
         __typeof__(tl_linear_head_cpu) *linear_head;
+        __typeof__(tl_distill_rows_cpu) *distill_rows;
         __typeof__(tl_dropout_cpu) *dropout;
         __typeof__(tl_lora_forward_cpu) *lora_forward;
         __typeof__(tl_lora_backward_cpu) *lora_backward;

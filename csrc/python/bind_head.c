@@ -1,6 +1,7 @@
 /* bind_head.c: the fused linear + cross-entropy head, linear_xent and linear_head (with softcap, temperature,
  * z-loss, lse and entropy) (csrc/cpu/head.c, csrc/cuda/head.cu), for tltorch._C and tltorch._cuda, and
- * tltorch._cuda's xent_workspace (the workspace its plan asks for). */
+ * tltorch._cuda's xent_workspace (the workspace its plan asks for); distillation's rows, distill_rows
+ * (csrc/cpu/head_distill.c), for tltorch._C. */
 #include "bind.h"
 
 /* linear_xent's options: ignore_index, label_smoothing in [0, 1], reduction (TL_REDUCE_*). */
@@ -199,9 +200,54 @@ py_xent_workspace(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(LO)", (long long)n, narrow ? Py_True : Py_False);
 }
 
+PyDoc_STRVAR(distill_rows_doc, "distill_rows(s, t, target, ignore_index, temperature, alpha, divergence, beta, loss, "
+             "nthreads): each row's distillation loss into loss, and s overwritten with its gradient (float32 logits "
+             "of the student s and the teacher t; divergence 0 kl, 1 reverse_kl, 2 jsd; target None: the soft term "
+             "alone).");
+
+static PyObject *
+py_distill_rows(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    tl_arg s = TL_ARG_INIT("s"), t = TL_ARG_INIT("t"), target = TL_ARG_INIT("target"), loss = TL_ARG_INIT("loss");
+    tl_arg *a[] = {&s, &t, &loss, &target};
+    static const int pos[] = {0, 1, 8, 2};
+    tl_call k;
+    tl_distill_opts o;
+    int64_t bad = 0;
+    tl_status st = TL_RAISED;
+
+    if (tl_call_begin(&k, mod, args, nargs, 9, TL_TAIL_NONE, "distill_rows(s, t, target, ignore_index, temperature, "
+                      "alpha, divergence, beta, loss") < 0)
+        return NULL;
+    long long ign = PyLong_AsLongLong(args[3]);
+    if (ign == -1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "argument 'ignore_index' must be an int of at most 64 bits");
+        return NULL;
+    }
+    o.ignore_index = ign;
+    if (tl_get_float(args[4], "temperature", &o.temperature) < 0 || tl_get_float(args[5], "alpha", &o.alpha) < 0 ||
+        tl_get_int(args[6], "divergence", &o.divergence) < 0 || tl_get_float(args[7], "beta", &o.beta) < 0 ||
+        tl_call_tail(&k) < 0)
+        return NULL;
+    if (tl_call_import(&k, a, pos, TL_COUNT(pos), 3) < 0 ||
+        tl_call_check(&k, tl_check_distill_rows(&s.t, &t.t, tl_opt(&target), &o, &loss.t, &k.why)) < 0)
+        goto end;
+    Py_BEGIN_ALLOW_THREADS
+    st = k.dev->cpu.distill_rows(&s.t, &t.t, tl_opt(&target), &o, &loss.t, &bad, k.nthreads);
+    Py_END_ALLOW_THREADS
+    if (st == TL_ERR_INDEX) {
+        PyErr_Format(PyExc_ValueError, "target holds class index %lld, outside [0, %lld) (s's classes) and not "
+                     "ignore_index (%lld)", (long long)bad, (long long)s.t.shape[1], ign);
+        st = TL_RAISED;
+    }
+end:
+    return tl_call_end(&k, a, TL_COUNT(pos), st, "distill_rows", NULL);
+}
+
 const tl_family tl_head_family = {
     .cpu = (PyMethodDef[]){TL_METHOD("linear_xent", py_linear_xent, linear_xent_cpu_doc),
-                           TL_METHOD("linear_head", py_linear_head, linear_head_cpu_doc), {NULL}},
+                           TL_METHOD("linear_head", py_linear_head, linear_head_cpu_doc),
+                           TL_METHOD("distill_rows", py_distill_rows, distill_rows_doc), {NULL}},
     .cuda = (PyMethodDef[]){TL_METHOD("linear_xent", py_linear_xent, linear_xent_cuda_doc),
                             TL_METHOD("linear_head", py_linear_head, linear_head_cuda_doc),
                             TL_METHOD("xent_workspace", py_xent_workspace, xent_workspace_doc), {NULL}},

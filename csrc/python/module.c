@@ -28,7 +28,8 @@ static const tl_backend cpu = {
     .cpu = {.gemm = tl_gemm_cpu, .qgemm = tl_qgemm_cpu, .colsum = tl_colsum_cpu, .linear_xent = tl_linear_xent_cpu,
             .dropout = tl_dropout_cpu, .lora_forward = tl_lora_forward_cpu, .lora_backward = tl_lora_backward_cpu,
             .pool = tl_pool_cpu, .adamw = tl_adamw_cpu, .linear_head = tl_linear_head_cpu,
-            .int8_pack = tl_int8_pack_cpu, .int8_linear = tl_int8_linear_cpu, .int8_packed_info = tl_int8_packed_info,
+            .distill_rows = tl_distill_rows_cpu, .int8_pack = tl_int8_pack_cpu, .int8_linear = tl_int8_linear_cpu,
+            .int8_packed_info = tl_int8_packed_info,
             .int8_packed_bytes = tl_int8_packed_bytes, .int8_ws_bytes = tl_int8_linear_ws_bytes,
             .int8_dequant = tl_int8_dequant_cpu},
 };

@@ -7,7 +7,8 @@ without the dispatcher's cost.
 
   linear.py   gemm, colsum, linear (+ linear_backward)
   lora.py     dropout, lora_linear (+ lora_linear_backward), lora_update
-  head.py     linear_cross_entropy (+ linear_cross_entropy_backward), and xent, the fused kernel's call
+  head.py     linear_cross_entropy (+ linear_cross_entropy_backward), and xent, the fused kernel's call;
+              distill_rows, distillation's per-row math
   frozen.py   qgemm, frozen_linear (+ frozen_linear_backward), int8_pack, int8_linear (CPU)
   pool.py     pool
   adamw.py    adamw_
@@ -15,11 +16,11 @@ without the dispatcher's cost.
 from ._device import cuda_built, cuda_module
 from .adamw import adamw_
 from .frozen import dequant, frozen_linear, int8_dequant, int8_linear, int8_pack, qgemm
-from .head import REDUCTIONS, linear_cross_entropy, xent
+from .head import DIVERGENCES, REDUCTIONS, distill_rows, linear_cross_entropy, xent
 from .linear import colsum, gemm, linear
 from .lora import dropout, lora_linear, lora_update, next_dropout_seed
 from .pool import POOL_MODES, pool
 
-__all__ = ["cuda_built", "cuda_module", "adamw_", "dequant", "frozen_linear", "int8_dequant", "int8_linear", "int8_pack", "qgemm", "REDUCTIONS",
-           "linear_cross_entropy", "xent", "colsum", "gemm", "linear", "dropout", "lora_linear", "lora_update",
-           "next_dropout_seed", "POOL_MODES", "pool"]
+__all__ = ["cuda_built", "cuda_module", "adamw_", "dequant", "frozen_linear", "int8_dequant", "int8_linear",
+           "int8_pack", "qgemm", "REDUCTIONS", "DIVERGENCES", "distill_rows", "linear_cross_entropy", "xent", "colsum",
+           "gemm", "linear", "dropout", "lora_linear", "lora_update", "next_dropout_seed", "POOL_MODES", "pool"]

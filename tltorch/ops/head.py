@@ -8,6 +8,7 @@ the torch.ops route (torch.compile, whose graph can neither look at the upstream
 hand over tensors it was given), the flags are off and backward recomputes the logits with each row's
 upstream gradient folded in (the backward op).
 """
+import math
 import threading
 from functools import partial
 
@@ -361,3 +362,127 @@ linear_head = define_op(
     {"cpu": partial(_head_forward, _launch_cpu), "cuda": partial(_head_forward, _launch_cuda)}, _head_forward_fake,
     setup_context=_head_setup, backward=_head_grad, differentiable=("x", "weight", "bias"), kept_outputs=3,
     grad_flags={"need_x": "x", "need_weight": "weight", "need_bias": "bias"})
+
+
+# ---- distill_rows: knowledge distillation's per-row math on a chunk of logits ---------------------------
+# distill_rows(s, t, target, ignore_index, temperature, alpha, divergence, beta) -> each row's loss (float32),
+# s (float32 student logits, rows contiguous) overwritten with each row's gradient; t: the teacher's float32
+# logits; divergence: a DIVERGENCES code. The math is tl.h's tl_distill_rows_cpu (csrc/cpu/head_distill.c);
+# on CUDA the same formulas in torch's ops, chunk-sized tensors at a time.
+
+DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def _distill_rows_cpu(s, t, target, ignore_index, temperature, alpha, divergence, beta):
+    loss = torch.empty(s.shape[0], dtype=torch.float32)
+    _C.distill_rows(s, t, target, ignore_index, temperature, alpha, divergence, beta, loss, torch.get_num_threads())
+    return loss
+
+
+def _log_softmax_(z: Tensor) -> Tensor:
+    """z - logsumexp(z) in place, per row."""
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _divergence(ls: Tensor, lt: Tensor, kind: int, beta: float):
+    """Per row, D(p_t || p_s) and dD/du (u = s / T, over the student's Vs classes), from the float32
+    log-probs ls (n, Vs) and lt (n, Vt) at temperature T (both overwritten). Classes beyond a model's own
+    vocabulary have probability 0 on its side (log-prob -inf), written out below rather than padded:
+      kl          D = sum_c p_t (lt - ls)                  dD/du = p_s - p_t
+      reverse_kl  D = sum_c p_s (ls - lt)                  dD/du = p_s (ls - lt - D)
+      jsd         m = b p_t + (1-b) p_s,  D = b KL(p_t||m) + (1-b) KL(p_s||m),
+                  dD/du = (1-b) p_s (ls - lm - KL(p_s||m))   (d/dp_s of the b KL(p_t||m) part cancels
+                  against the p_s/m part of the other: dD/dp_s = (1-b)(ls - lm))"""
+    Vs, Vt = ls.shape[1], lt.shape[1]
+    V0 = min(Vs, Vt)
+    ps = ls.exp()
+    if kind == 0:
+        pt = lt.exp()
+        d = torch.where(pt > 0, pt * lt.sub_(ls[:, :Vt]), 0.0).sum(-1)  # 0 log 0 = 0 where t's logit is -inf
+        ps[:, :Vt].sub_(pt)
+        return d, ps
+    if kind == 1:
+        r = ls - lt[:, :Vs]
+        d = torch.mul(ps, r).sum(-1)
+        return d, r.sub_(d[:, None]).mul_(ps)
+    lb, l1b = math.log(beta), math.log1p(-beta)
+    lm = ls + l1b  # log m on the student's classes; beyond the teacher's vocabulary m = (1-b) p_s
+    torch.logaddexp(lm[:, :V0], lt[:, :V0] + lb, out=lm[:, :V0])
+    r = ls - lm
+    kls = torch.mul(ps, r).sum(-1)
+    pt = lt[:, :V0].exp()
+    klt = torch.where(pt > 0, pt * lt[:, :V0].sub_(lm[:, :V0]), 0.0).sum(-1)
+    if Vt > Vs:  # beyond the student's vocabulary m = b p_t: each term p_t log(1/b)
+        klt.sub_(lt[:, Vs:].exp().sum(-1) * lb)
+    d = beta * klt + (1 - beta) * kls
+    return d, r.sub_(kls[:, None]).mul_(ps).mul_(1 - beta)
+
+
+def _check_distill_rows(s, t, target, temperature, alpha, divergence, beta):
+    """tl_check_distill_rows's requirements (csrc/check.c), for the kernel written in torch's ops."""
+    if not (0.0 < temperature < math.inf):
+        raise ValueError("argument 'temperature' must be a finite number > 0")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"argument '{name}' must be in [0, 1]")
+    if divergence not in (0, 1, 2):
+        raise ValueError("argument 'divergence' must be 0 (kl), 1 (reverse_kl) or 2 (jsd)")
+    for name, z in (("s", s), ("t", t)):
+        if z.dtype != torch.float32:
+            raise TypeError(f"argument '{name}' has dtype {z.dtype}; expected float32")
+        if z.dim() != 2 or z.shape[0] != s.shape[0] or z.shape[1] < 1:
+            raise ValueError(f"argument '{name}' must be (s.shape[0], classes >= 1), got shape {tuple(z.shape)}")
+    kind = divergence if divergence != 2 or 0.0 < beta < 1.0 else 0 if beta == 0.0 else 1
+    if kind == 0 and t.shape[1] > s.shape[1]:
+        raise ValueError("argument 't' has more classes than s: KL(p_t || p_s) is infinite where s has no class")
+    if kind == 1 and s.shape[1] > t.shape[1]:
+        raise ValueError("argument 's' has more classes than t: KL(p_s || p_t) is infinite where t has no class")
+    if target is not None and target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"argument 'target' has dtype {target.dtype}; expected int64 or int32 class indices")
+    if target is not None and target.shape != s.shape[:1]:
+        raise ValueError(f"argument 'target' must have shape ({s.shape[0]},) (s.shape[0]), got {tuple(target.shape)}")
+    return kind
+
+
+def _distill_rows_torch(s, t, target, ignore_index, temperature, alpha, divergence, beta):
+    """distill_rows in torch's ops, on any device: the float32 formulas over whole (n, V) tensors."""
+    kind = _check_distill_rows(s, t, target, temperature, alpha, divergence, beta)
+    n, T = s.shape[0], temperature
+    loss = torch.zeros(n, dtype=torch.float32, device=s.device)
+    if n == 0:
+        return loss
+    hard = target is not None and alpha != 0.0
+    soft = T if target is None else (1.0 - alpha) * T  # T^2 (1 - alpha) dD/du / T
+    rows = torch.arange(n, device=s.device)
+    keep = None if target is None else target != ignore_index
+    if keep is not None:
+        y = torch.where(keep, target, 0).long()
+        if bool(((y < 0) | (y >= s.shape[1])).any()):
+            bad = target[keep & ((target < 0) | (target >= s.shape[1]))][0].item()
+            raise ValueError(f"target holds class index {bad}, outside [0, {s.shape[1]}) (s's classes) and not "
+                             f"ignore_index ({ignore_index})")
+    g_hard = None
+    if hard:  # alpha (softmax(s) - onehot(y)), the softmax at temperature 1
+        lh = torch.log_softmax(s, -1)
+        loss += alpha * -lh[rows, y]
+        g_hard = lh.exp_()
+        g_hard[rows, y] -= 1.0
+        g_hard.mul_(alpha)
+    ls, lt = _log_softmax_(s.div(T)), _log_softmax_(t.div(T))
+    d, g = _divergence(ls, lt, kind, beta)
+    loss += (soft * T) * d
+    g.mul_(soft)
+    if g_hard is not None:
+        g.add_(g_hard)
+    if keep is not None:
+        g.masked_fill_(~keep[:, None], 0.0)
+        loss.masked_fill_(~keep, 0.0)
+    s.copy_(g)
+    return loss
+
+
+distill_rows = define_op(
+    "distill_rows", "(Tensor(a!) s, Tensor t, Tensor? target, SymInt ignore_index, float temperature, float alpha, "
+    "SymInt divergence, float beta) -> Tensor",
+    {"cpu": _distill_rows_cpu, "cuda": _distill_rows_torch},
+    lambda s, t, target, ignore_index, temperature, alpha, divergence, beta: s.new_empty(s.shape[0]))
