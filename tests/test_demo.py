@@ -54,20 +54,21 @@ def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, **OFFLINE}
     proc = subprocess.run([sys.executable, "-m", "tltorch", "demo", "--quick", "--out", str(out), "--device", "cpu"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stdout = proc.stdout
 
     summary = json.loads((out / "results.json").read_text())
     results = summary["results"]
-    assert [r["recipe"][:3] for r in results] == ["(a)", "(b)", "(c)"]
+    assert [r["recipe"][:3] for r in results[:4]] == ["(a)", "(b)", "(c)", "(d)"]
+    assert results[3]["recipe"] == "(d) ULMFiT: adapt_body (MLM) + fine_tune"
     for r in results:
         # the table row: recipe, accuracy and time as results.json has them
         assert re.search(re.escape(r["recipe"]) + rf"\s+{r['test_accuracy']:.3f}\s+{r['seconds']:.1f} s", stdout), r
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0
         assert r["test_accuracy"] > 0.4, r  # three classes: chance is 1/3
-    acc_a, acc_b, acc_c = (r["test_accuracy"] for r in results)
-    t_a, t_b = results[0]["seconds"], results[1]["seconds"]
+    acc_a, acc_b, acc_c, acc_d = (r["test_accuracy"] for r in results[:4])
+    t_a, t_b, t_c, t_d = (r["seconds"] for r in results[:4])
     # (a) and (b) train the same head on the same features; (b) runs the body once, (a) every epoch
     assert abs(acc_a - acc_b) < 0.15, (acc_a, acc_b)
     assert t_b < t_a, (t_a, t_b)
@@ -105,6 +106,28 @@ def test_demo_quick(tmp_path):
                                    b["attention_mask"])
             hits += int((head.predict(feats) == b["labels"]).sum())
     assert abs(hits / sizes["test"] - acc_c) <= 1.5 / sizes["test"], (hits / sizes["test"], acc_c)
+
+    # (d): adapt_body lowered the held-out masked-LM loss, fine_tune unfroze the groups one by one, and the
+    # verdict against (b) and (c) says what the numbers say
+    ulmfit = summary["ulmfit"]
+    assert ulmfit["unlabelled_reviews"] > summary["sizes"]["train"]
+    assert ulmfit["mlm_val_loss_after"] < ulmfit["mlm_val_loss_before"], ulmfit
+    assert ulmfit["groups"] == ["embeddings", "layers 0-2", "layers 3-5", "head"]
+    epochs = summary["ulmfit_epochs"]
+    assert ulmfit["trainable_groups"] == [min(e + 1, 4) for e in range(epochs)]   # gradual unfreezing
+    assert len(ulmfit["val_accuracy"]) == epochs
+    assert f"(d): masked-LM loss on the {summary['sizes']['val']} validation reviews " \
+           f"{ulmfit['mlm_val_loss_before']:.2f} -> {ulmfit['mlm_val_loss_after']:.2f}" in stdout
+    n_test = summary["sizes"]["test"]
+    verdicts = []
+    for name, acc, t in (("(b)", acc_b, t_b), ("(c)", acc_c, t_c)):
+        two_se = 2 * ((acc_d * (1 - acc_d) + acc * (1 - acc)) / n_test) ** 0.5
+        word = "beat" if acc_d - acc > two_se else "lost to" if acc - acc_d > two_se else "tied with"
+        verdicts.append(f"{word} {name}")
+        assert re.search(rf"{re.escape(word)} {re.escape(name)}[^;]*, at {t_d / t:.1f}x its wall time", stdout), \
+            (name, stdout[-1500:])
+    assert re.search(rf"^\(d\) {re.escape(verdicts[0])}.*; {re.escape(verdicts[1])}", stdout, re.M), stdout[-1500:]
+    assert (out / "ulmfit.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

