@@ -56,6 +56,10 @@ NOTEBOOKS = {nb.name: nb for nb in (
                         rf"\(teacher (?P<teacher>{_NUM})\); KL to the teacher (?P<kl_before>{_NUM}) -> "
                         rf"(?P<kl_after>{_NUM})"),
              {"ppl_before": 0.3, "ppl_after": 0.3, "teacher": 0.3, "kl_before": 0.01, "kl_after": 0.003}),
+    Notebook("dpo",
+             re.compile(rf"summary: held-out reward margin (?P<margin_before>{_NUM}) -> (?P<margin_after>{_NUM}), "
+                        rf"reward accuracy (?P<accuracy>{_NUM}) after (?P<steps>\d+) steps"),
+             {"margin_before": 0.01, "margin_after": 0.2, "accuracy": 0.1}, timeout=300),
 )}
 # the first notebook's, under the names this module has always had
 NOTEBOOK = NOTEBOOKS["quickstart"].path

