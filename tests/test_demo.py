@@ -60,7 +60,7 @@ def test_demo_quick(tmp_path):
 
     summary = json.loads((out / "results.json").read_text())
     results = summary["results"]
-    assert [r["recipe"][:3] for r in results[:4]] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [r["recipe"][:3] for r in results] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     assert results[3]["recipe"] == "(d) ULMFiT: adapt_body (MLM) + fine_tune"
     for r in results:
         # the table row: recipe, accuracy and time as results.json has them
@@ -128,6 +128,14 @@ def test_demo_quick(tmp_path):
             (name, stdout[-1500:])
     assert re.search(rf"^\(d\) {re.escape(verdicts[0])}.*; {re.escape(verdicts[1])}", stdout, re.M), stdout[-1500:]
     assert (out / "ulmfit.png").stat().st_size > 10_000
+
+    # (e): a student with half of (d)'s blocks, distilled from it; its inference times and its own verdict
+    distilled = summary["distilled"]
+    assert distilled["layers"] == 3 and distilled["test_accuracy"] == results[4]["test_accuracy"]
+    assert f"(e): the student (3 of 6 blocks) classified the test set in {distilled['test_set_seconds_student']:.2f} s " \
+           f"against (d)'s {distilled['test_set_seconds_teacher']:.2f} s" in stdout
+    assert re.search(r"^\(e\) (beat|tied with|lost to) \(b\).*; (beat|tied with|lost to) \(c\).*; "
+                     r"(beat|tied with|lost to) \(d\)", stdout, re.M), stdout[-1500:]
 
 
 def _notebook_checks(name, summary, out):

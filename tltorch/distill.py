@@ -90,6 +90,9 @@ def make_student(teacher: nn.Module, num_layers: Optional[int] = None, *, layers
             setattr(config, name, [value[i] for i in kept])
     ref = next((p for p in teacher.parameters() if p.is_floating_point()), None)
     student = type(teacher)(config)
+    for name, child in list(student.named_children()):  # a part the teacher was built without (BertModel's
+        if child is not None and getattr(teacher, name, child) is None:  # pooler, add_pooling_layer=False)
+            setattr(student, name, None)
     if ref is not None:
         student.to(device=ref.device, dtype=ref.dtype)
     where = {old: new for new, old in enumerate(kept)}
