@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fit import History
+from .fit import History, _pyplot
 from .lora import _unwrap
 from .optim import AdamW
 
@@ -448,20 +448,6 @@ class _Restore:
 
 
 # ---- fine_tune -----------------------------------------------------------------------------------------
-
-def _pyplot(who: str, path, title):
-    """matplotlib.pyplot, with a non-interactive backend when the figure goes to a file."""
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be a str or None, not {type(title).__name__}")
-    try:
-        import matplotlib
-        if path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError(f"{who} needs matplotlib: pip install matplotlib") from e
-    return plt
-
 
 class FineTuneHistory(History):
     """fine_tune's records: per epoch "train_loss" (mean over the epoch's batches, weighted by their rows),

@@ -33,6 +33,20 @@ _PLOT = {
 }
 
 
+def _pyplot(who: str, path, title):
+    """matplotlib.pyplot, with a non-interactive backend when the figure goes to a file."""
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None, not {type(title).__name__}")
+    try:
+        import matplotlib
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(f"{who} needs matplotlib: pip install matplotlib") from e
+    return plt
+
+
 class History(dict):
     """Per-epoch records of fit_head: lists under "train_loss", "val_loss", "lr" (at the epoch's end) and
     "time" (seconds since the start), and the task's metric: "train_acc", "val_acc" (classification:
@@ -52,15 +66,7 @@ class History(dict):
         scored after each epoch); with early stopping, the epoch kept. `title` heads the figure (say
         what was trained on what). Saved to `path` when given. Needs matplotlib (an optional
         dependency). Returns the figure."""
-        if title is not None and not isinstance(title, str):
-            raise TypeError(f"title must be a str or None, not {type(title).__name__}")
-        try:
-            import matplotlib
-            if path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("History.plot needs matplotlib: pip install matplotlib") from e
+        plt = _pyplot("History.plot", path, title)
         key, loss_label, metric_title, metric_label, word, examples = _PLOT[self.get("task", "classification")]
         epochs = range(1, len(self["train_loss"]) + 1)
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
