@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import functional
+from ._fuse import fused_activations
 from .cache import FORMAT, CacheError, StaleCacheWarning, _dtype_name, _hash_body, _hash_inputs, _Store
 
 __all__ = ["extract_features", "CacheError", "StaleCacheWarning"]
@@ -59,8 +60,10 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     (LayerNorm, the residual stream) in float32; body's output is taken in float32 (pooled, and returned
     unless dtype says otherwise). A body frozen with
     tltorch.freeze(storage="bfloat16") under bfloat16 autocast reads its stored weights as they are (no
-    cast per batch). On a CPU with AVX512-BF16 and AMX, README's "Which storage" gives the speeds and
-    the features' cosine to float32's (benchmarks/bench_body.py). None (the default): as body is.
+    cast per batch), and, on the CPU, its feed-forward blocks' GELU is applied by oneDNN to the GEMM's
+    float32 sums (one pass, before rounding; tltorch/_fuse.py). On a CPU with AVX512-BF16 and AMX,
+    README's "Which storage" gives the speeds and the features' cosine to float32's
+    (benchmarks/bench_body.py). None (the default): as body is.
     progress: show a tqdm progress bar in rows per second (renders in notebooks too).
 
     cache: a directory. Features are written there in chunks as they are computed (each to a temporary
@@ -162,7 +165,10 @@ def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype,
     data_digest = hashlib.blake2b(digest_size=16)
     dim = None
     n = 0
+    fused = contextlib.ExitStack()  # FrozenLinear + GELU as one oneDNN call (tltorch/_fuse.py)
     try:
+        if device.type == "cpu":
+            fused.enter_context(fused_activations(body))
         for i, batch in enumerate(batches):
             n = i + 1
             inputs, label = _split(batch)
@@ -199,6 +205,7 @@ def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype,
             store.flush_quietly()
         raise
     finally:
+        fused.close()
         for m, flag in flags:
             m.training = flag
         bar.close()
