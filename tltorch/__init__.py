@@ -32,6 +32,7 @@ except ImportError as _err:  # a compiled module that exists but fails to load s
 from . import functional, losses, nn, ops, optim
 from .adapt import adapt_body
 from .distill import distill, make_student
+from ._heap import reuse_memory
 from .extract import extract_features
 from .finetune import fine_tune, freeze_to, layer_groups, lr_find, param_groups
 from .fit import History, fit_head
@@ -44,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = ["backend_info", "functional", "losses", "nn", "optim", "freeze", "fit_head", "History", "__version__", "LoraConfig", "add_lora", "disable_lora",
            "merge_lora", "save_adapter", "load_adapter", "trainable_parameters",
            "extract_features", "fine_tune", "layer_groups", "freeze_to", "lr_find", "param_groups", "distill",
-           "make_student", "adapt_body"]
+           "make_student", "adapt_body", "reuse_memory"]
 
 
 def backend_info() -> dict:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import functional
 from ._fuse import fused_activations
+from ._heap import reuse_memory
 from .cache import FORMAT, CacheError, StaleCacheWarning, _dtype_name, _hash_body, _hash_inputs, _Store
 
 __all__ = ["extract_features", "CacheError", "StaleCacheWarning"]
@@ -61,7 +62,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     unless dtype says otherwise). A body frozen with
     tltorch.freeze(storage="bfloat16") under bfloat16 autocast reads its stored weights as they are (no
     cast per batch), and, on the CPU, its feed-forward blocks' GELU is applied by oneDNN to the GEMM's
-    float32 sums (one pass, before rounding; tltorch/_fuse.py). On a CPU with AVX512-BF16 and AMX,
+    float32 sums (one pass, before rounding; tltorch/_fuse.py); and the CPU run reuses the memory
+    each batch frees (tltorch.reuse_memory). On a CPU with AVX512-BF16 and AMX,
     README's "Which storage" gives the speeds and the features' cosine to float32's
     (benchmarks/bench_body.py). None (the default): as body is.
     progress: show a tqdm progress bar in rows per second (renders in notebooks too).
@@ -165,10 +167,13 @@ def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype,
     data_digest = hashlib.blake2b(digest_size=16)
     dim = None
     n = 0
-    fused = contextlib.ExitStack()  # FrozenLinear + GELU as one oneDNN call (tltorch/_fuse.py)
+    # on the CPU: FrozenLinear + GELU as one oneDNN call (tltorch/_fuse.py), and each batch's activations
+    # in the memory the last batch freed, not in freshly mapped pages (tltorch/_heap.py)
+    fused = contextlib.ExitStack()
     try:
         if device.type == "cpu":
             fused.enter_context(fused_activations(body))
+            fused.enter_context(reuse_memory())
         for i, batch in enumerate(batches):
             n = i + 1
             inputs, label = _split(batch)
