@@ -15,7 +15,7 @@
  *     f = 0;  for each g:  acc = sum_k q w (int32, exact);  f = fma(a_s, acc * w_s, f);  f = fma(-u, v, f)
  *     y = f + bias
  * which the AMX path (tdpbusd: 32 x 32 outputs, 64 k at a time, in four 16 x 16 int32 tiles), the
- * AVX512-VNNI path (vpdpbusd: uint8 x int8 in fours into int32; 6 x 32 outputs) and the portable path
+ * AVX512-VNNI path (vpdpbusd: uint8 x int8 in fours into int32; 4 x 32 outputs) and the portable path
  * all follow, so their results are bitwise equal, and equal for any thread count (each output is one
  * tile's). acc * w_s is exact in its conversion to float32 for G <= 512 (|acc| <= 255 * 127 * G < 2^24).
  * A row whose group holds a NaN or an infinity gives NaN outputs (its scale is NaN).
@@ -65,7 +65,7 @@
 #endif
 
 #define NR TL_INT8_NR /* columns of a sliver: two zmm of int32, or two AMX tiles */
-#define MR 6          /* rows of a VNNI or portable tile */
+#define MR 4          /* rows of a VNNI or portable tile: 8 int32 sums and 8 outputs in zmm (with 6, GCC spills) */
 #define MB 32         /* rows of an AMX block (two tiles); the workspace's rows are padded to it */
 #define NV (NR / 16)
 #define HEADER 64     /* bytes before the slivers */
@@ -431,10 +431,65 @@ epilogue(__m512 *f, const __m512i *acc, const __m512 *wv, const __m512 *vv, floa
         f[j] = _mm512_fnmadd_ps(su, vv[j], _mm512_fmadd_ps(sa, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[j]), wv[j]), f[j]));
 }
 
+/* One k step of 4 for the tile's rows: acc[r] += a[r][k..k+3] . b (vpdpbusd). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
+vnni_step(__m512i acc[MR][NV], const uint8_t *const ar[MR], int64_t ko, const uint8_t *b)
+{
+    __m512i bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) bv[j] = _mm512_loadu_si512(b + 64 * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++) {
+        int32_t aw;
+        memcpy(&aw, ar[r] + ko, 4);
+        const __m512i av = _mm512_set1_epi32(aw);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
+    }
+}
+
+/* The tile's groups, f += each one's epilogue. Every group but the last is G bytes (G is a multiple of the
+ * padding unit); its first len (a constant: 64, 32 or 4) go unrolled, with no loop carrying the int32
+ * sums, which GCC would otherwise copy between registers at every step; the rest step by step. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
+vnni_groups(const layout *L, const uint8_t *const ar[MR], const float *const asr[MR], const float *const ur[MR],
+            const uint8_t *bp, __m512 f[MR][NV], const int64_t len)
+{
+    const float *ws = (const float *)(bp + NR * L->kpad), *v = ws + NR * L->groups;
+    const int64_t G = L->G, last = L->groups - 1;
+    for (int64_t g = 0; g <= last; g++) {
+        const int64_t kp0 = g * G, end = g < last ? kp0 + G : L->kpad;
+        __m512i acc[MR][NV];
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++) acc[r][j] = _mm512_setzero_si512();
+        int64_t kp = kp0;
+        if (kp + len <= end) {
+            const int64_t ko = qa_off(L, kp);
+            const uint8_t *b = bp + kp * NR;
+#pragma GCC unroll 16
+            for (int64_t i = 0; i < len; i += 4) {
+                _mm_prefetch((const char *)(b + i * NR + 8 * 4 * NR), _MM_HINT_T0);
+                vnni_step(acc, ar, ko + i, b + i * NR);
+            }
+            kp += len;
+        }
+        for (; kp < end; kp += 4) vnni_step(acc, ar, qa_off(L, kp), bp + kp * NR);
+        __m512 wv[NV], vv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            wv[j] = _mm512_loadu_ps(ws + g * NR + 16 * j);
+            vv[j] = _mm512_loadu_ps(v + g * NR + 16 * j);
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) epilogue(f[r], acc[r], wv, vv, asr[r][g], ur[r][g]);
+    }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
 tile_vnni(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp, float tile[][NR])
 {
-    const float *ws = (const float *)(bp + NR * L->kpad), *v = ws + NR * L->groups;
     const uint8_t *ar[MR];
     const float *asr[MR], *ur[MR];
 #pragma GCC unroll 8
@@ -449,39 +504,13 @@ tile_vnni(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) f[r][j] = _mm512_setzero_ps();
-    const uint8_t *b = bp;
-    int64_t kp = 0;
-    for (int64_t g = 0; g < L->groups; g++) {
-        const int64_t end = kp + group_pad(L, g);
-        __m512i acc[MR][NV];
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++)
-#pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) acc[r][j] = _mm512_setzero_si512();
-        for (; kp < end; kp += 4, b += 4 * NR) {
-            const int64_t ko = qa_off(L, kp);
-            __m512i bv[NV];
-#pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) bv[j] = _mm512_loadu_si512(b + 64 * j);
-            _mm_prefetch((const char *)(b + 8 * 4 * NR), _MM_HINT_T0);
-#pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) {
-                int32_t aw;
-                memcpy(&aw, ar[r] + ko, 4);
-                const __m512i av = _mm512_set1_epi32(aw);
-#pragma GCC unroll 4
-                for (int j = 0; j < NV; j++) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
-            }
-        }
-        __m512 wv[NV], vv[NV];
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) {
-            wv[j] = _mm512_loadu_ps(ws + g * NR + 16 * j);
-            vv[j] = _mm512_loadu_ps(v + g * NR + 16 * j);
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) epilogue(f[r], acc[r], wv, vv, asr[r][g], ur[r][g]);
-    }
+    /* len: 64 within one 64-byte row of the AMX layout */
+    if (L->G % 64 == 0)
+        vnni_groups(L, ar, asr, ur, bp, f, 64);
+    else if (L->G >= 32)
+        vnni_groups(L, ar, asr, ur, bp, f, 32);
+    else
+        vnni_groups(L, ar, asr, ur, bp, f, 4);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
