@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tltorch
+import tltorch._fuse as fuse
 import tltorch.extract as extract_mod
 from tltorch import ops
 from tltorch._fuse import _source_pairs, fused_activations
@@ -204,13 +205,55 @@ def _data():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
-def test_extract_fused_against_unfused(bert, storage, monkeypatch):
-    body = tltorch.freeze(copy.deepcopy(bert), storage=storage)
-    before = [(n, type(m)) for n, m in body.named_modules()]
+@pytest.fixture
+def always_fuse(monkeypatch):
+    """Fuse from the first call at any size (the default waits for a shape to recur; see below)."""
+    monkeypatch.setattr(fuse, "FUSE_AFTER", 0)
+    monkeypatch.setattr(fuse, "FUSE_MIN_OUTPUTS", 0)
+
+
+def _spy(monkeypatch):
     calls = []
     real = ops.frozen.bf16_linear_act
-    monkeypatch.setattr(ops.frozen, "bf16_linear_act", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops.frozen, "bf16_linear_act", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    return calls
+
+
+def test_fuses_recurring_shapes_only(monkeypatch):
+    """oneDNN compiles a primitive per new shape (12-60 ms with the GELU post-op): a shape is fused from
+    its FUSE_AFTER-th repeat on, and only at FUSE_MIN_OUTPUTS outputs a call."""
+    monkeypatch.setattr(fuse, "FUSE_MIN_OUTPUTS", 20 * 40)
+    calls = _spy(monkeypatch)
+    model = tltorch.freeze(nn.Sequential(_Block(nn.GELU())), storage="bfloat16")
+    xs = {m: torch.randn(m, 12, dtype=torch.bfloat16) for m in (40, 41, 39)}
+    with torch.inference_mode(), fused_activations(model):
+        outs = [model(xs[m]) for m in (40, 41, 40, 39, 40, 40, 40)]
+    with torch.inference_mode():
+        plain = [model(xs[m]) for m in (40, 41, 40, 39, 40, 40, 40)]
+    assert calls == ([40, 40] if NATIVE else [])  # the 4th and 5th calls with 40 rows; 39 is too few outputs
+    for y, p in zip(outs, plain):
+        assert y.shape == p.shape and (y.double() - p.double()).abs().max() <= 2 ** -6 * p.abs().max()
+    with torch.inference_mode(), fused_activations(model):  # counted across blocks, per layer
+        model(xs[40])
+    assert calls == ([40, 40, 40] if NATIVE else [])
+
+
+def test_reads_source_only_where_a_pair_can_be(bert, monkeypatch):
+    read = []
+    real = fuse.inspect.getsource
+    monkeypatch.setattr(fuse.inspect, "getsource", lambda c: read.append(c.__name__) or real(c))
+    fuse._source_pairs.cache_clear()
+    body = tltorch.freeze(copy.deepcopy(bert), storage="bfloat16")
+    with fused_activations(body) as n:
+        assert n == 2
+    assert read == ["BertIntermediate"]  # not BertModel and its PreTrainedModel (a 6,000-line file)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_extract_fused_against_unfused(bert, storage, monkeypatch, always_fuse):
+    body = tltorch.freeze(copy.deepcopy(bert), storage=storage)
+    before = [(n, type(m)) for n, m in body.named_modules()]
+    calls = _spy(monkeypatch)
     fused = tltorch.extract_features(body, _data(), pooling="mean", compute_dtype=torch.bfloat16,
                                      progress=False)
     assert [(n, type(m)) for n, m in body.named_modules()] == before
