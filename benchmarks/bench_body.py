@@ -19,8 +19,6 @@ the masked mean of last_hidden_state over the real tokens, in float32. Candidate
                         casts x as nn.Linear does and reads its bf16 weight as it is
   tltorch int8 extract  the same with the int8-frozen body: its weights expanded to bf16 per call
                         (one pass over the int8 bytes) for the bf16 GEMM where the CPU has AVX512-BF16
-  bf16 extract unfused  tltorch bf16 extract with each feed-forward block's GELU as its own pass, not
-                        applied by oneDNN to the GEMM's float32 sums (tltorch/_fuse.py)
 Each prints rows/s, its speed against torch fp32 and torch bf16, and the smallest cosine similarity of
 its features to torch fp32's. --profile NAME...: torch.profiler tables of those candidates on 4 batches
 (no NAME: tltorch bf16).
@@ -51,7 +49,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 import tltorch  # noqa: E402
-import tltorch.extract as tl_extract  # noqa: E402
 from tltorch import _C, demo  # noqa: E402
 from tltorch.nn import FrozenLinear  # noqa: E402
 
@@ -95,19 +92,7 @@ def candidates(body):
     for name, m in (("tltorch bf16 extract", bf16), ("tltorch int8 extract", bodies["tltorch int8"][0])):
         out[name] = (partial(tltorch.extract_features, m, pooling="mean", compute_dtype=torch.bfloat16,
                              progress=False), m, none)
-    out["bf16 extract unfused"] = (partial(unfused_extract, bf16), bf16, none)
     return out
-
-
-def unfused_extract(body, batches):
-    """tltorch bf16 extract with its FrozenLinear + GELU pairs left as two calls (tltorch/_fuse.py)."""
-    saved = tl_extract.fused_activations
-    tl_extract.fused_activations = lambda b: contextlib.nullcontext(0)
-    try:
-        return tltorch.extract_features(body, batches, pooling="mean", compute_dtype=torch.bfloat16,
-                                        progress=False)
-    finally:
-        tl_extract.fused_activations = saved
 
 
 def run_body(args):

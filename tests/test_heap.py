@@ -17,8 +17,10 @@ import tltorch._heap as heap
 import tltorch.extract as extract_mod
 
 GLIBC = heap._libc() is not None
-# AddressSanitizer's allocator replaces malloc (and keeps freed memory in its quarantine)
-MALLOC = pytest.mark.skipif(not GLIBC or os.environ.get("TLTORCH_SANITIZED") == "1", reason="glibc's malloc only")
+# AddressSanitizer's allocator replaces malloc (and keeps freed memory in its quarantine); a user's own
+# malloc settings or allocator turn reuse_memory off
+MALLOC = pytest.mark.skipif(not GLIBC or heap._configured() or os.environ.get("TLTORCH_SANITIZED") == "1",
+                            reason="glibc's malloc, as it comes, only")
 
 _LOOP = textwrap.dedent("""
     import resource, sys, torch
@@ -53,8 +55,9 @@ def test_reuse_removes_page_faults():
     """)
     pages = (48 << 20) // 4096
     assert ok == "True"
-    assert int(plain) >= 4 * pages  # mapped afresh, most iterations
-    assert int(reused) < pages  # reused: not one tensor's worth of new pages in eight
+    if int(plain) < 2 * pages:  # transparent huge pages: a fault maps 2 MB, and fresh memory is cheap
+        pytest.skip(f"{plain} faults for eight fresh 48 MB tensors: not a fault per 4 KB page here")
+    assert int(reused) * 4 <= int(plain)  # reused: a fraction of the faults (here 0-2% of them)
 
 
 @MALLOC
@@ -71,12 +74,27 @@ def test_memory_handed_back_after():
     assert after <= before + 64  # trimmed on the way out
 
 
-def test_nested_and_no_glibc(monkeypatch):
+@MALLOC
+def test_nested():
     with tltorch.reuse_memory() as a:
         with tltorch.reuse_memory() as b:
             assert heap._depth == 2
-        assert heap._depth == 1 and a == b
+        assert heap._depth == 1 and a is b is True
     assert heap._depth == 0
+
+
+@pytest.mark.parametrize("env", [("MALLOC_TRIM_THRESHOLD_", "1000000"), ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+                                 ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+def test_leaves_configured_malloc_alone(env, monkeypatch):
+    monkeypatch.setenv(*env)
+    calls = []
+    monkeypatch.setattr(heap, "_libc", lambda: (lambda *a: calls.append(a) or 1, lambda n: 0))
+    with tltorch.reuse_memory() as ok:
+        assert ok is False
+    assert calls == []
+
+
+def test_no_glibc(monkeypatch):
     monkeypatch.setattr(heap, "_libc", lambda: None)
     with tltorch.reuse_memory() as ok:
         assert ok is False

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import functional
-from ._fuse import fused_activations
 from ._heap import reuse_memory
 from .cache import FORMAT, CacheError, StaleCacheWarning, _dtype_name, _hash_body, _hash_inputs, _Store
 
@@ -61,9 +60,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     (LayerNorm, the residual stream) in float32; body's output is taken in float32 (pooled, and returned
     unless dtype says otherwise). A body frozen with
     tltorch.freeze(storage="bfloat16") under bfloat16 autocast reads its stored weights as they are (no
-    cast per batch), and, on the CPU, its feed-forward blocks' GELU is applied by oneDNN to the GEMM's
-    float32 sums (one pass, before rounding; tltorch/_fuse.py); and the CPU run reuses the memory
-    each batch frees (tltorch.reuse_memory). On a CPU with AVX512-BF16 and AMX,
+    cast per batch). On the CPU the run reuses the memory each batch frees (tltorch.reuse_memory).
+    On a CPU with AVX512-BF16 and AMX,
     README's "Which storage" gives the speeds and the features' cosine to float32's
     (benchmarks/bench_body.py). None (the default): as body is.
     progress: show a tqdm progress bar in rows per second (renders in notebooks too).
@@ -167,13 +165,12 @@ def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype,
     data_digest = hashlib.blake2b(digest_size=16)
     dim = None
     n = 0
-    # on the CPU: FrozenLinear + GELU as one oneDNN call (tltorch/_fuse.py), and each batch's activations
-    # in the memory the last batch freed, not in freshly mapped pages (tltorch/_heap.py)
-    fused = contextlib.ExitStack()
+    # on the CPU each batch's activations go into the memory the last batch freed, not into freshly mapped
+    # pages (tltorch/_heap.py)
+    memory = contextlib.ExitStack()
     try:
         if device.type == "cpu":
-            fused.enter_context(fused_activations(body))
-            fused.enter_context(reuse_memory())
+            memory.enter_context(reuse_memory())
         for i, batch in enumerate(batches):
             n = i + 1
             inputs, label = _split(batch)
@@ -210,7 +207,7 @@ def _extract(body, batches, total, store, device, pooling, dtype, compute_dtype,
             store.flush_quietly()
         raise
     finally:
-        fused.close()
+        memory.close()
         for m, flag in flags:
             m.training = flag
         bar.close()

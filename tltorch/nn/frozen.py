@@ -159,8 +159,7 @@ class FrozenLinear(nn.Module):
             state_dict[prefix + "weight_scale"] = s[:, None].expand(self.weight_scale.shape).contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _input(self, x: Tensor) -> Tensor:
-        """x checked, and cast as nn.Linear's would be under autocast."""
+    def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -173,23 +172,8 @@ class FrozenLinear(nn.Module):
         if x.dtype is torch.float32 and torch.is_autocast_enabled(x.device.type) and \
                 torch.get_autocast_dtype(x.device.type) in (torch.bfloat16, self.weight.dtype):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # as nn.Linear under autocast
-        return x
-
-    def _onednn_weight(self, x: Tensor) -> Optional[Tensor]:
-        """The bfloat16 weight oneDNN's GEMM multiplies x (already cast) by, where the layer's call runs
-        that way (bfloat16 x on a CPU with AVX512-BF16; bfloat16 storage, or int8 with activations="int8",
-        expanded per call), else None."""
-        if x.dtype is not torch.bfloat16 or x.device.type != "cpu" or not ops.frozen.bf16_native():
-            return None
-        if self.storage == "bfloat16":
-            return self.weight
-        if self._uses_int8_kernel(x):
-            return ops.dequant(self.weight, self.weight_scale, torch.bfloat16, self.group)
-        return None
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._input(x)
-        if self._uses_int8_kernel(x) and (w := self._onednn_weight(x)) is not None:
+        if self._uses_int8_kernel(x) and x.dtype is torch.bfloat16 and ops.frozen.bf16_native():
+            w = ops.dequant(self.weight, self.weight_scale, torch.bfloat16, self.group)
             return ops.frozen_linear(x, w, None, self.bias)
         if self._uses_int8_kernel(x):
             packed, g = self._packed(), self._x_group()
@@ -202,21 +186,6 @@ class FrozenLinear(nn.Module):
         if x.dim() == 1:
             return ops.frozen_linear(x.unsqueeze(0), w, s, self.bias).squeeze(0)
         return ops.frozen_linear(x, w, s, self.bias)
-
-    def forward_act(self, x: Tensor, act: str, approximate: str = "none") -> Optional[Tensor]:
-        """act(x W^T + b) with the activation ("gelu", approximate "none" or "tanh"; "relu") applied by
-        oneDNN to the GEMM's float32 sums before they are rounded, where this call runs oneDNN's bfloat16
-        GEMM (see _onednn_weight) and no gradient is wanted; else None (the caller then applies its
-        activation to forward(x)). One pass over the output instead of two, and the activation of the
-        unrounded sums (inference: tltorch.extract_features)."""
-        x = self._input(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
-        w = self._onednn_weight(x)
-        if w is None:
-            return None
-        y = ops.frozen.bf16_linear_act(x.reshape(-1, self.in_features), w, self.bias, act, approximate)
-        return None if y is None else y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def set_weight(self, weight: Tensor, scale: Optional[Tensor] = None) -> None:

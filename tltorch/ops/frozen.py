@@ -99,26 +99,6 @@ def _bf16_linear(a, weight, bias):
     return F.linear(a, weight, b)
 
 
-_ONEDNN_ACTS = {("gelu", "none"), ("gelu", "tanh"), ("relu", "none")}
-
-
-def bf16_linear_act(a, weight, bias, act: str, approximate: str = "none") -> Optional[Tensor]:
-    """act(a W^T + bias) for bfloat16 a (n, in) and W (out, in), the activation applied by oneDNN to the
-    float32 sums as its post-op (GELU exact or tanh-approximated, ReLU), the output rounded once; None
-    where this torch has no oneDNN linear. Inference only (no autograd formula)."""
-    if (act, approximate) not in _ONEDNN_ACTS:
-        raise ValueError(f"act must be 'gelu' (approximate 'none' or 'tanh') or 'relu', got {act!r}, "
-                         f"{approximate!r}")
-    fused = _onednn_linear()
-    if fused is None or not weight.is_contiguous():
-        return None
-    if a.shape[0] == 0 or a.shape[1] == 0:
-        y = F.linear(a, weight, None if bias is None else bias.to(torch.bfloat16))
-        return F.gelu(y, approximate=approximate) if act == "gelu" else F.relu(y)
-    b = None if bias is None else bias.to(torch.bfloat16)
-    return fused(a, weight, b, act, [], approximate if act == "gelu" else "")
-
-
 def _qgemm_cpu(a, weight, scale, bias, forward):
     if a.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and bf16_native():
         return _bf16_linear(a, weight, bias) if forward else torch.mm(a, weight)  # oneDNN's (AMX) GEMM
