@@ -39,18 +39,10 @@ spin(long rounds, int *sink)
             c9 = _mm512_set1_epi32(9), c10 = _mm512_set1_epi32(10), c11 = _mm512_set1_epi32(11);
     for (long r = 0; r < rounds; r++)
         for (int it = 0; it < ITERS; it++) {
-            c0 = _mm512_dpbusd_epi32(c0, a, b);
-            c1 = _mm512_dpbusd_epi32(c1, a, b);
-            c2 = _mm512_dpbusd_epi32(c2, a, b);
-            c3 = _mm512_dpbusd_epi32(c3, a, b);
-            c4 = _mm512_dpbusd_epi32(c4, a, b);
-            c5 = _mm512_dpbusd_epi32(c5, a, b);
-            c6 = _mm512_dpbusd_epi32(c6, a, b);
-            c7 = _mm512_dpbusd_epi32(c7, a, b);
-            c8 = _mm512_dpbusd_epi32(c8, a, b);
-            c9 = _mm512_dpbusd_epi32(c9, a, b);
-            c10 = _mm512_dpbusd_epi32(c10, a, b);
-            c11 = _mm512_dpbusd_epi32(c11, a, b);
+#define STEP(c) c = _mm512_dpbusd_epi32(c, a, b)
+            STEP(c0); STEP(c1); STEP(c2); STEP(c3); STEP(c4); STEP(c5);
+            STEP(c6); STEP(c7); STEP(c8); STEP(c9); STEP(c10); STEP(c11);
+#undef STEP
             /* in registers, and not folded across iterations */
             __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5));
             __asm__ volatile("" : "+v"(c6), "+v"(c7), "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11));

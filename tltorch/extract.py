@@ -60,10 +60,9 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
     (LayerNorm, the residual stream) in float32; body's output is taken in float32 (pooled, and returned
     unless dtype says otherwise). A body frozen with
     tltorch.freeze(storage="bfloat16") under bfloat16 autocast reads its stored weights as they are (no
-    cast per batch). On the CPU the run reuses the memory each batch frees (tltorch.reuse_memory).
-    On a CPU with AVX512-BF16 and AMX,
-    README's "Which storage" gives the speeds and the features' cosine to float32's
-    (benchmarks/bench_body.py). None (the default): as body is.
+    cast per batch). On a CPU with AVX512-BF16 and AMX, README's "Which storage" gives the speeds and
+    the features' cosine to float32's (benchmarks/bench_body.py). None (the default): as body is.
+    On the CPU every run reuses the memory each batch frees (tltorch.reuse_memory).
     progress: show a tqdm progress bar in rows per second (renders in notebooks too).
 
     cache: a directory. Features are written there in chunks as they are computed (each to a temporary
