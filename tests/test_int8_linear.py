@@ -174,6 +174,30 @@ def test_int8_linear_thread_count_does_not_change_bits(dtype, gen):
                        run(x, packed, None, torch.empty(M, 20, dtype=dtype), group, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("y_layout", ["contig", "offset"])
+def test_int8_linear_large_output_is_streamed_with_the_same_bits(dtype, y_layout, gen):
+    """Outputs of 4 MB and more go out with streaming stores where a row's run of 16 is aligned (else
+    ordinary ones): the same values as the same rows computed in small calls, for any thread count."""
+    M, K, N, group = 1100, 70, 1000 if dtype == torch.float32 else 2000, 32
+    w, w_scale = make_weight(N, K, group, True, gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen)
+    packed = pack(w, w_scale, group)
+    small = torch.cat([run(x[i:i + 100], packed, bias, torch.empty(min(100, M - i), N, dtype=dtype), group)
+                       for i in range(0, M, 100)])
+    for nthreads in (1, 2):
+        if y_layout == "contig":
+            y = torch.full((M, N), float("nan"), dtype=dtype)
+        else:  # rows 3 elements off a line: each row's runs unaligned, some rows partly aligned
+            y = torch.full((M, N + 5), float("nan"), dtype=dtype)[:, 3:3 + N]
+        assert y.numel() * y.element_size() >= 4 << 20
+        run(x, packed, bias, y, group, nthreads)
+        assert torch.equal(y, small)
+    assert max_rel(small.float(), ref_int8_linear(x, w, w_scale, group, bias)) <= (
+        TOL32 if dtype == torch.float32 else 2 ** -8)
+
+
 # ---- every ISA path: bitwise equal -----------------------------------------------------------------
 
 # Runs in a subprocess with TLTORCH_CPU_ISA set; saves its outputs for the parent to compare bitwise.

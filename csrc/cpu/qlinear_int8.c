@@ -3,7 +3,7 @@
  *     y[m, n] = sum_g a_s[m, g] * w_s[g, n] * (sum_{k in g} q[m, k] w[n, k] - zp[m, g] * wsum[g, n]) + bias[n]
  *
  * K is cut into groups g of G consecutive inputs (the last may be shorter), each zero-padded to a multiple
- * of 64 bytes when G is one (an AMX tile's row), else of 4. The weight W (N x K) is int8 with a float32
+ * of 64 bytes when G is one of 64, of 32 when G is one of 32 (an AMX tile's row), else of 4. The weight W (N x K) is int8 with a float32
  * scale per output channel and group w_s[g, n] (a per-channel scale is the same in every group), packed
  * once (tl_int8_pack_cpu) into slivers of NR = 32 columns: for each 4 consecutive (padded) k the 4 bytes
  * of each column (the VNNI/AMX operand layout: a 16-column half of 16 such rows is an AMX tile), then
@@ -14,7 +14,7 @@
  * with u[m, g] = a_s[m, g] * zp[m, g]. Then, per output, in this order of float32 operations:
  *     f = 0;  for each g:  acc = sum_k q w (int32, exact);  f = fma(a_s, acc * w_s, f);  f = fma(-u, v, f)
  *     y = f + bias
- * which the AMX path (tdpbusd: 32 x 32 outputs, 64 k at a time, in four 16 x 16 int32 tiles), the
+ * which the AMX path (tdpbusd: 32 x 32 outputs, 64 or 32 k at a time, in four 16 x 16 int32 tiles), the
  * AVX512-VNNI path (vpdpbusd: uint8 x int8 in fours into int32; 4 x 32 outputs) and the portable path
  * all follow, so their results are bitwise equal, and equal for any thread count (each output is one
  * tile's). acc * w_s is exact in its conversion to float32 for G <= 512 (|acc| <= 255 * 127 * G < 2^24).
@@ -40,7 +40,15 @@
  * then their scales, read by every thread. Rows go in chunks of ~256 KB of A, each multiplied against
  * all of a thread's B slivers while the thread quantises its share of the next chunk between slivers,
  * so that reading x (float, often from DRAM: on a busy 2-core VM a float32 row read costs as much as
- * its AMX products) overlaps the tile products.
+ * its AMX products) overlaps the tile products. An output of NT_BYTES or more is written with streaming
+ * stores (whole lines, no read of them first, not kept in the caches): 4096 x 768 -> 3072 in float32,
+ * AMX, one thread, took 54 ms with ordinary stores and 29 ms streamed.
+ *
+ * What bounds the AMX path: per group each 32 x 32 block stores its four int32 tiles (4 KB) and converts
+ * and scales them in vectors (4 operations a 16 outputs), and the tile stores do not overlap the vector
+ * work (in L1, one thread: the epilogue alone 55 ns a block and group, tile stores and epilogue 97-118,
+ * products, stores and epilogue 86-93; groups of 32 so run at ~0.9 of the VNNI ceiling at best, groups
+ * of 64 at about twice that). Phases that keep f in registers over 2 or 4 groups ran slower (123-143 ns).
  *
  * AMX (Sapphire Rapids on): the process asks Linux for the tile state once (arch_prctl); where that is
  * refused, or TLTORCH_CPU_ISA is avx512, avx2 or portable, the VNNI or portable path runs instead.
@@ -71,10 +79,12 @@
 #define HEADER 64     /* bytes before the slivers */
 #define MAGIC 0x38494c54 /* "TLI8" */
 #define A_BLOCK_BYTES (256 << 10)
-#define AMX_MIN_K 768    /* shorter rows go to VNNI (see tl_int8_linear_cpu) */
+#define AMX_MIN_ROWS 24 /* fewer rows go to VNNI (see tl_int8_linear_cpu) */
+#define NT_BYTES (4 << 20) /* outputs this large are streamed past the caches */
 
 typedef struct {
     int64_t N, K, G, groups, unit, kpad; /* unit: each group's padding; kpad: K with every group padded */
+    int sh;                              /* log2(unit) for the tiled layouts (unit 32 or 64), else 0 */
     int64_t sliver;                      /* bytes of one packed sliver (NR columns) */
 } layout;
 
@@ -97,7 +107,8 @@ layout_of(int64_t N, int64_t K, int64_t G)
     L.N = N;
     L.K = K;
     L.G = G;
-    L.unit = G % 64 == 0 ? 64 : 4;
+    L.unit = G % 64 == 0 ? 64 : G % 32 == 0 ? 32 : 4;
+    L.sh = L.unit == 64 ? 6 : L.unit == 32 ? 5 : 0;
     L.groups = K > 0 ? (K + G - 1) / G : 0;
     L.kpad = L.groups ? (L.groups - 1) * G + group_pad(&L, L.groups - 1) : 0;
     L.sliver = NR * L.kpad + 8 * NR * L.groups;
@@ -249,9 +260,9 @@ tl_int8_pack_cpu(const tl_tensor *w, const tl_tensor *w_scale, int64_t group, tl
 /* ---- quantising x ------------------------------------------------------------------------------- */
 
 /* The workspace: the rows of x quantised, kpad bytes each (padding: zeros), M_pad of them (rows past M:
- * zeros), then a_s[M_pad][groups] and u[M_pad][groups]. With groups padded to 64 bytes the rows are
- * stored in blocks of 16, each block's k in 64-byte chunks of its 16 rows: an AMX tile (1 KB) each, read
- * whole; else row after row. */
+ * zeros), then a_s[M_pad][groups] and u[M_pad][groups]. With groups padded to 64 or 32 bytes the rows
+ * are stored in blocks of 16, each block's k in chunks of that many bytes of its 16 rows: an AMX tile
+ * (1 KB or 512 bytes) each, read whole; else row after row. */
 typedef struct {
     uint8_t *q;
     float *as, *u;
@@ -272,7 +283,8 @@ arows_of(void *ws, const layout *L, int64_t M)
 static inline uint8_t *
 qa(const arows *A, const layout *L, int64_t m, int64_t k)
 {
-    if (L->unit == 64) return A->q + (m >> 4) * 16 * L->kpad + (k >> 6) * 1024 + (m & 15) * 64 + (k & 63);
+    if (L->sh)
+        return A->q + (m >> 4) * 16 * L->kpad + ((k >> L->sh) << (L->sh + 4)) + (m & 15) * L->unit + (k & (L->unit - 1));
     return A->q + m * L->kpad + k;
 }
 
@@ -280,7 +292,7 @@ qa(const arows *A, const layout *L, int64_t m, int64_t k)
 static inline int64_t
 qa_off(const layout *L, int64_t k)
 {
-    return L->unit == 64 ? ((k >> 6) << 10) + (k & 63) : k;
+    return L->sh ? ((k >> L->sh) << (L->sh + 4)) + (k & (L->unit - 1)) : k;
 }
 
 /* The scale and zero point of a group whose extremes (with 0) are lo <= 0 <= hi; bad: it held a NaN or
@@ -300,6 +312,18 @@ group_params(float lo, float hi, int bad, float *a_s, int32_t *zp)
     *zp = (int32_t)(z < 0 ? 0 : z > 255 ? 255 : z);
     *a_s = s;
     return inv;
+}
+
+/* Zeros over bytes [from, to) of row m's padded k (one group's padding), in either layout. */
+static void
+zero_run(const arows *A, const layout *L, int64_t m, int64_t from, int64_t to)
+{
+    while (from < to) {
+        const int64_t run = L->sh ? L->unit - (from & (L->unit - 1)) : to - from;
+        const int64_t n = run < to - from ? run : to - from;
+        memset(qa(A, L, m, from), 0, (size_t)n);
+        from += n;
+    }
 }
 
 static inline uint8_t
@@ -334,7 +358,7 @@ quant_row_scalar(const tl_tensor *x, int64_t m, const layout *L, const arows *A)
             const float v = tl_load_f(xd + (m * s0 + (k0 + i) * s1) * es, 0, x->dtype);
             *qa(A, L, m, kp + i) = bad ? 0 : quant1(v, inv, zp);
         }
-        for (int64_t i = len; i < group_pad(L, g); i++) *qa(A, L, m, kp + i) = 0;
+        zero_run(A, L, m, kp + len, kp + group_pad(L, g));
         kp += group_pad(L, g);
     }
 }
@@ -380,11 +404,11 @@ quant_row_avx512(const void *row, int bf16, int64_t m, const layout *L, const ar
             __m512i qv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), vzp);
             qv = _mm512_min_epi32(_mm512_max_epi32(qv, z), top);
             if (bad) qv = z;
-            _mm_storeu_si128((__m128i *)qa(A, L, m, kp + i),
-                             _mm_maskz_mov_epi8(n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1), _mm512_cvtepi32_epi8(qv)));
+            /* n bytes only: with groups padded to 4, 16 could run into the next row's (another thread's) */
+            _mm_mask_storeu_epi8(qa(A, L, m, kp + i), n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1),
+                                 _mm512_cvtepi32_epi8(qv));
         }
-        for (int64_t i = (len + 15) & ~(int64_t)15; i < group_pad(L, g); i += 16)
-            memset(qa(A, L, m, kp + i), 0, 16);
+        zero_run(A, L, m, kp + len, kp + group_pad(L, g));
         kp += group_pad(L, g);
     }
 }
@@ -504,7 +528,7 @@ tile_vnni(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) f[r][j] = _mm512_setzero_ps();
-    /* len: 64 within one 64-byte row of the AMX layout */
+    /* len: 64 or 32 within one row of a tile of the AMX layouts */
     if (L->G % 64 == 0)
         vnni_groups(L, ar, asr, ur, bp, f, 64);
     else if (L->G >= 32)
@@ -519,7 +543,8 @@ tile_vnni(const layout *L, const arows *A, int64_t m0, int mn, const uint8_t *bp
 #endif
 
 #ifdef TL_AMX
-/* The tile registers' shapes: 16 rows of 64 bytes each (palette 1). */
+/* The tile registers' shapes (palette 1): C tiles 0-3 16 x 16 int32; A tiles 4-5 16 rows of unit bytes,
+ * B tiles 6-7 unit / 4 rows of 64 bytes (16 columns' 4 bytes), unit 64 or 32. */
 typedef struct {
     uint8_t palette, start;
     uint8_t reserved[14];
@@ -528,13 +553,14 @@ typedef struct {
 } amx_config;
 
 /* A constant: GCC drops stores to a local configuration that only ldtilecfg reads. */
-static const amx_config amx_tiles __attribute__((aligned(64))) = {
-    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+static const amx_config amx_tiles[2] __attribute__((aligned(64))) = {
+    {.palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}},
+    {.palette = 1, .colsb = {64, 64, 64, 64, 32, 32, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 8, 8}}};
 
 __attribute__((target("amx-tile"))) static void
-amx_begin(void)
+amx_begin(int64_t unit)
 {
-    _tile_loadconfig(&amx_tiles);
+    _tile_loadconfig(&amx_tiles[unit == 32]);
 }
 
 __attribute__((target("amx-tile"))) static void
@@ -547,16 +573,16 @@ amx_end(void)
  * the block's four 16 x 16 quarters, 4-5 its two 16-row halves of A, 6-7 the sliver's two 16-column
  * halves of B. */
 __attribute__((target("amx-tile,amx-int8"), always_inline)) static inline void
-amx_group(const uint8_t *a0, const uint8_t *a1, const uint8_t *bp, int64_t kp, int64_t end)
+amx_group(const uint8_t *a0, const uint8_t *a1, const uint8_t *bp, int64_t kp, int64_t end, int64_t unit)
 {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (; kp < end; kp += 64) {
+    for (; kp < end; kp += unit) {
         const uint8_t *b = bp + kp * NR;
-        _tile_loadd(4, a0 + kp * 16, 64);
-        _tile_loadd(5, a1 + kp * 16, 64);
+        _tile_loadd(4, a0 + kp * 16, unit);
+        _tile_loadd(5, a1 + kp * 16, unit);
         _tile_loadd(6, b, 4 * NR);
         _tile_loadd(7, b + 64, 4 * NR);
         _tile_dpbusd(0, 4, 6);
@@ -585,11 +611,11 @@ tile_amx(const layout *L, const arows *A, int64_t m0, const uint8_t *bp, float t
     const float *as = A->as + m0 * L->groups, *u = A->u + m0 * L->groups;
     int32_t c[2][MB][NR] __attribute__((aligned(64)));
     int64_t kp = group_pad(L, 0);
-    amx_group(a0, a1, bp, 0, kp);
+    amx_group(a0, a1, bp, 0, kp, L->unit);
     amx_store(c[0]);
     for (int64_t g = 0; g < L->groups; g++) {
         const int more = g + 1 < L->groups;
-        if (more) amx_group(a0, a1, bp, kp, kp + group_pad(L, g + 1));
+        if (more) amx_group(a0, a1, bp, kp, kp + group_pad(L, g + 1), L->unit);
         __m512 wv[NV], vv[NV];
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) {
@@ -632,7 +658,7 @@ to_bf16(__m512 x)
 
 /* y rows of a tile with unit column stride, float32 or bfloat16: tile + bias, nn <= NR columns. */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void
-store_avx512(float tile[][NR], const float *bias, char *y, int64_t ys0, int bf16, int mn, int nn)
+store_avx512(float tile[][NR], const float *bias, char *y, int64_t ys0, int bf16, int mn, int nn, int nt)
 {
     for (int j = 0; j < NV; j++) {
         const int n = nn - 16 * j;
@@ -641,10 +667,16 @@ store_avx512(float tile[][NR], const float *bias, char *y, int64_t ys0, int bf16
         const __m512 b = _mm512_loadu_ps(bias + 16 * j);
         for (int r = 0; r < mn; r++) {
             const __m512 o = _mm512_add_ps(_mm512_loadu_ps(&tile[r][16 * j]), b);
-            if (bf16)
-                _mm256_mask_storeu_epi16(y + (r * ys0 + 16 * j) * 2, m, to_bf16(o));
+            char *p = y + (r * ys0 + 16 * j) * (bf16 ? 2 : 4);
+            if (nt && n >= 16 && !((uintptr_t)p & (bf16 ? 31 : 63))) { /* whole lines, past the caches */
+                if (bf16)
+                    _mm256_stream_si256((__m256i *)p, to_bf16(o));
+                else
+                    _mm512_stream_ps((float *)p, o);
+            } else if (bf16)
+                _mm256_mask_storeu_epi16(p, m, to_bf16(o));
             else
-                _mm512_mask_storeu_ps(y + (r * ys0 + 16 * j) * 4, m, o);
+                _mm512_mask_storeu_ps(p, m, o);
         }
     }
 }
@@ -656,7 +688,7 @@ quant_rows(const tl_tensor *x, const layout *L, const arows *A, int64_t m0, int6
 {
     for (int64_t m = m0; m < m1; m++) {
         if (m >= M) {
-            for (int64_t k = 0; k < L->kpad; k += L->unit) memset(qa(A, L, m, k), 0, (size_t)L->unit);
+            zero_run(A, L, m, 0, L->kpad);
             if (L->groups) { /* K = 0: no groups, and no scale arrays to clear (their pointers may be NULL) */
                 memset(A->as + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
                 memset(A->u + m * L->groups, 0, sizeof(float) * (size_t)L->groups);
@@ -702,13 +734,14 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
 
     const uint8_t *bbase = (const uint8_t *)packed->data + HEADER;
     const arows A = arows_of(ws->data, &L, M);
-    /* AMX where K is long enough: at K = 384 its tile stores and loads around each group cost more than
-     * VNNI's whole tile (4096 x 384 -> 384, groups of 64, 1 thread: 10.8 ms against VNNI's 9.2), from
-     * K = 768 on it wins (4096 x 768 -> 3072: 81 ms against 91; 3072 -> 768: 71 against 100) */
-    const int vnni = has_vnni(), amx = vnni && L.unit == 64 && L.kpad >= AMX_MIN_K && has_amx();
+    /* AMX for groups of 32 or 64 (or their multiples) from 24 rows: with the output streamed it wins at every
+     * K (4096 x 384 -> 384, one thread: groups of 64 2.7 ms against VNNI's 3.1-3.7, of 32 4.1-4.6 against
+     * 4.6-4.9); below 24 rows its blocks of 32 are mostly padding (16 x 384 -> 1536: 0.09 ms against 0.07). */
+    const int vnni = has_vnni(), amx = vnni && L.sh && M >= AMX_MIN_ROWS && has_amx();
     const int fast_x = vnni && (x->dtype == TL_FLOAT32 || x->dtype == TL_BFLOAT16) && (x->strides[1] == 1 || K <= 1);
     const int fast_y = vnni && (y->dtype == TL_FLOAT32 || y->dtype == TL_BFLOAT16) && (y->strides[1] == 1 || N == 1);
     const int mr = amx ? MB : MR;
+    const int nt_y = fast_y && (double)M * N * (double)tl_dtype_size(y->dtype) >= NT_BYTES;
     const int64_t mpad = (M + MB - 1) / MB * MB, nsl_b = (N + NR - 1) / NR;
     const int64_t row_bytes = L.kpad + 8 * L.groups;
     /* Chunks of rows (a multiple of both tiles' heights, ~A_BLOCK_BYTES of A), each read against all of a
@@ -741,7 +774,7 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
             quant_rows(x, &L, &A, q0, q1, M, fast_x);
         }
 #ifdef TL_AMX
-        if (amx) amx_begin();
+        if (amx) amx_begin(L.unit);
 #endif
         for (int64_t c = 0; c < nch; c++) {
             if (nth > 1) tl_barrier_wait(&bar, nth); /* chunk c quantised */
@@ -785,7 +818,7 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
                     char *yd = (char *)y->data + (m0 * y->strides[0] + js * NR * y->strides[1]) * es;
 #ifdef TL_X86
                     if (fast_y) {
-                        store_avx512(tile, bvec, yd, y->strides[0], y->dtype == TL_BFLOAT16, mn, nn);
+                        store_avx512(tile, bvec, yd, y->strides[0], y->dtype == TL_BFLOAT16, mn, nn, nt_y);
                         continue;
                     }
 #endif
@@ -802,6 +835,9 @@ tl_int8_linear_cpu(const tl_tensor *x, const tl_tensor *packed, const tl_tensor 
             qnext = qend;
         }
 #undef SHARE
+#ifdef TL_X86
+        if (nt_y) _mm_sfence(); /* the streamed lines seen by the threads (and the caller) after */
+#endif
 #ifdef TL_AMX
         if (amx) amx_end();
 #endif
