@@ -73,6 +73,9 @@ int64_t tl_numel(const tl_tensor *t);
 
 /* The instruction set the CPU kernels dispatch to on this machine: "avx512", "avx2" or "portable". */
 const char *tl_cpu_isa(void);
+/* The micro-kernel bfloat16 GEMMs take here: "avx512_bf16" (the AVX512-BF16 dot product, where it outruns
+ * the float32 FMA; TLTORCH_BF16_DOT=1/0 decides instead) or that of tl_cpu_isa (widened to float32). */
+const char *tl_gemm_bf16_isa(void);
 /* Threads a kernel uses when asked for nthreads <= 0 (OpenMP's default, OMP_NUM_THREADS). */
 int tl_cpu_default_threads(void);
 

@@ -380,23 +380,40 @@ a, b = mk(300, 400, torch.float32, False), mk(400, 200, torch.float32, True)
 c1, c2 = torch.empty(300, 200), torch.empty(300, 200)
 _C.gemm(a, b, c1, None, None, 1.0, 0.0, 1)
 _C.gemm(a, b, c2, None, None, 1.0, 0.0, 2)
-print(json.dumps({"isa": _C.cpu_isa(), "cases": cases, "threads_equal": bool(torch.equal(c1, c2))}))
+print(json.dumps({"isa": _C.cpu_isa(), "bf16": _C.bf16_gemm_isa(), "cases": cases,
+                  "threads_equal": bool(torch.equal(c1, c2))}))
 """
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def _has_avx512_bf16():
+    return sys.platform == "linux" and _C.cpu_isa() == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read()
+
+
+# "avx512_bf16" / "avx512_widen": the native AVX-512 level with bfloat16 GEMMs forced onto the dot-product
+# micro-kernel or widened to float32 (TLTORCH_BF16_DOT; by default a measurement picks one of them)
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512_bf16", "avx512_widen"])
 def test_gemm_each_simd_path(isa):
     native = _C.cpu_isa()
     if isa == "avx2" and native == "portable":
         pytest.skip("this CPU has no AVX2/FMA")
+    if isa.startswith("avx512") and not _has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
     # the rule off: 2 threads even on a busy machine, so that "threads_equal" compares 1 with 2
-    env = dict(os.environ, TLTORCH_CPU_ISA=isa, OMP_NUM_THREADS="2", TLTORCH_THREADS_LOAD="off")
-    seed = {"portable": 11, "avx2": 12}[isa]
+    env = dict(os.environ, OMP_NUM_THREADS="2", TLTORCH_THREADS_LOAD="off")
+    env.pop("TLTORCH_CPU_ISA", None)
+    env.pop("TLTORCH_BF16_DOT", None)
+    if isa.startswith("avx512"):
+        env["TLTORCH_BF16_DOT"] = "1" if isa == "avx512_bf16" else "0"
+    else:
+        env["TLTORCH_CPU_ISA"] = isa
+    seed = {"portable": 11, "avx2": 12, "avx512_bf16": 13, "avx512_widen": 14}[isa]
     proc = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(seed)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["isa"] == isa, f"TLTORCH_CPU_ISA={isa} but cpu_isa() reports {report['isa']}"
+    want = "avx512" if isa.startswith("avx512") else isa
+    assert report["isa"] == want, f"{isa}: cpu_isa() reports {report['isa']}"
+    assert report["bf16"] == ("avx512_bf16" if isa == "avx512_bf16" else want), report["bf16"]
     tol = {str(d): TOL[d] for d in DTYPES}
     bad = [c for c in report["cases"] if not c[4] <= tol[c[0]]]
     assert not bad, f"{isa}: cases over tolerance: {bad[:5]}"

@@ -318,8 +318,9 @@ def test_linear_device_mismatch_names_argument():
 
 def test_backend_info():
     info = tltorch.backend_info()
-    assert set(info) == {"version", "cuda_built", "cuda_available", "device_name", "cpu_isa",
+    assert set(info) == {"version", "cuda_built", "cuda_available", "device_name", "cpu_isa", "bf16_gemm",
                          "int8_isa", "bf16_linear", "num_threads"}
+    assert info["bf16_gemm"] in ("avx512_bf16", info["cpu_isa"])
     assert info["int8_isa"] in ("amx", "avx512vnni", "portable")
     assert info["bf16_linear"] in ("onednn", "tltorch")
     assert info["version"] == tltorch.__version__ and isinstance(info["version"], str)

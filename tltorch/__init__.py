@@ -53,7 +53,9 @@ def backend_info() -> dict:
 
     version, cuda_built (tltorch._cuda imports), cuda_available (built and a GPU is visible),
     device_name (the current CUDA device, or None), cpu_isa (the SIMD path of the CPU kernels:
-    avx512, avx2 or portable), int8_isa (the int8 frozen kernel's: amx, avx512vnni or portable),
+    avx512, avx2 or portable), bf16_gemm (the micro-kernel tltorch's GEMMs run on bfloat16 operands:
+    avx512_bf16, the AVX512-BF16 dot product, where it outruns the float32 FMA, else the float32 one on
+    operands widened as they are packed), int8_isa (the int8 frozen kernel's: amx, avx512vnni or portable),
     bf16_linear (what a bfloat16 FrozenLinear runs on bfloat16 x: "onednn" where the CPU has AVX512-BF16,
     else "tltorch"), num_threads (the CPU threads kernels use: torch.get_num_threads()).
     """
@@ -75,6 +77,7 @@ def backend_info() -> dict:
         "cuda_available": available,
         "device_name": name,
         "cpu_isa": _C.cpu_isa(),
+        "bf16_gemm": _C.bf16_gemm_isa(),
         "int8_isa": _C.int8_isa(),
         "bf16_linear": "onednn" if ops.frozen.bf16_native() else "tltorch",
         "num_threads": torch.get_num_threads(),

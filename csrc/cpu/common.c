@@ -86,8 +86,8 @@ clock_ns(clockid_t id)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static int64_t
-now_ns(void)
+int64_t
+tl_now_ns(void)
 {
     return clock_ns(CLOCK_MONOTONIC);
 }
@@ -211,7 +211,7 @@ tl_threads_for(int nthreads, double flops)
     if (n > 256) n = 256;
 #ifdef __linux__
     if (n <= 1 || flops >= TL_LOAD_BIG_FLOPS) return n;
-    const int64_t now = now_ns();
+    const int64_t now = tl_now_ns();
     if (now >= atomic_load_explicit(&load.next, memory_order_relaxed) && !pthread_mutex_trylock(&load.mu)) {
         if (now >= atomic_load(&load.next)) load_measure(now);
         pthread_mutex_unlock(&load.mu);
@@ -276,11 +276,11 @@ tl_barrier_wait(tl_barrier *b, int nth)
         pthread_mutex_unlock(&b->mu);
         return;
     }
-    const int64_t t0 = now_ns();
+    const int64_t t0 = tl_now_ns();
     for (int i = 1;; i++) {
         if (atomic_load_explicit(&b->gen, memory_order_acquire) != gen) return;
         cpu_relax();
-        if (i % 64 == 0 && now_ns() - t0 > TL_BARRIER_SPIN_NS) break;
+        if (i % 64 == 0 && tl_now_ns() - t0 > TL_BARRIER_SPIN_NS) break;
     }
     pthread_mutex_lock(&b->mu);
     while (atomic_load_explicit(&b->gen, memory_order_acquire) == gen) pthread_cond_wait(&b->cv, &b->mu);

@@ -110,6 +110,8 @@ tl_store_f(void *p, int64_t i, tl_dtype dt, float v)
  * the CPU supports, capped by TLTORCH_CPU_ISA=avx2|portable (for tests), read once: the first call
  * (made by the Python module at import, with the GIL held) fixes it for the process. */
 int tl_cpu_level(void);
+/* CLOCK_MONOTONIC in nanoseconds (-1 if unavailable). */
+int64_t tl_now_ns(void);
 
 /* Check a CPU tensor of `ndim` dims whose data pointer must be usable when it is not empty. */
 tl_status tl_check_cpu(const tl_tensor *t, int ndim);

@@ -131,6 +131,58 @@ const isa_desc tl_isa_avx512 = {12, 32, ukernel_avx512, "avx512", 0};
 const isa_desc tl_isa_avx512_bf16 = {12, 32, ukernel_avx512_bf16, "avx512_bf16", 1};
 #endif
 
+#ifdef TL_X86
+/* The best of 5 runs of 12 independent chains of 2000 dot products (dot) or float32 FMAs, in ns. */
+__attribute__((target("avx512f,avx512bf16"))) static int64_t
+time_chains(int dot)
+{
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = a; /* pairs of 1.0 */
+    const __m512 x = _mm512_set1_ps(1.0f), y = _mm512_set1_ps(1e-7f);
+    __m512 acc[12];
+    for (int j = 0; j < 12; j++) acc[j] = _mm512_setzero_ps();
+    int64_t best = -1;
+    for (int rep = 0; rep < 5; rep++) {
+        const int64_t t0 = tl_now_ns();
+        for (int i = 0; i < 2000; i++)
+#pragma GCC unroll 12
+            for (int j = 0; j < 12; j++) acc[j] = dot ? _mm512_dpbf16_ps(acc[j], a, b) : _mm512_fmadd_ps(acc[j], x, y);
+        const int64_t t = tl_now_ns() - t0;
+        if (t0 >= 0 && t > 0 && (best < 0 || t < best)) best = t;
+    }
+    float sink[16];
+    for (int j = 1; j < 12; j++) acc[0] = _mm512_add_ps(acc[0], acc[j]);
+    _mm512_storeu_ps(sink, acc[0]);
+    __asm__ volatile("" : : "r"(sink) : "memory");
+    return best;
+}
+
+/* Whether bfloat16 GEMMs take the AVX512-BF16 dot product (vdpbf16ps: 32 multiply-adds an instruction
+ * from pairs along k) or widen to float32 in packing for the FMA kernel (16 an instruction): the dot
+ * product where it runs at least 1.25x the FMA's multiply-adds a ns, as measured once (~0.5 ms); on a
+ * Xeon with AMX here it ran at half the FMA's rate (cpu_peak: 107 against 215 GFLOP/s a core), on
+ * CPUs that issue it as fast as an FMA it is twice the rate. TLTORCH_BF16_DOT=1 or 0 decides instead
+ * (read at each call). */
+static int
+bf16_dot(void)
+{
+    const char *e = getenv("TLTORCH_BF16_DOT");
+    if (e && (e[0] == '0' || e[0] == '1') && !e[1]) return e[0] == '1';
+    static int v = -1;
+    int r = __atomic_load_n(&v, __ATOMIC_ACQUIRE);
+    if (r < 0) {
+        /* each twice, alternating, so that neither runs only while the core raises its clock */
+        int64_t td = time_chains(1), tf = time_chains(0);
+        const int64_t td2 = time_chains(1), tf2 = time_chains(0);
+        td = td2 > 0 && (td < 0 || td2 < td) ? td2 : td;
+        tf = tf2 > 0 && (tf < 0 || tf2 < tf) ? tf2 : tf;
+        /* 32 / td >= 1.25 * 16 / tf */
+        r = td > 0 && tf > 0 && 32.0 * (double)tf >= 1.25 * 16.0 * (double)td;
+        __atomic_store_n(&v, r, __ATOMIC_RELEASE);
+    }
+    return r;
+}
+#endif
+
 /* The GEMM's micro-kernel for a dtype on this CPU (tl_cpu_level: its SIMD level, capped by
  * TLTORCH_CPU_ISA). */
 const isa_desc *
@@ -138,13 +190,20 @@ tl_gemm_isa(tl_dtype dtype)
 {
 #ifdef TL_X86
     const int level = tl_cpu_level();
-    /* bfloat16 inputs go straight to the dot-product instructions; float16 ones are widened to
-     * float32 in packing (rounding them to bfloat16 would lose 3 bits). */
-    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16")) return &tl_isa_avx512_bf16;
+    /* bfloat16 inputs go to the dot-product instructions where they are fast (bf16_dot), else widened
+     * to float32 in packing as float16 ones always are (rounding those to bfloat16 would lose 3 bits). */
+    if (level >= 2 && dtype == TL_BFLOAT16 && __builtin_cpu_supports("avx512bf16") && bf16_dot())
+        return &tl_isa_avx512_bf16;
     if (level >= 2) return &tl_isa_avx512;
     if (level >= 1) return &tl_isa_avx2;
 #else
     (void)dtype;
 #endif
     return &tl_isa_portable;
+}
+
+const char *
+tl_gemm_bf16_isa(void)
+{
+    return tl_gemm_isa(TL_BFLOAT16)->name;
 }

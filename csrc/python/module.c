@@ -71,6 +71,12 @@ py_cpu_isa(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
+py_bf16_gemm_isa(PyObject *mod, PyObject *unused)
+{
+    return PyUnicode_FromString(tl_gemm_bf16_isa());
+}
+
+static PyObject *
 py_int8_isa(PyObject *mod, PyObject *unused)
 {
     return PyUnicode_FromString(tl_int8_isa());
@@ -125,6 +131,8 @@ static PyMethodDef methods[] = {
     {"describe", py_describe, METH_O, "describe(obj): the tensor as the DLPack bridge reads it."},
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use here."},
     {"int8_isa", py_int8_isa, METH_NOARGS, "The instruction set the int8 linear layer uses here."},
+    {"bf16_gemm_isa", py_bf16_gemm_isa, METH_NOARGS,
+     "The GEMM micro-kernel bfloat16 operands take here: avx512_bf16 (dot products) or widened to float32."},
     {"int8_bytes", (PyCFunction)(void (*)(void))py_int8_bytes, METH_FASTCALL,
      "int8_bytes(rows, K, group, packed): bytes of the int8 layer's packed weight (packed true; rows = out "
      "features) or of its workspace for rows of x."},
