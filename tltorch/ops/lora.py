@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _C
 from ._define import define_op
 from ._device import allow_tf32, cublas_ready, cublas_workspace, cuda_module, rows
+from .frozen import bf16_native
 from .linear import gemm, linear_backward
 
 
@@ -62,7 +63,23 @@ def _forward_buffers(x, b, p):
     return x2, y, su, _workspace(0, x2, b, p)
 
 
+def _onednn_bf16(x, weight, bias, a):
+    """x, weight, adapter (and bias) all in bfloat16 on a CPU where torch multiplies bfloat16 natively
+    (oneDNN, on AMX where present): there torch's GEMMs run the layer, base and rank-r products alike,
+    4-10x faster than tltorch's AVX-512 kernels (benchmarks/RESULTS.md), with the dropout mask and the
+    ops' structure (su kept, no mask stored) tltorch's."""
+    bf = torch.bfloat16
+    return (x.dtype is bf and weight.dtype is bf and a.dtype is bf and (bias is None or bias.dtype is bf)
+            and bf16_native())
+
+
 def _lora_forward_cpu(x, weight, bias, a, b, scale, p, seed):
+    if _onednn_bf16(x, weight, bias, a):
+        x2 = rows(x)
+        y = torch.nn.functional.linear(x2, weight, bias)
+        su = torch.mm(_update_inputs(x2, a, p, seed), a.t()).mul_(scale)  # s dropout(x) A^T
+        y.addmm_(su, b.t())
+        return y.view(*x.shape[:-1], weight.shape[0]), (su,)
     x2, y, su, ws = _forward_buffers(x, b, p)
     _C.lora_forward(x2, weight, bias, a, b, scale, p, _seed_value(seed), y, su, ws, torch.get_num_threads())
     return y.view(*x.shape[:-1], weight.shape[0]), (su,)
@@ -97,7 +114,28 @@ def _backward_result(x, a, b, dx, da, db):
     return dx, da, db
 
 
+def _lora_backward_onednn(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b):
+    """_lora_backward_cpu's work in torch's bfloat16 GEMMs (_onednn_bf16)."""
+    g, x2 = rows(grad), rows(x)
+    dx = da = db = None
+    gsu = torch.mm(g, b) if need_x or need_a else None  # dL/d(su) = g B
+    if need_x:
+        dx = torch.mm(g, weight)
+        if p > 0:
+            dx += dropout(torch.mm(gsu, a).mul_(scale), p, _seed_value(seed))
+        else:
+            dx.addmm_(gsu, a, alpha=scale)  # dx += s (g B) A
+        dx = dx.view(x.shape)
+    if need_a:
+        da = torch.mm(gsu.t(), _update_inputs(x2, a, p, seed)).mul_(scale)  # s (g B)^T dropout(x)
+    if need_b:
+        db = torch.mm(g.t(), su)  # g^T su
+    return dx, da, db
+
+
 def _lora_backward_cpu(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b):
+    if _onednn_bf16(x, weight, None, a):
+        return _lora_backward_onednn(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b)
     x2 = rows(x)
     dx, da, db = _backward_buffers(x2, a, b, need_x, need_a, need_b)
     if dx is None and da is None and db is None:
