@@ -2,6 +2,7 @@
 float16 or int8 weight). The layer against a float64 reference of the weight it stores; gradients; merge and
 unmerge (exact restore of the stored weight); adapters moving between a compact body and PEFT on the float32
 model. Tiny models from configs: no downloads."""
+import contextlib
 import copy
 
 import pytest
@@ -132,6 +133,29 @@ def test_dropout_applies_to_the_adapter_only():
     # dropout(x) scales kept inputs by 1/(1-p): on average the update is the eval one
     assert abs(tr.mean().item() - ev.mean().item()) < 0.5 * ev.abs().mean().item()
 
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_dropout_gradients_use_the_forward_mask(autocast):
+    """Training with dropout: x's and the adapter's gradients against float64 autograd through the same
+    mask (drawn again from the seed the layer drew), in float32 and under bfloat16 autocast."""
+    lin = compact_layer("int8")
+    layer = LoRALinear(lin.base, r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False).train()
+    x = torch.randn(64, 37, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    torch.manual_seed(7)
+    with (torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()):
+        y = layer(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8))
+    y.float().backward(gy)
+    torch.manual_seed(7)
+    mask = tltorch.ops.dropout(torch.ones(64, 37), 0.5, int(tltorch.ops.next_dropout_seed())).double()
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    w, b = layer.base.dequantized_weight(torch.float64), layer.base.bias.double()
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+    (x64 @ w.T + b + layer.scaling * ((x64 * mask) @ a64.T) @ b64.T).backward(gy.double())
+    tol = 3e-2 if autocast else 1e-5
+    for got, want in ((x.grad, x64.grad), (layer.lora_A.grad, a64.grad), (layer.lora_B.grad, b64.grad)):
+        assert got.dtype == torch.float32 and rel(got, want) < tol
 
 def bert():
     transformers = pytest.importorskip("transformers")
