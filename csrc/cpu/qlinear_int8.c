@@ -3,10 +3,11 @@
  *     y[m, n] = sum_g a_s[m, g] * w_s[g, n] * (sum_{k in g} q[m, k] w[n, k] - zp[m, g] * wsum[g, n]) + bias[n]
  *
  * K is cut into groups g of G consecutive inputs (the last may be shorter), each zero-padded to a multiple
- * of 64 bytes when G is one of 64, of 32 when G is one of 32 (an AMX tile's row), else of 4. The weight W (N x K) is int8 with a float32
- * scale per output channel and group w_s[g, n] (a per-channel scale is the same in every group), packed
- * once (tl_int8_pack_cpu) into slivers of NR = 32 columns: for each 4 consecutive (padded) k the 4 bytes
- * of each column (the VNNI/AMX operand layout: a 16-column half of 16 such rows is an AMX tile), then
+ * of 64 bytes when G is one of 64, of 32 when G is one of 32 (an AMX tile's row), else of 4. The weight W
+ * (N x K) is int8 with a float32 scale per output channel and group w_s[g, n] (a per-channel scale is the
+ * same in every group), packed once (tl_int8_pack_cpu) into slivers of NR = 32 columns: for each 4
+ * consecutive (padded) k the 4 bytes of each column (the VNNI/AMX operand layout: a 16-column half of 16
+ * (or 8) such rows is an AMX tile), then
  * per group the sliver's scales and v[g, n] = w_s[g, n] * wsum[g, n], wsum the group's sum of the
  * column's int8 weights. Each call quantises x per row and group to uint8, asymmetrically (GELU outputs are
  * one-sided): lo = min(0, min x), hi = max(0, max x), a_s = (hi - lo) / 255, zp = rint(-lo / a_s),
@@ -284,7 +285,8 @@ static inline uint8_t *
 qa(const arows *A, const layout *L, int64_t m, int64_t k)
 {
     if (L->sh)
-        return A->q + (m >> 4) * 16 * L->kpad + ((k >> L->sh) << (L->sh + 4)) + (m & 15) * L->unit + (k & (L->unit - 1));
+        return A->q + (m >> 4) * 16 * L->kpad + ((k >> L->sh) << (L->sh + 4)) + (m & 15) * L->unit +
+               (k & (L->unit - 1));
     return A->q + m * L->kpad + k;
 }
 
