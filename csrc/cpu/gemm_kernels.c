@@ -171,10 +171,12 @@ bf16_dot(void)
     int r = __atomic_load_n(&v, __ATOMIC_ACQUIRE);
     if (r < 0) {
         /* each twice, alternating, so that neither runs only while the core raises its clock */
-        int64_t td = time_chains(1), tf = time_chains(0);
-        const int64_t td2 = time_chains(1), tf2 = time_chains(0);
-        td = td2 > 0 && (td < 0 || td2 < td) ? td2 : td;
-        tf = tf2 > 0 && (tf < 0 || tf2 < tf) ? tf2 : tf;
+        int64_t t[2] = {-1, -1}; /* [dot, fma] */
+        for (int i = 0; i < 4; i++) {
+            const int64_t ti = time_chains(!(i & 1));
+            if (ti > 0 && (t[i & 1] < 0 || ti < t[i & 1])) t[i & 1] = ti;
+        }
+        const int64_t td = t[0], tf = t[1];
         /* 32 / td >= 1.25 * 16 / tf */
         r = td > 0 && tf > 0 && 32.0 * (double)tf >= 1.25 * 16.0 * (double)td;
         __atomic_store_n(&v, r, __ATOMIC_RELEASE);

@@ -77,8 +77,7 @@ def _lora_forward_cpu(x, weight, bias, a, b, scale, p, seed):
     if _onednn_bf16(x, weight, bias, a):
         x2 = rows(x)
         y = torch.nn.functional.linear(x2, weight, bias)
-        su = torch.mm(_update_inputs(x2, a, p, seed), a.t()).mul_(scale)  # s dropout(x) A^T
-        y.addmm_(su, b.t())
+        su = _adapter_forward(y, _update_inputs(x2, a, p, seed), a, b, scale)
         return y.view(*x.shape[:-1], weight.shape[0]), (su,)
     x2, y, su, ws = _forward_buffers(x, b, p)
     _C.lora_forward(x2, weight, bias, a, b, scale, p, _seed_value(seed), y, su, ws, torch.get_num_threads())
@@ -115,22 +114,12 @@ def _backward_result(x, a, b, dx, da, db):
 
 
 def _lora_backward_onednn(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b):
-    """_lora_backward_cpu's work in torch's bfloat16 GEMMs (_onednn_bf16)."""
-    g, x2 = rows(grad), rows(x)
-    dx = da = db = None
-    gsu = torch.mm(g, b) if need_x or need_a else None  # dL/d(su) = g B
-    if need_x:
-        dx = torch.mm(g, weight)
-        if p > 0:
-            dx += dropout(torch.mm(gsu, a).mul_(scale), p, _seed_value(seed))
-        else:
-            dx.addmm_(gsu, a, alpha=scale)  # dx += s (g B) A
-        dx = dx.view(x.shape)
-    if need_a:
-        da = torch.mm(gsu.t(), _update_inputs(x2, a, p, seed)).mul_(scale)  # s (g B)^T dropout(x)
-    if need_b:
-        db = torch.mm(g.t(), su)  # g^T su
-    return dx, da, db
+    """_lora_backward_cpu's work in torch's bfloat16 GEMMs (_onednn_bf16): dx's base part by torch, the
+    adapter's by the same helper as lora_update's."""
+    g = rows(grad)
+    dx = torch.mm(g, weight) if need_x else None
+    dx, da, db = _adapter_backward(g, rows(x), a, b, su, scale, p, seed, need_x, need_a, need_b, dx)
+    return (None if dx is None else dx.view(x.shape)), da, db
 
 
 def _lora_backward_cpu(grad, x, weight, a, b, su, scale, p, seed, need_x, need_a, need_b):
@@ -202,8 +191,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b:
 
 # ---- lora_update: out = y + s * dropout(x) A^T B^T, the adapter over a base computed elsewhere ------------
 # For a base tltorch's fused kernel cannot read (a compact FrozenLinear: int8 or bfloat16 weight, run by its own
-# kernel): the base's output y plus the low-rank update, in the adapter's dtype, through tltorch's GEMMs (which
-# read transposed operands in place; torch's CPU matmul was ~80x slower on some of these transposes).
+# kernel): the base's output y plus the low-rank update, in the adapter's dtype, through _mm.
 # su = s * dropout(x) A^T (tokens x r) is kept for backward; the dropout mask is recomputed from the seed.
 
 def _update_inputs(x, a, p, seed):
@@ -211,22 +199,49 @@ def _update_inputs(x, a, p, seed):
     return dropout(x2, p, _seed_value(seed)) if p > 0 else x2
 
 
-def _torch_bf16(t):
-    """The adapter in bfloat16 on a CPU where torch's bfloat16 GEMMs are native (oneDNN, AMX): its rank-r
-    products then go to torch's GEMMs, 4-10x faster than tltorch's there (see _onednn_bf16)."""
-    return t.dtype is torch.bfloat16 and t.device.type == "cpu" and bf16_native()
+def _mm(a, b, c, alpha, beta, trans):
+    """c = alpha op(a) op(b) + beta c in place (trans 0: as they are, 1: a^T, 2: b^T), by tltorch's GEMM (which
+    reads transposed operands in place; torch's CPU matmul was ~80x slower on some of these transposes in
+    float32), or by torch's where c is bfloat16 on a CPU that multiplies bfloat16 natively (oneDNN, on AMX
+    where present: 4-10x tltorch's GEMM on the rank-r products there, benchmarks/RESULTS.md)."""
+    if c.dtype is torch.bfloat16 and c.device.type == "cpu" and bf16_native():
+        c.addmm_(a.t() if trans == 1 else a, b.t() if trans == 2 else b, beta=beta, alpha=alpha)
+    else:
+        gemm(a, b, c, None, alpha, beta, trans)
+    return c
+
+
+def _adapter_forward(out, xd, a, b, scale):
+    """out += s xd A^T B^T in place (out in a's dtype, xd = dropout(x) in rows); returns su = s xd A^T."""
+    su = _mm(xd, a, torch.empty(xd.shape[0], a.shape[0], dtype=a.dtype, device=xd.device), scale, 0.0, 2)
+    _mm(su, b, out, 1.0, 1.0, 2)
+    return su
+
+
+def _adapter_backward(g, x, a, b, su, scale, p, seed, need_x, need_a, need_b, dx=None):
+    """The adapter's gradients from g (rows, in a's dtype): x's part (added into dx where given, in a's
+    dtype), dA and dB, each None unless needed."""
+    dev = g.device
+    da = db = None
+    if need_x or need_a:
+        gsu = _mm(g, b, torch.empty(g.shape[0], a.shape[0], dtype=a.dtype, device=dev), 1.0, 0.0, 0)  # g B
+        if need_a:  # s (g B)^T dropout(x)
+            da = _mm(gsu, _update_inputs(x, a, p, seed), torch.empty(a.shape, dtype=a.dtype, device=dev),
+                     scale, 0.0, 1)
+        if need_x and dx is not None and p == 0:
+            _mm(gsu, a, dx, scale, 1.0, 0)  # dx += s (g B) A
+        elif need_x:  # s (g B) A, then through dropout's mask
+            part = _mm(gsu, a, torch.empty(g.shape[0], a.shape[1], dtype=a.dtype, device=dev), scale, 0.0, 0)
+            part = dropout(part, p, _seed_value(seed)) if p > 0 else part
+            dx = part if dx is None else dx.add_(part)
+    if need_b:  # g^T su
+        db = _mm(g, su, torch.empty(b.shape, dtype=b.dtype, device=dev), 1.0, 0.0, 1)
+    return (dx if need_x else None), da, db
 
 
 def _lora_update(y, x, a, b, scale, p, seed):
-    xd = _update_inputs(x, a, p, seed)
-    if _torch_bf16(a):
-        su = torch.mm(xd, a.t()).mul_(scale)
-        out = rows(y).to(a.dtype, copy=True).addmm_(su, b.t())
-        return out.to(y.dtype).view(y.shape), (su,)
-    su = torch.empty(xd.shape[0], a.shape[0], dtype=a.dtype, device=x.device)
-    gemm(xd, a, su, None, scale, 0.0, 2)
     out = rows(y).to(a.dtype, copy=True)
-    gemm(su, b, out, None, 1.0, 1.0, 2)
+    su = _adapter_forward(out, _update_inputs(x, a, p, seed), a, b, scale)
     return out.to(y.dtype).view(y.shape), (su,)
 
 
@@ -245,33 +260,10 @@ def _update_grad(ctx, grad, _grad_su):
     x, a, b, su, seed = ctx.saved_tensors
     scale, p, y_dtype = ctx.args
     ny, nx, na, nb = ctx.needs_input_grad[:4]
-    g = rows(grad).to(a.dtype)
-    dy = grad if ny else None
-    dx = da = db = None
-    if _torch_bf16(a):
-        gsu = torch.mm(g, b) if nx or na else None  # dL/d(su) = g B
-        if na:
-            da = torch.mm(gsu.t(), _update_inputs(x, a, p, seed)).mul_(scale)
-        if nx:
-            dx2 = torch.mm(gsu, a).mul_(scale)
-            dx = (dropout(dx2, p, _seed_value(seed)) if p > 0 else dx2).to(x.dtype).view(x.shape)
-        if nb:
-            db = torch.mm(g.t(), su)
-        return dy, dx, da, db, None, None, None
-    if nx or na:
-        gsu = torch.empty(g.shape[0], a.shape[0], dtype=a.dtype, device=g.device)
-        gemm(g, b, gsu, None, 1.0, 0.0, 0)  # dL/d(su) = g B
-        if na:
-            da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-            gemm(gsu, _update_inputs(x, a, p, seed), da, None, scale, 0.0, 1)  # s (g B)^T dropout(x)
-        if nx:
-            dx2 = torch.empty(g.shape[0], a.shape[1], dtype=a.dtype, device=g.device)
-            gemm(gsu, a, dx2, None, scale, 0.0, 0)  # s (g B) A, then through dropout's mask
-            dx = (dropout(dx2, p, _seed_value(seed)) if p > 0 else dx2).to(x.dtype).view(x.shape)
-    if nb:
-        db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-        gemm(g, su, db, None, 1.0, 0.0, 1)  # g^T su
-    return dy, dx, da, db, None, None, None
+    dx, da, db = _adapter_backward(rows(grad).to(a.dtype), x, a, b, su, scale, p, seed, nx, na, nb)
+    if dx is not None:
+        dx = dx.to(x.dtype).view(x.shape)
+    return (grad if ny else None), dx, da, db, None, None, None
 
 
 _lora_update_op = define_op(
