@@ -240,6 +240,7 @@ def test_pooling_must_match_the_output():
     (dict(data=3), TypeError, "data must be"),
     (dict(data=[(torch.zeros(2, 3, dtype=torch.long),) * 3]), TypeError, "each batch"),
     (dict(data=[(torch.zeros(2, T, dtype=torch.long), torch.zeros(3))]), ValueError, "labels"),
+    (dict(data=[{"input_ids": np.zeros((2, T), dtype=np.int64)}]), TypeError, "return_tensors='pt'.*ndarray"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     args = dict(body=token_body(), data=token_batches(n=1), pooling="mean", progress=False)

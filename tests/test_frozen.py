@@ -554,6 +554,36 @@ def test_freeze_bad_arguments(gen):
     assert trainable(net) == {n for n, _ in net.named_parameters()}
 
 
+@pytest.mark.parametrize("first, second", [("int8", "bfloat16"), ("bfloat16", "int8"), ("bfloat16", "float16")])
+def test_freeze_again_with_another_storage_is_refused(first, second, gen):
+    net = tltorch.freeze(make_net(gen), except_="classifier", storage=first)
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    types, grads = [type(m) for m in net.modules()], trainable(net)
+    with pytest.raises(ValueError, match=f"already frozen with storage='{first}'"):
+        tltorch.freeze(net, except_="classifier", storage=second)
+    if first == "int8":
+        with pytest.raises(ValueError, match="group=32"):
+            tltorch.freeze(net, except_="classifier", storage="int8", group=64)
+        with pytest.raises(ValueError, match="activations='int8'"):
+            tltorch.freeze(net, except_="classifier", storage="int8", activations="float")
+    # refused before anything changed
+    assert [type(m) for m in net.modules()] == types and trainable(net) == grads
+    assert all(torch.equal(t, before[n]) for n, t in net.state_dict().items())
+    # None keeps the storage as it is; the same storage again is a no-op
+    tltorch.freeze(net, except_="classifier")
+    tltorch.freeze(net, except_="classifier", storage=first)
+    assert [type(m) for m in net.modules()] == types
+
+
+@pytest.mark.parametrize("storage", [None, "bfloat16", "float16"])
+def test_freeze_group_needs_int8_storage(storage, gen):
+    net = make_net(gen)
+    for group in (64, None):
+        with pytest.raises(ValueError, match="group applies to storage='int8' only"):
+            tltorch.freeze(net, storage=storage, group=group)
+    assert trainable(net) == {n for n, _ in net.named_parameters()}
+
+
 @pytest.mark.parametrize("storage", [None, "int8"])
 def test_freeze_is_idempotent(storage, gen):
     net = make_net(gen)
@@ -748,9 +778,10 @@ def test_extract_compute_dtype_makes_cache_stale(tmp_path, gen):
     body = bf16_body(gen)
     x = randn((6, 5, 24), torch.float32, gen)
     plain = tltorch.extract_features(body, x, pooling="mean", cache=tmp_path, progress=False)
-    with pytest.warns(tltorch.extract.StaleCacheWarning, match="body"):
+    with pytest.warns(tltorch.extract.StaleCacheWarning, match="compute_dtype differs") as got:
         fast = tltorch.extract_features(body, x, pooling="mean", compute_dtype=torch.bfloat16, cache=tmp_path,
                                         progress=False)
+    assert not any("body" in str(w.message) for w in got)  # the body is the same: only compute_dtype is named
     assert not torch.equal(fast, plain)
     with warnings.catch_warnings():
         warnings.simplefilter("error", tltorch.extract.StaleCacheWarning)

@@ -377,6 +377,22 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(other(X), net(X), rtol=0, atol=0)
 
 
+def test_adapters_start_in_the_mode_of_the_layers_they_wrap(tmp_path):
+    """add_lora / load_adapter on a model in eval mode: no dropout until model.train() (PeftModel's
+    from_pretrained returns its model in eval mode too); on a model in train mode: dropout on."""
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["query", "proj"], init_lora_weights=False)
+    save_adapter(add_lora(make_net(), cfg), tmp_path)
+    for make in (lambda m: add_lora(m, cfg), lambda m: load_adapter(m, tmp_path)):
+        net = make(make_net().eval())
+        layers = [m for m in net.modules() if isinstance(m, LoRALinear)]
+        assert layers and not any(m.training for m in layers)
+        torch.testing.assert_close(net(X), net(X), rtol=0, atol=0)
+        net.train()
+        assert not torch.equal(net(X), net(X))
+        net = make(make_net().train())
+        assert all(m.training for m in net.modules() if isinstance(m, LoRALinear))
+
+
 def test_save_all_linear_and_alpha_from_file(tmp_path):
     base = make_net()
     net = add_lora(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules="all-linear"))

@@ -198,6 +198,32 @@ def test_add_lora_on_a_compact_body_trains_only_the_adapter(storage):
             assert torch.equal(b, stored[n]), n
 
 
+@pytest.mark.parametrize("storage", (None, "int8"))
+def test_freeze_after_add_lora_keeps_the_adapter_training(storage):
+    """freeze on a model with adapters freezes (and compacts) the body, not the adapters: their A and B
+    keep requires_grad and their dropout follows model.train(); the body's dropout stays off."""
+    model = add_lora(bert().train(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                target_modules=["query", "value"], init_lora_weights=False))
+    adapter = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter and all(".lora_" in n for n in adapter)
+    tltorch.freeze(model, storage=storage)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 4 and all(m.compact == (storage is not None) for m in layers)
+    model.train()
+    with torch.no_grad():
+        a, b = model(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert not torch.equal(a, b)  # the adapters' dropout draws anew
+    assert all(m.training for m in layers)
+    with torch.no_grad(), disable_lora(model):  # the body's dropout: off
+        assert torch.equal(model(input_ids=IDS).logits, model(input_ids=IDS).logits)
+    model.eval()
+    assert torch.equal(logits(model), logits(model))
+    loss = model(input_ids=IDS).logits.square().sum()
+    loss.backward()
+    assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0 for m in layers)
+
+
 @pytest.mark.parametrize("storage", ("bfloat16", "int8"))
 def test_adapter_moves_between_a_compact_body_and_peft(storage, tmp_path):
     peft = pytest.importorskip("peft")

@@ -5,7 +5,7 @@ Files: chunk files `chunk-<first batch>-<token>.npy` (plain .npy, read without p
 and `.lock` (held by the run using the directory):
 
     {"format": 2,
-     "fingerprint": {"format", "body", "pooling", "dtype", "batch_size"},
+     "fingerprint": {"format", "body", "pooling", "dtype", "batch_size", "compute_dtype"},
      "complete": true, "run": id, "num_batches": n, "num_rows": N, "dim": D, "dtype": "float32",
      "chunks": [{"file", "nbytes", "checksum", "rows", "dim", "dtype",
                  "batches": [[batch index, input hash, first row in the chunk, rows, feature hash],
@@ -17,7 +17,7 @@ batch record points to any more (a batch recomputed for other data): the feature
 rows is what ties a record to its bytes.
 
 Checked before anything runs or is written: a manifest of another format or fingerprint (body, pooling,
-dtype, batch size) is stale, and the cache is rebuilt with a StaleCacheWarning; every other field that
+dtype, batch size, compute dtype; a fingerprint without compute_dtype: None) is stale, and the cache is rebuilt with a StaleCacheWarning; every other field that
 says which bytes are served must be one extract_features can have written, or CacheError. Checked as
 read: each chunk's length, checksum and .npy header, and each batch's feature hash (blake2b, like the
 input and body hashes of the fingerprint). The lock: rank 0 flocks `.lock` (msvcrt's lock on Windows)
@@ -166,7 +166,9 @@ def _stale_reasons(man: dict, new: dict) -> list:
             "pooling": f"pooling differs (cached {_short(old.get('pooling'))}, now {new['pooling']!r})",
             "dtype": f"dtype differs (cached {_short(old.get('dtype'))}, now {new['dtype']!r})",
             "batch_size": f"batch_size differs (cached {_short(old.get('batch_size'))}, now "
-                          f"{new['batch_size']!r})"}
+                          f"{new['batch_size']!r})",
+            "compute_dtype": f"compute_dtype differs (cached {_short(old.get('compute_dtype'))}, now "
+                             f"{new['compute_dtype']!r})"}
     return [msg for key, msg in what.items() if not _same(old.get(key), new[key])]
 
 

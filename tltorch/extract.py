@@ -80,9 +80,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
         would double the cost of reading it. A batch whose input hash is recorded is taken from the
         cache and body never sees it, so a rerun over the same data reads the data but runs nothing,
         and a resumed run runs body only on the batches not yet recorded.
-      - pooling, dtype, the batch size in effect, and the format version; compute_dtype is part of the
-        body's hash.
-    Another body, pooling or dtype makes the whole cache stale: it is deleted and rebuilt, with a
+      - pooling, dtype, compute_dtype, the batch size in effect, and the format version.
+    Another body, pooling, dtype or compute_dtype makes the whole cache stale: it is deleted and rebuilt, with a
     StaleCacheWarning saying why. A batch whose inputs differ from the recorded ones (other data) is
     recomputed, with a StaleCacheWarning; batches whose inputs are unchanged keep their features, which
     are the very ones body would compute. Each chunk's byte length and checksum are in the manifest and
@@ -128,13 +127,10 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
 
     store = None
     if cache is not None:
-        body_hash = _hash_body(body)
-        if compute_dtype is not None:
-            body_hash = hashlib.blake2b(f"{body_hash} in {_dtype_name(compute_dtype)}".encode(),
-                                        digest_size=16).hexdigest()
-        fingerprint = {"format": FORMAT, "body": body_hash, "pooling": pooling,
+        fingerprint = {"format": FORMAT, "body": _hash_body(body), "pooling": pooling,
                        "dtype": _dtype_name(dtype) if dtype is not None else None,
-                       "batch_size": used_batch_size}
+                       "batch_size": used_batch_size,
+                       "compute_dtype": _dtype_name(compute_dtype) if compute_dtype is not None else None}
         run_id = secrets.token_hex(8)
         if world > 1:
             bodies = [None] * world
@@ -302,7 +298,9 @@ def _rows(inputs) -> int:
         if not isinstance(t, Tensor):
             t = next((v for v in inputs.values() if isinstance(v, Tensor)), None)
         if t is None:
-            raise TypeError("a dict batch must hold at least one tensor")
+            kinds = sorted({type(v).__name__ for v in inputs.values()})
+            raise TypeError("a dict batch must hold torch tensors (a tokenizer's output with return_tensors='pt'), "
+                            f"got values of type {', '.join(kinds) or 'none'}")
     else:
         t = inputs
     if t.dim() == 0:

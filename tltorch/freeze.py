@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .nn.frozen import ACTIVATIONS, INT8_WEIGHT_GROUP, STORAGES, FrozenLinear, _check_group
+from .nn.lora import LoRALinear
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -40,6 +41,13 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     (x is then quantised in the same groups), or None for one per channel (FrozenLinear.from_linear).
     The default, 32, keeps all-MiniLM-L6-v2's mean-pooled features at a cosine of 0.9992 to float32's
     (min over the demo's reviews) where one scale a channel gives 0.998, for 0.125 bytes a weight more.
+    ``group`` applies to int8 storage only (ValueError with another storage).
+
+    LoRA adapters (tltorch.add_lora's) keep training: their A and B keep requires_grad and their layers
+    follow model.train()/eval(), while their base layers freeze like any other (and take ``storage``) and
+    the modules around them stay in eval mode (the body's dropout off). A
+    layer frozen before with another storage (or int8 groups or activations) is a ValueError, the model
+    left as it was: its float weight is gone, so freeze a float copy of the model instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
@@ -52,14 +60,31 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     _check_group(group)
+    if storage != "int8" and group != INT8_WEIGHT_GROUP:
+        raise ValueError(f"group applies to storage='int8' only (the int8 weight's scales), got storage={storage!r} "
+                         f"with group={group!r}")
     names = [n for n, _ in model.named_modules()]
     for p in patterns:
         if not any(_matches(n, (p,)) for n in names if n):
             raise ValueError(f"except_ names {p!r}, which matches no submodule of the model")
 
+    if storage is not None:
+        for name, m in model.named_modules():
+            if isinstance(m, FrozenLinear) and not (name and _matches(name, patterns)) and (
+                    m.storage != storage or (storage == "int8" and (m.group, m.activations) != (group, activations))):
+                was = f"storage={m.storage!r}" + (f", group={m.group!r}, activations={m.activations!r}"
+                                                  if m.storage == "int8" else "")
+                raise ValueError(f"{name or 'the model'!r} is already frozen with {was}; its float weight is gone, "
+                                 "so freeze a float copy of the model to store it otherwise")
+
     frozen = [(n, m) for n, m in model.named_modules() if not (n and _matches(n, patterns))]
     kept = {n for n, _ in model.named_modules() if n and _matches(n, patterns)}
+    # LoRA adapters keep training: their A and B, and their own mode (the eval hook of the modules
+    # around them sets those modules' flags only)
+    adapters = {n for n, m in model.named_modules() if n and isinstance(m, LoRALinear)}
     for name, module in frozen:
+        if name in adapters:
+            continue
         # parameters directly owned by a frozen module (children are visited on their own)
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)

@@ -338,6 +338,8 @@ def _inject(model: nn.Module, config: LoraConfig, ranks: Dict[str, Tuple[int, fl
         if id(base) not in made:  # a layer shared between paths gets one adapter
             made[id(base)] = LoRALinear(base, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                                         use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+            # in the mode of the layer it wraps: a model in eval mode gets adapters without dropout
+            made[id(base)].train(base.training)
         _set_module(model, path, made[id(base)])
     for p in model.parameters():
         p.requires_grad_(False)
@@ -363,7 +365,8 @@ def add_lora(model: nn.Module, config: Optional[LoraConfig] = None) -> nn.Module
 
     Each selected nn.Linear (or transformers Conv1D) becomes a tltorch.nn.LoRALinear wrapping it. On
     a transformers model, save_pretrained (and so Trainer.save_model) then writes the adapter, as a
-    PeftModel's does; merge_lora(model, unload=True) gives the class's own back.
+    PeftModel's does; merge_lora(model, unload=True) gives the class's own back. Each adapter starts in
+    the mode of the layer it wraps (after model.eval(), without dropout, as PeftModel.from_pretrained's).
     ValueError when nothing matches or the model already has adapters; the model is then unchanged."""
     config = LoraConfig() if config is None else config
     if not isinstance(config, LoraConfig):
