@@ -356,6 +356,9 @@ def test_bad_input_names_the_argument_and_changes_nothing(bert_tok, gpt2_tok, t5
     cases = [
         (gpt2, dict(texts=corpus(8), tokenizer=gpt2_tok, objective="masked"), ValueError, "objective"),
         (gpt2, dict(texts=corpus(8), tokenizer=gpt2_tok, objective="mlm"), ValueError, "objective='clm'"),
+        # the objective named first, before the checks that assume it (here the positions max_length needs)
+        (gpt2, dict(texts=corpus(8), tokenizer=gpt2_tok, objective="mlm", max_length=1000), ValueError,
+         "objective='clm'"),
         (gpt2, dict(texts=[], tokenizer=gpt2_tok, lora=lora), ValueError, "texts is empty"),
         (gpt2, dict(texts="one long text", tokenizer=gpt2_tok), TypeError, "texts"),
         (gpt2, dict(texts=["ok", 3], tokenizer=gpt2_tok), TypeError, "texts"),

@@ -418,6 +418,27 @@ def test_language_model_batches_use_the_models_loss():
     assert all(math.isnan(a) for a in h.val_acc)  # no accuracy for (batch, tokens, vocab) logits
 
 
+def test_token_classifier_accuracy_is_per_token():
+    """(batch, tokens, labels) logits of a token classifier: val_acc over the tokens whose label is not -100."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForTokenClassification(cfg)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(2, 60, (24, 9), generator=g)
+    labels = ids % 3  # each token's class: its id mod 3
+    labels[:, 0] = -100
+    labels[torch.rand(24, 9, generator=g) < 0.2] = -100
+    data = [{"input_ids": ids[i:i + 8], "labels": labels[i:i + 8]} for i in range(0, 24, 8)]
+    h = tltorch.fine_tune(model, data, data, epochs=3, lr=3e-2, unfreeze="all", progress=False)
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(input_ids=b["input_ids"]).logits.argmax(-1) for b in data])
+    keep = labels != -100
+    want = int((pred[keep] == labels[keep]).sum()) / int(keep.sum())
+    assert h.val_acc[-1] == pytest.approx(want) and want > 0.5  # chance is 1/3
+
+
 def test_explicit_groups_on_a_plain_model():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2))

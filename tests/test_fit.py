@@ -377,6 +377,10 @@ def test_bad_arguments(gen):
         (dict(weight_decay=-1e-3), ValueError, "weight_decay"),
         (dict(class_weight=[1.0, 2.0]), ValueError, "class_weight"),
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(features=torch.where(torch.arange(30)[:, None] == 7, float("nan"), x)), ValueError,
+         "features/labels: features hold a NaN or an infinity \\(row 7\\)"),
+        (dict(val=(torch.where(torch.arange(10)[:, None] == 9, float("inf"), vx), vy)), ValueError,
+         "val: features hold a NaN or an infinity \\(row 9\\)"),
     ]
     for changes, exc, word in cases:
         args = {"features": x, "labels": y, "epochs": 1, "progress": False, **changes}
@@ -677,6 +681,10 @@ def test_task_bad_arguments(gen):
         (dict(labels=y[:29], task="regression"), ValueError, "labels"),
         (dict(labels=y[:, :, None], task="regression"), ValueError, "labels"),
         (dict(labels=torch.full((30,), float("nan")), task="regression"), ValueError, "NaN"),
+        (dict(features=torch.where(torch.arange(30)[:, None] == 0, float("-inf"), x), task="regression"), ValueError,
+         "features hold a NaN or an infinity \\(row 0\\)"),
+        (dict(features=(c, torch.where(torch.arange(30)[:, None] == 29, float("nan"), r)), labels=None,
+              task="pairwise"), ValueError, "rejected features hold a NaN"),
         (dict(task="regression", num_classes=3), ValueError, "num_classes"),
         (dict(task="regression", class_weight=[1.0, 2.0]), ValueError, "class_weight"),
         (dict(task="regression", label_smoothing=0.1), ValueError, "label_smoothing"),

@@ -160,6 +160,11 @@ def test_bad_input_names_the_argument(gen):
         L.orpo_loss(pc, pr, nll_loss=torch.ones(2))
     with pytest.raises(ValueError, match="beta"):
         L.simpo_loss(pc, pr, beta=-1.0)
+    e = torch.zeros(0)
+    for name, call in (("policy_chosen", lambda: L.dpo_loss(e, e, e, e)), ("policy_chosen", lambda: L.simpo_loss(e, e)),
+                       ("policy_chosen", lambda: L.orpo_loss(e, e)), ("r_chosen", lambda: L.reward_loss(e, e))):
+        with pytest.raises(ValueError, match=f"{name} is empty"):
+            call()
 
 
 # ---- from hidden states: sequence_logprobs and LinearDPOLoss --------------------------------------------
@@ -262,6 +267,12 @@ def test_linear_dpo_reference_arguments(gen):
         fn(hc, hc, w, tc, tc, ref_chosen_logps=torch.zeros(B), ref_chosen_hidden=hc)
     with pytest.raises(ValueError, match="both"):
         fn(hc, hc, w, tc, tc, ref_chosen_logps=torch.zeros(B))
+    with pytest.raises(ValueError, match="ref_chosen_hidden must have shape"):
+        fn(hc, hc, w, tc, tc, ref_chosen_hidden=hc[:, :4], ref_rejected_hidden=hc)
+    with pytest.raises(ValueError, match="ref_rejected_hidden must have shape"):
+        fn(hc, hc, w, tc, tc, ref_chosen_hidden=hc, ref_rejected_hidden=hc[1:])
+    with pytest.raises(TypeError, match="ref_rejected_hidden must be a Tensor"):
+        fn(hc, hc, w, tc, tc, ref_chosen_hidden=hc, ref_rejected_hidden=hc.numpy())
     with pytest.raises(ValueError, match="loss_type"):
         L.LinearDPOLoss(loss_type="nope")
     assert math.isfinite(fn(hc, hc, w, tc, tc, ref_chosen_logps=torch.zeros(B),

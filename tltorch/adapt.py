@@ -209,14 +209,19 @@ def _objective_of(model) -> str:
     return "mlm" if _lm_class(model, "mlm") or not _lm_class(model, "clm") else "clm"
 
 
+def _check_objective_fits(model, objective: str) -> None:
+    natural = _objective_of(model)
+    if objective != natural:
+        raise ValueError(f"objective={objective!r} does not fit model, a {type(model).__name__}: use "
+                         f"objective={natural!r}")
+
+
 def _resolve(model, objective: str, tokenizer) -> _Head:
     """The objective's head on this model; ValueError (naming model or tokenizer) where it has none."""
     name = type(model).__name__
     config = model.config
     out_emb = model.get_output_embeddings()
-    natural = _objective_of(model)
-    if objective != natural:
-        raise ValueError(f"objective={objective!r} does not fit model, a {name}: use objective={natural!r}")
+    _check_objective_fits(model, objective)
     if objective == "mlm":
         if tokenizer.mask_token is None or tokenizer.mask_token_id is None:
             raise ValueError("tokenizer has no mask token, which objective='mlm' needs")
@@ -421,6 +426,7 @@ def adapt_body(model: nn.Module, texts, tokenizer, objective: Optional[str] = No
         objective = _objective_of(model)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))} or None, got {objective!r}")
+    _check_objective_fits(model, objective)  # first: the other checks assume the objective
     if lora is not None and not isinstance(lora, LoraConfig):
         raise TypeError(f"lora must be a tltorch.LoraConfig or None, not {type(lora).__name__}")
     _check_int("epochs", epochs, 1)

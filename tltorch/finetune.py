@@ -386,10 +386,12 @@ def _rows(labels) -> int:
     return labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() else 1
 
 
-def _correct(logits, labels) -> Tuple[int, int]:
-    """(correct, counted) for classifier outputs: (B, C) logits and (B,) labels, -100 ignored."""
-    if not (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dim() == 2
-            and labels.dim() == 1 and logits.shape[0] == labels.shape[0]):
+def _correct(logits, labels, per_token: bool) -> Tuple[int, int]:
+    """(correct, counted) for classifier outputs: (B, C) logits and (B,) labels, or with per_token (B, ...,
+    C) and (B, ...) (token classification), -100 ignored."""
+    if not (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor) and logits.dim() >= 2
+            and logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape
+            and (logits.dim() == 2 or per_token)):
         return 0, 0
     mask = labels != -100
     return int((logits.argmax(-1)[mask] == labels[mask]).sum()), int(mask.sum())
@@ -399,12 +401,15 @@ def _correct(logits, labels) -> Tuple[int, int]:
 def _evaluate(model, data, loss_fn, device) -> Tuple[float, float]:
     """Mean loss (batches weighted by their rows) and accuracy (nan unless classifier outputs)."""
     loss_sum = rows = correct = counted = 0
+    # per-token accuracy for token classifiers, not for language models (their labels are shifted inside)
+    inner = _unwrap(model)
+    per_token = not (callable(getattr(inner, "can_generate", None)) and inner.can_generate())
     for batch in data:
         loss, logits, labels = _step_loss(model, batch, loss_fn, device, "val")
         r = _rows(labels)
         loss_sum += float(loss) * r
         rows += r
-        c, k = _correct(logits, labels)
+        c, k = _correct(logits, labels, per_token)
         correct += c
         counted += k
     return loss_sum / max(rows, 1), (correct / counted if counted else float("nan"))
@@ -451,9 +456,10 @@ class _Restore:
 
 class FineTuneHistory(History):
     """fine_tune's records: per epoch "train_loss" (mean over the epoch's batches, weighted by their rows),
-    "val_loss", "val_acc" (with val: after the epoch, in eval mode; accuracy for classifier outputs, else
-    nan), "lr" (each group's rate at the epoch's last step), "trainable_groups" (how many groups, from the
-    head down, trained) and "time" (seconds since the start); per step "step_lr" (each group's rate);
+    "val_loss", "val_acc" (with val: after the epoch, in eval mode; accuracy for classifier outputs, per
+    token for token classifiers (labels -100 ignored), else nan), "lr" (each group's rate at the epoch's
+    last step), "trainable_groups" (how many groups, from the head down, trained) and "time" (seconds
+    since the start); per step "step_lr" (each group's rate);
     "groups" (the groups' names) and "base_lr" (each group's base rate). ``plot()`` draws them."""
 
     def plot(self, path: Optional[str] = None, title: Optional[str] = None):

@@ -38,6 +38,8 @@ def _check_seq(name: str, t, ref: Optional[Tensor] = None) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; expected a floating-point tensor")
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D (one value per sequence), got shape {tuple(t.shape)}")
+    if ref is None and t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: the loss is a mean over the batch's pairs, and it has none")
     if ref is not None and (t.shape != ref.shape or t.device != ref.device):
         raise ValueError(f"{name} must have the shape and device of the first argument {tuple(ref.shape)} "
                          f"on {ref.device}, got {tuple(t.shape)} on {t.device}")
@@ -269,6 +271,14 @@ class LinearDPOLoss(torch.nn.Module):
         pair = (ref_chosen_logps, ref_rejected_logps) if by_logps else (ref_chosen_hidden, ref_rejected_hidden)
         if pair[0] is None or pair[1] is None:
             raise ValueError("the reference needs both its chosen and its rejected part")
+        if by_hidden:  # named here: the kernel would name the targets, which have the policy's shape
+            for name, ref, pol in (("ref_chosen_hidden", ref_chosen_hidden, chosen_hidden),
+                                   ("ref_rejected_hidden", ref_rejected_hidden, rejected_hidden)):
+                if not isinstance(ref, Tensor):
+                    raise TypeError(f"{name} must be a Tensor, not {type(ref).__name__}")
+                if isinstance(pol, Tensor) and ref.shape[:-1] != pol.shape[:-1]:
+                    raise ValueError(f"{name} must have shape (..., hidden) with the policy's leading shape "
+                                     f"{tuple(pol.shape[:-1])}, got {tuple(ref.shape)}")
         policy_chosen = self._logps(chosen_hidden, weight, chosen_targets, bias, chosen_mask)
         policy_rejected = self._logps(rejected_hidden, weight, rejected_targets, bias, rejected_mask)
         if by_hidden:
