@@ -17,8 +17,9 @@ batch record points to any more (a batch recomputed for other data): the feature
 rows is what ties a record to its bytes.
 
 Checked before anything runs or is written: a manifest of another format or fingerprint (body, pooling,
-dtype, batch size, compute dtype; a fingerprint without compute_dtype: None) is stale, and the cache is rebuilt with a StaleCacheWarning; every other field that
-says which bytes are served must be one extract_features can have written, or CacheError. Checked as
+dtype, batch size, compute dtype; a fingerprint without compute_dtype: None) is stale, and the cache is
+rebuilt with a StaleCacheWarning; every other field that says which bytes are served must be one
+extract_features can have written, or CacheError. Checked as
 read: each chunk's length, checksum and .npy header, and each batch's feature hash (blake2b, like the
 input and body hashes of the fingerprint). The lock: rank 0 flocks `.lock` (msvcrt's lock on Windows)
 from before anything is read until every rank has its features; another process waits, a second call

@@ -81,8 +81,8 @@ def extract_features(body: nn.Module, data, *, batch_size: int = 64, pooling: Op
         cache and body never sees it, so a rerun over the same data reads the data but runs nothing,
         and a resumed run runs body only on the batches not yet recorded.
       - pooling, dtype, compute_dtype, the batch size in effect, and the format version.
-    Another body, pooling, dtype or compute_dtype makes the whole cache stale: it is deleted and rebuilt, with a
-    StaleCacheWarning saying why. A batch whose inputs differ from the recorded ones (other data) is
+    Another body, pooling, dtype or compute_dtype makes the whole cache stale: it is deleted and rebuilt,
+    with a StaleCacheWarning saying why. A batch whose inputs differ from the recorded ones (other data) is
     recomputed, with a StaleCacheWarning; batches whose inputs are unchanged keep their features, which
     are the very ones body would compute. Each chunk's byte length and checksum are in the manifest and
     are verified on load: a truncated, corrupt or missing chunk raises CacheError (delete the directory

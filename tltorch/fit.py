@@ -326,12 +326,7 @@ def _check_features(name: str, x) -> None:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    _check_finite(name, x)
-
-
-def _check_finite(name: str, x: Tensor) -> None:
-    """ValueError naming the first row of x (2-D) with a NaN or an infinity; checked in slices of rows, so
-    that large features need no mask of their size."""
+    # the first row with a NaN or an infinity, in slices of rows (no mask of the features' size)
     step = max(1, (1 << 22) // max(1, x.shape[1]))
     for i in range(0, x.shape[0], step):
         bad = ~torch.isfinite(x[i:i + step]).all(1)
@@ -343,11 +338,7 @@ def _check_finite(name: str, x: Tensor) -> None:
 def _check_xy(name: str, x, y) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"{name}: features and labels must be torch.Tensors")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: features must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: features must be floating point, got {x.dtype}")
-    _check_finite(f"{name}: features", x)
+    _check_features(f"{name}: features", x)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: labels must be 1-D with one label per row ({x.shape[0]}), got shape "
                          f"{tuple(y.shape)}")

@@ -45,9 +45,9 @@ def freeze(model: nn.Module, *, except_: Union[str, Iterable[str]] = (), storage
 
     LoRA adapters (tltorch.add_lora's) keep training: their A and B keep requires_grad and their layers
     follow model.train()/eval(), while their base layers freeze like any other (and take ``storage``) and
-    the modules around them stay in eval mode (the body's dropout off). A
-    layer frozen before with another storage (or int8 groups or activations) is a ValueError, the model
-    left as it was: its float weight is gone, so freeze a float copy of the model instead.
+    the modules around them stay in eval mode (the body's dropout off). A layer frozen before with another
+    storage (or int8 groups or activations) is a ValueError, the model left as it was: its float weight is
+    gone, so freeze a float copy of the model instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
